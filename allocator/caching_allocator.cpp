@@ -1,0 +1,532 @@
+#include "caching_allocator.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <stdexcept>
+#include <tuple>
+
+#include "driver_api.h"
+
+namespace l2side {
+
+struct Event {
+  CUevent handle;
+  DeviceAllocator* owner;
+  ~Event() { owner->spare_events_.push_back(handle); }  // destroyed under the owner's mutex
+};
+
+namespace {
+
+size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+CUmemAccessDesc access_for(int device) {
+  CUmemAccessDesc access = {};
+  access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  access.location.id = device;
+  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  return access;
+}
+
+}  // namespace
+
+bool DeviceAllocator::BySize::operator()(const Block* a, const Block* b) const {
+  return std::tie(a->capture_id, a->stream, a->size, a->ptr) < std::tie(b->capture_id, b->stream, b->size, b->ptr);
+}
+
+DeviceAllocator::DeviceAllocator(int device)
+    : device_(device), topo_(l2side::topology(device)), split_(topo_.split) {
+  ScopedContext ctx(device_);
+  check(driver().cuStreamCreate(&probe_stream_, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
+}
+
+uint64_t DeviceAllocator::capture_id(CUstream stream) {
+  CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;
+  cuuint64_t id = 0;
+  if (driver().cuStreamGetCaptureInfo(stream, &status, &id, nullptr, nullptr, nullptr, nullptr) != CUDA_SUCCESS)
+    return 0;
+  return status == CU_STREAM_CAPTURE_STATUS_ACTIVE ? id : 0;
+}
+
+std::shared_ptr<Event> DeviceAllocator::record(CUstream stream) {
+  const Driver& d = driver();
+  CUevent e;
+  if (!spare_events_.empty()) {
+    e = spare_events_.back();
+    spare_events_.pop_back();
+  } else {
+    check(d.cuEventCreate(&e, CU_EVENT_DISABLE_TIMING), "cuEventCreate");
+  }
+  if (d.cuEventRecord(e, stream) != CUDA_SUCCESS) {
+    spare_events_.push_back(e);
+    return nullptr;
+  }
+  return std::shared_ptr<Event>(new Event{e, this});
+}
+
+bool DeviceAllocator::completed(const std::shared_ptr<Event>& e) {
+  return e && driver().cuEventQuery(e->handle) == CUDA_SUCCESS;
+}
+
+void DeviceAllocator::enter_multi_stream() {
+  // From now on every free records an event. Blocks freed before carry none: mark each stream's
+  // current position so they too become reusable elsewhere once their stream gets there.
+  multi_stream_ = true;
+  std::map<CUstream, std::shared_ptr<Event>> marks;
+  for (FreeSet* set : {&small_free_, &large_free_})
+    for (Block* b : *set)
+      if (!b->last_use && !b->capture_id) {
+        auto& m = marks[b->stream];
+        if (!m) m = record(b->stream);
+        b->last_use = m;
+      }
+}
+
+void DeviceAllocator::remove_free(Block* b) { (b->segment->small ? small_free_ : large_free_).erase(b); }
+void DeviceAllocator::insert_free(Block* b) { (b->segment->small ? small_free_ : large_free_).insert(b); }
+
+void* DeviceAllocator::malloc(size_t size, CUstream stream) {
+  if (size == 0) return nullptr;
+  ScopedContext ctx(device_);
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!seen_stream_) {
+    seen_stream_ = true;
+    first_stream_ = stream;
+  } else if (!multi_stream_ && stream != first_stream_) {
+    enter_multi_stream();
+  }
+  const uint64_t capture = capture_id(stream);
+  Block* b = nullptr;
+  try {
+    b = size <= kSmallLimit ? alloc_small(round_up(size, kSmallRound), stream, capture)
+                            : alloc_large(round_up(size, kPageBytes) / kPageBytes, stream, capture);
+  } catch (const std::exception& e) {
+    oom_message_ = e.what();
+    b = nullptr;
+  }
+  if (!b) {
+    stats_.num_ooms++;
+    if (oom_message_.empty()) oom_message_ = "out of memory";
+    return nullptr;
+  }
+  b->allocated = true;
+  b->requested = size;
+  b->last_use.reset();
+  allocated_[b->ptr] = b;
+  stats_.allocated_bytes.add(b->size);
+  stats_.requested_bytes.add(size);
+  stats_.active.add(1);
+  return reinterpret_cast<void*>(b->ptr);
+}
+
+Block* DeviceAllocator::take_cross_stream(FreeSet& set, size_t lo, size_t hi, CUstream stream, uint64_t capture) {
+  if (capture || !multi_stream_) return nullptr;  // graph memory never crosses streams
+  Block* best = nullptr;
+  for (Block* b : set) {
+    if (b->capture_id != capture) continue;
+    if (b->size < lo || b->size > hi || (best && b->size >= best->size)) continue;
+    if (completed(b->last_use)) best = b;
+  }
+  if (best) {
+    set.erase(best);
+    best->stream = stream;
+  }
+  return best;
+}
+
+Block* DeviceAllocator::alloc_small(size_t size, CUstream stream, uint64_t capture) {
+  Block key;
+  key.capture_id = capture;
+  key.stream = stream;
+  key.size = size;
+  auto it = small_free_.lower_bound(&key);
+  Block* b = nullptr;
+  if (it != small_free_.end() && (*it)->capture_id == capture && (*it)->stream == stream) {
+    b = *it;
+    small_free_.erase(it);
+  } else if ((b = take_cross_stream(small_free_, kPageBytes, kPageBytes, stream, capture))) {
+    // a whole idle page from another stream whose work there is done
+  } else {
+    if (!ensure_pages(0, 0, 1, capture != 0)) return nullptr;
+    int side = pool_[0].empty() ? 1 : 0;
+    Page page = pool_[side].back();
+    pool_[side].pop_back();
+    Segment* seg = map_segment({page}, true);
+    b = new Block;
+    b->ptr = seg->base;
+    b->size = kPageBytes;
+    b->segment = seg;
+    b->stream = stream;
+    b->capture_id = capture;
+  }
+  if (b->size - size >= kSmallRound) {  // split: the tail stays free on the same stream
+    Block* rest = new Block;
+    rest->ptr = b->ptr + size;
+    rest->size = b->size - size;
+    rest->stream = b->stream;
+    rest->capture_id = b->capture_id;
+    rest->segment = b->segment;
+    rest->last_use = b->last_use;
+    rest->prev = b;
+    rest->next = b->next;
+    if (b->next) b->next->prev = rest;
+    b->next = rest;
+    b->size = size;
+    small_free_.insert(rest);
+  }
+  return b;
+}
+
+Block* DeviceAllocator::alloc_large(size_t pages, CUstream stream, uint64_t capture) {
+  const size_t bytes = pages * kPageBytes;
+  const size_t slack = bytes + std::max<size_t>(1, pages / 8) * kPageBytes;  // accept <= 12.5% waste
+  Block key;
+  key.capture_id = capture;
+  key.stream = stream;
+  key.size = bytes;
+  auto it = large_free_.lower_bound(&key);
+  if (it != large_free_.end() && (*it)->capture_id == capture && (*it)->stream == stream && (*it)->size <= slack) {
+    Block* b = *it;
+    large_free_.erase(it);
+    return b;
+  }
+  if (Block* b = take_cross_stream(large_free_, bytes, slack, stream, capture)) return b;
+  // Build a new segment: even pages on side 0, odd pages on side 1 (any side when there is no split).
+  const size_t need1 = split_ ? pages / 2 : 0;
+  const size_t need0 = split_ ? pages - need1 : 0;
+  if (!ensure_pages(need0, need1, split_ ? 0 : pages, capture != 0)) return nullptr;
+  std::vector<Page> chosen(pages);
+  for (size_t k = 0; k < pages; ++k) {
+    int side = split_ ? static_cast<int>(k & 1) : (pool_[0].empty() ? 1 : 0);
+    chosen[k] = pool_[side].back();
+    pool_[side].pop_back();
+  }
+  Segment* seg = map_segment(chosen, false);
+  Block* b = new Block;
+  b->ptr = seg->base;
+  b->size = bytes;
+  b->segment = seg;
+  b->stream = stream;
+  b->capture_id = capture;
+  return b;
+}
+
+Segment* DeviceAllocator::map_segment(const std::vector<Page>& pages, bool small) {
+  const Driver& d = driver();
+  auto seg = std::make_unique<Segment>();
+  seg->small = small;
+  seg->pages = pages;
+  // 4 MiB alignment makes bit 21 of page k's address equal k & 1 (large) or lets a lone page sit at
+  // offset side * 2 MiB of its reservation (small).
+  seg->reserved_bytes = small ? 2 * kPageBytes : round_up(pages.size() * kPageBytes, 2 * kPageBytes);
+  check(d.cuMemAddressReserve(&seg->reserved, seg->reserved_bytes, 2 * kPageBytes, 0, 0), "cuMemAddressReserve");
+  seg->base = seg->reserved + (small && split_ ? pages[0].side * kPageBytes : 0);
+  size_t mapped = 0;
+  CUresult r = CUDA_SUCCESS;
+  for (; mapped < pages.size() && r == CUDA_SUCCESS; ++mapped)
+    r = d.cuMemMap(seg->base + mapped * kPageBytes, kPageBytes, 0, pages[mapped].handle, 0);
+  if (r == CUDA_SUCCESS) {
+    CUmemAccessDesc access = access_for(device_);
+    r = d.cuMemSetAccess(seg->base, seg->bytes(), &access, 1);
+  }
+  if (r != CUDA_SUCCESS) {
+    for (size_t k = 0; k + 1 < mapped; ++k) d.cuMemUnmap(seg->base + k * kPageBytes, kPageBytes);
+    d.cuMemAddressFree(seg->reserved, seg->reserved_bytes);
+    for (const Page& p : pages) pool_[p.side].push_back(p);
+    throw CudaError("mapping a segment", r);
+  }
+  stats_.segments.add(1);
+  Segment* raw = seg.release();
+  segments_[raw->reserved] = raw;
+  return raw;
+}
+
+void DeviceAllocator::unmap_segment(Segment* seg, std::vector<Page>* to_pool) {
+  const Driver& d = driver();
+  d.cuMemUnmap(seg->base, seg->bytes());
+  d.cuMemAddressFree(seg->reserved, seg->reserved_bytes);
+  for (const Page& p : seg->pages) to_pool[p.side].push_back(p);
+  segments_.erase(seg->reserved);
+  stats_.segments.add(-1);
+  delete seg;
+}
+
+size_t DeviceAllocator::reclaim(bool synchronize, size_t wanted) {
+  // Free, cached segments go back to the page pools (until `wanted` pages came back). Unmapping memory
+  // that kernels still use would fault, so only segments whose last use has completed, or any of them
+  // after a device synchronize.
+  if (synchronize) check(driver().cuCtxSynchronize(), "cuCtxSynchronize");
+  size_t pages = 0;
+  std::vector<Block*> victims;
+  for (Block* b : large_free_)
+    if (!b->capture_id && (synchronize || completed(b->last_use))) victims.push_back(b);
+  for (Block* b : small_free_)  // a small segment is idle when one free block spans it
+    if (!b->capture_id && b->size == kPageBytes && (synchronize || completed(b->last_use))) victims.push_back(b);
+  for (Block* b : victims) {
+    if (pages >= wanted) break;
+    remove_free(b);
+    pages += b->segment->pages.size();
+    unmap_segment(b->segment, pool_);
+    delete b;
+  }
+  return pages;
+}
+
+bool DeviceAllocator::create_pages(size_t count) {
+  // Creates `count` pages, probes each page's side in one launch, and pools them.
+  const Driver& d = driver();
+  if (total_pages_ + count > limit_ / kPageBytes) return false;
+  CUmemAllocationProp prop = {};
+  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  prop.location.id = device_;
+  std::vector<CUmemGenericAllocationHandle> handles;
+  CUresult r = CUDA_SUCCESS;
+  while (handles.size() < count) {
+    CUmemGenericAllocationHandle h;
+    r = d.cuMemCreate(&h, kPageBytes, &prop, 0);
+    if (r != CUDA_SUCCESS) break;
+    handles.push_back(h);
+  }
+  if (r != CUDA_SUCCESS) {
+    for (auto h : handles) d.cuMemRelease(h);
+    if (r == CUDA_ERROR_OUT_OF_MEMORY) return false;
+    throw CudaError("cuMemCreate", r);
+  }
+  std::vector<int> sides(count, 0);
+  if (split_) {
+    // Map the new pages side by side in a scratch range, probe, unmap: their final addresses depend on sides.
+    CUdeviceptr scratch = 0;
+    const size_t bytes = count * kPageBytes;
+    check(d.cuMemAddressReserve(&scratch, bytes, kPageBytes, 0, 0), "cuMemAddressReserve");
+    for (size_t i = 0; i < count && r == CUDA_SUCCESS; ++i)
+      r = d.cuMemMap(scratch + i * kPageBytes, kPageBytes, 0, handles[i], 0);
+    CUmemAccessDesc access = access_for(device_);
+    if (r == CUDA_SUCCESS) r = d.cuMemSetAccess(scratch, bytes, &access, 1);
+    std::vector<int> probed;
+    std::string error;
+    if (r == CUDA_SUCCESS) {
+      try {
+        probed = probe_page_sides(device_, scratch, static_cast<int>(count), kPageBytes, probe_stream_);
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+    }
+    d.cuMemUnmap(scratch, bytes);
+    d.cuMemAddressFree(scratch, bytes);
+    if (r != CUDA_SUCCESS || !error.empty()) {
+      for (auto h : handles) d.cuMemRelease(h);
+      if (!error.empty()) throw std::runtime_error(error);
+      throw CudaError("mapping new pages for the side probe", r);
+    }
+    sides = probed;
+  }
+  for (size_t i = 0; i < count; ++i) {
+    if (sides[i] < 0) {  // the votes did not decide: never guess a side
+      d.cuMemRelease(handles[i]);
+      stats_.pages_undecided++;
+      continue;
+    }
+    pool_[sides[i]].push_back({handles[i], sides[i]});
+    pages_per_side_[sides[i]]++;
+    total_pages_++;
+    stats_.num_device_alloc++;
+    stats_.reserved_bytes.add(kPageBytes);
+  }
+  return true;
+}
+
+bool DeviceAllocator::ensure_pages(size_t side0, size_t side1, size_t any, bool capturing) {
+  auto short_of = [&]() -> size_t {
+    size_t d0 = side0 > pool_[0].size() ? side0 - pool_[0].size() : 0;
+    size_t d1 = side1 > pool_[1].size() ? side1 - pool_[1].size() : 0;
+    size_t have_any = pool_[0].size() + pool_[1].size() - std::min(side0, pool_[0].size()) -
+                      std::min(side1, pool_[1].size());
+    size_t da = any > have_any ? any - have_any : 0;
+    // Sides come out of the probe at random: to get d pages of one side, make about 2d.
+    return da + 2 * std::max(d0, d1);
+  };
+  if (!short_of()) return true;
+  reclaim(false, short_of());
+  bool retried = false;
+  for (int round = 0; round < 64; ++round) {
+    size_t missing = short_of();
+    if (!missing) return true;
+    size_t batch = missing;
+    if (any && !side0 && !side1) batch = std::max<size_t>(batch, 1);
+    if (create_pages(batch)) continue;
+    // Out of memory (or over the limit): give back everything cached, then try once more.
+    if (retried || capturing) break;
+    retried = true;
+    stats_.num_alloc_retries++;
+    reclaim(true, SIZE_MAX);
+    release_pool_pages();
+    if (!short_of()) return true;
+  }
+  if (!short_of()) return true;
+  char msg[256];
+  std::snprintf(msg, sizeof(msg),
+                "l2side: out of memory on device %d: %zu pages of 2 MiB reserved (limit %s), pools hold %zu+%zu",
+                device_, total_pages_, limit_ == SIZE_MAX ? "none" : std::to_string(limit_).c_str(),
+                pool_[0].size(), pool_[1].size());
+  oom_message_ = msg;
+  return false;
+}
+
+void DeviceAllocator::release_pool_pages() {
+  const Driver& d = driver();
+  for (int s = 0; s < 2; ++s) {
+    for (const Page& p : pool_[s]) {
+      d.cuMemRelease(p.handle);
+      stats_.num_device_free++;
+      stats_.reserved_bytes.add(-static_cast<int64_t>(kPageBytes));
+      pages_per_side_[s]--;
+      total_pages_--;
+    }
+    pool_[s].clear();
+  }
+}
+
+void DeviceAllocator::free(void* ptr) {
+  if (!ptr) return;
+  ScopedContext ctx(device_);
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = allocated_.find(reinterpret_cast<CUdeviceptr>(ptr));
+  if (it == allocated_.end()) {
+    std::fprintf(stderr, "l2side: free of %p, which this allocator did not hand out (ignored)\n", ptr);
+    return;
+  }
+  Block* b = it->second;
+  allocated_.erase(it);
+  b->allocated = false;
+  stats_.allocated_bytes.add(-static_cast<int64_t>(b->size));
+  stats_.requested_bytes.add(-static_cast<int64_t>(b->requested));
+  stats_.active.add(-1);
+  b->requested = 0;
+  // Events mark when the stream is done with the block: needed to hand it to another stream, or to
+  // unmap its pages without a device-wide synchronize. None inside a capture (they would be captured).
+  if ((multi_stream_ || !b->segment->small) && !b->capture_id && !capture_id(b->stream))
+    b->last_use = record(b->stream);
+  if (b->segment->small) {  // merge with free neighbours (same segment, so same stream and capture)
+    for (Block* n : {b->prev, b->next}) {
+      if (!n || n->allocated) continue;
+      small_free_.erase(n);
+      if (n == b->prev) {
+        n->size += b->size;
+        n->next = b->next;
+        if (b->next) b->next->prev = n;
+        n->last_use = b->last_use;  // the newest event covers older ones on the same stream
+        delete b;
+        b = n;
+      } else {
+        b->size += n->size;
+        b->next = n->next;
+        if (n->next) n->next->prev = b;
+        delete n;
+      }
+    }
+  }
+  insert_free(b);
+}
+
+void DeviceAllocator::empty_cache() {
+  ScopedContext ctx(device_);
+  std::lock_guard<std::mutex> lock(mutex_);
+  reclaim(true, SIZE_MAX);
+  release_pool_pages();
+}
+
+void DeviceAllocator::release_graph_memory() {
+  ScopedContext ctx(device_);
+  std::lock_guard<std::mutex> lock(mutex_);
+  check(driver().cuCtxSynchronize(), "cuCtxSynchronize");
+  std::vector<Block*> victims;
+  for (FreeSet* set : {&small_free_, &large_free_})
+    for (Block* b : *set)
+      if (b->capture_id && (!b->segment->small || b->size == kPageBytes)) victims.push_back(b);
+  for (Block* b : victims) {
+    remove_free(b);
+    unmap_segment(b->segment, pool_);
+    delete b;
+  }
+}
+
+void DeviceAllocator::reset_peaks() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (Stat* s : {&stats_.allocated_bytes, &stats_.requested_bytes, &stats_.reserved_bytes, &stats_.active,
+                  &stats_.segments})
+    s->peak = s->current;
+}
+
+std::map<std::string, int64_t> DeviceAllocator::stats() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::map<std::string, int64_t> out;
+  auto put = [&](const std::string& name, const Stat& s) {
+    out[name + ".all.current"] = s.current;
+    out[name + ".all.peak"] = s.peak;
+    out[name + ".all.allocated"] = s.allocated;
+    out[name + ".all.freed"] = s.freed;
+  };
+  put("allocated_bytes", stats_.allocated_bytes);
+  put("requested_bytes", stats_.requested_bytes);
+  put("reserved_bytes", stats_.reserved_bytes);
+  put("active_bytes", stats_.allocated_bytes);
+  put("allocation", stats_.active);
+  put("active", stats_.active);
+  put("segment", stats_.segments);
+  out["num_alloc_retries"] = stats_.num_alloc_retries;
+  out["num_ooms"] = stats_.num_ooms;
+  out["num_device_alloc"] = stats_.num_device_alloc;
+  out["num_device_free"] = stats_.num_device_free;
+  int64_t cached = 0, graph = 0;
+  for (const FreeSet* set : {&small_free_, &large_free_})
+    for (const Block* b : *set) (b->capture_id ? graph : cached) += b->size;
+  for (const auto& kv : allocated_)
+    if (kv.second->capture_id) graph += kv.second->size;
+  out["l2side.cached_bytes"] = cached + int64_t(pool_[0].size() + pool_[1].size()) * kPageBytes;
+  out["l2side.graph_bytes"] = graph;
+  out["l2side.pages.side0.total"] = pages_per_side_[0];
+  out["l2side.pages.side1.total"] = pages_per_side_[1];
+  out["l2side.pages.side0.free"] = pool_[0].size();
+  out["l2side.pages.side1.free"] = pool_[1].size();
+  out["l2side.pages.undecided"] = stats_.pages_undecided;
+  out["l2side.limit_bytes"] = limit_ == SIZE_MAX ? -1 : static_cast<int64_t>(limit_);
+  out["l2side.multi_stream"] = multi_stream_;
+  return out;
+}
+
+bool DeviceAllocator::owns(uintptr_t address) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = segments_.upper_bound(address);
+  if (it == segments_.begin()) return false;
+  --it;
+  const Segment* s = it->second;
+  return address >= s->base && address < s->base + s->bytes();
+}
+
+namespace {
+std::mutex g_devices_mutex;
+std::vector<DeviceAllocator*> g_devices;  // never destroyed: the driver may be gone at exit
+}  // namespace
+
+int device_count() {
+  int n = 0;
+  check(driver().cuDeviceGetCount(&n), "cuDeviceGetCount");
+  return n;
+}
+
+DeviceAllocator& device_allocator(int device) {
+  std::lock_guard<std::mutex> lock(g_devices_mutex);
+  if (device < 0 || device >= device_count())
+    throw std::invalid_argument("l2side: no CUDA device " + std::to_string(device) + " (found " +
+                                std::to_string(device_count()) + ")");
+  if (g_devices.size() <= static_cast<size_t>(device)) g_devices.resize(device + 1, nullptr);
+  if (!g_devices[device]) g_devices[device] = new DeviceAllocator(device);
+  return *g_devices[device];
+}
+
+bool device_allocator_exists(int device) {
+  std::lock_guard<std::mutex> lock(g_devices_mutex);
+  return device >= 0 && static_cast<size_t>(device) < g_devices.size() && g_devices[device];
+}
+
+}  // namespace l2side

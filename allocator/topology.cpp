@@ -1,0 +1,423 @@
+#include "topology.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <unistd.h>
+
+#include "driver_api.h"
+
+namespace l2side {
+namespace {
+
+std::mutex g_mutex;  // guards everything below
+std::string g_ptx;
+std::string g_cache_dir;
+std::map<int, std::unique_ptr<Topology>> g_topologies;
+
+constexpr int kMaxSmid = 1024;   // %smid bound used to size tables (H100: < 144)
+constexpr int kFirstBit = 4, kLastBit = 20;
+constexpr int kRandomOffsets = 24;
+constexpr int kVotesPerPage = 5;
+
+struct ProbeModule {
+  CUmodule module = nullptr;
+  CUfunction sm_latency = nullptr;
+  CUfunction page_sides = nullptr;
+  CUdeviceptr sm_side_table = 0;  // int8[kMaxSmid], filled once the topology is known
+  CUdeviceptr votes = 0;          // scratch for page votes
+  size_t votes_capacity = 0;
+};
+std::map<int, ProbeModule> g_modules;
+
+ProbeModule& probe_module(int device) {  // g_mutex held, context current
+  ProbeModule& m = g_modules[device];
+  if (m.module) return m;
+  if (g_ptx.empty()) throw std::runtime_error("l2side: the L2 probe kernels were not loaded (internal error)");
+  const Driver& d = driver();
+  check(d.cuModuleLoadData(&m.module, g_ptx.c_str()), "cuModuleLoadData(l2_probe)");
+  check(d.cuModuleGetFunction(&m.sm_latency, m.module, "l2side_sm_latency"), "cuModuleGetFunction");
+  check(d.cuModuleGetFunction(&m.page_sides, m.module, "l2side_page_sides"), "cuModuleGetFunction");
+  check(d.cuMemAlloc(&m.sm_side_table, kMaxSmid), "cuMemAlloc");
+  return m;
+}
+
+// One physical page mapped for probing: the SM probe needs memory that no allocator owns yet.
+struct ScratchPage {
+  CUdeviceptr va = 0;
+  CUmemGenericAllocationHandle handle = 0;
+  explicit ScratchPage(int device) {
+    const Driver& d = driver();
+    CUmemAllocationProp prop = {};
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = device;
+    check(d.cuMemCreate(&handle, kPageBytes, &prop, 0), "cuMemCreate");
+    check(d.cuMemAddressReserve(&va, kPageBytes, kPageBytes, 0, 0), "cuMemAddressReserve");
+    check(d.cuMemMap(va, kPageBytes, 0, handle, 0), "cuMemMap");
+    CUmemAccessDesc access = {};
+    access.location = prop.location;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    check(d.cuMemSetAccess(va, kPageBytes, &access, 1), "cuMemSetAccess");
+    check(d.cuMemsetD8(va, 0, kPageBytes), "cuMemsetD8");
+  }
+  ~ScratchPage() {
+    const Driver& d = driver();
+    d.cuMemUnmap(va, kPageBytes);
+    d.cuMemAddressFree(va, kPageBytes);
+    d.cuMemRelease(handle);
+  }
+};
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+std::vector<uint32_t> probe_offsets() {
+  std::vector<uint32_t> offsets = {0};
+  for (int b = kFirstBit; b <= kLastBit; ++b) offsets.push_back(1u << b);
+  uint32_t x = 0x9e3779b9u;  // fixed LCG: the same random offsets every run
+  for (int i = 0; i < kRandomOffsets; ++i) {
+    x = x * 1664525u + 1013904223u;
+    offsets.push_back((x >> 8) & (kPageBytes - 1) & ~0xfffu);
+  }
+  return offsets;
+}
+
+// latency[smid][k] for every SM, one launch. Empty rows for absent SM ids.
+std::vector<std::vector<unsigned>> measure_sm_latencies(int device, ProbeModule& m, CUdeviceptr base,
+                                                        const std::vector<uint32_t>& offsets, int* nsmid) {
+  const Driver& d = driver();
+  const int n = static_cast<int>(offsets.size());
+  CUdevice dev;
+  check(d.cuDeviceGet(&dev, device), "cuDeviceGet");
+  int num_sms = 0, smem_optin = 0;
+  check(d.cuDeviceGetAttribute(&num_sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev), "cuDeviceGetAttribute");
+  check(d.cuDeviceGetAttribute(&smem_optin, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev),
+        "cuDeviceGetAttribute");
+  // A block that takes most of an SM's shared memory runs alone there: one measuring thread per SM.
+  unsigned smem = static_cast<unsigned>(std::max(0, smem_optin - 1024));
+  check(d.cuFuncSetAttribute(m.sm_latency, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
+        "cuFuncSetAttribute");
+
+  CUdeviceptr dev_offsets, claim, out, nsmid_dev;
+  const size_t out_bytes = size_t(kMaxSmid) * n * sizeof(unsigned);
+  check(d.cuMemAlloc(&dev_offsets, n * sizeof(uint32_t)), "cuMemAlloc");
+  check(d.cuMemAlloc(&claim, kMaxSmid * sizeof(unsigned)), "cuMemAlloc");
+  check(d.cuMemAlloc(&out, out_bytes), "cuMemAlloc");
+  check(d.cuMemAlloc(&nsmid_dev, sizeof(unsigned)), "cuMemAlloc");
+  std::vector<unsigned> host(size_t(kMaxSmid) * n, 0), claimed(kMaxSmid, 0);
+  unsigned nsmid_host = 0;
+  CUresult r = d.cuMemcpyHtoD(dev_offsets, offsets.data(), n * sizeof(uint32_t));
+  if (r == CUDA_SUCCESS) r = d.cuMemsetD8(claim, 0, kMaxSmid * sizeof(unsigned));
+  if (r == CUDA_SUCCESS) r = d.cuMemsetD8(out, 0, out_bytes);
+  int reps = 16, trials = 3;
+  void* args[] = {&base, &dev_offsets, const_cast<int*>(&n), &reps, &trials, &claim, &out, &nsmid_dev};
+  if (r == CUDA_SUCCESS)
+    r = d.cuLaunchKernel(m.sm_latency, 2 * num_sms, 1, 1, 32, 1, 1, smem, nullptr, args, nullptr);
+  if (r == CUDA_SUCCESS) r = d.cuCtxSynchronize();
+  if (r == CUDA_SUCCESS) r = d.cuMemcpyDtoH(host.data(), out, out_bytes);
+  if (r == CUDA_SUCCESS) r = d.cuMemcpyDtoH(claimed.data(), claim, kMaxSmid * sizeof(unsigned));
+  if (r == CUDA_SUCCESS) r = d.cuMemcpyDtoH(&nsmid_host, nsmid_dev, sizeof(unsigned));
+  d.cuMemFree(dev_offsets);
+  d.cuMemFree(claim);
+  d.cuMemFree(out);
+  d.cuMemFree(nsmid_dev);
+  check(r, "L2 SM-latency probe");
+  *nsmid = static_cast<int>(std::min<unsigned>(nsmid_host ? nsmid_host : kMaxSmid, kMaxSmid));
+  std::vector<std::vector<unsigned>> lat(kMaxSmid);
+  for (int s = 0; s < kMaxSmid; ++s)
+    if (claimed[s]) lat[s].assign(host.begin() + size_t(s) * n, host.begin() + size_t(s + 1) * n);
+  return lat;
+}
+
+struct Analysis {
+  bool split = false;
+  uint32_t mask = 0;
+  std::vector<int8_t> side;  // per smid
+  double near = 0, far = 0, gap = 0, linearity = 0;
+  int disagreeing_sms = 0;
+};
+
+Analysis analyse(const std::vector<std::vector<unsigned>>& lat, const std::vector<uint32_t>& offsets) {
+  Analysis a;
+  const int n_bits = kLastBit - kFirstBit + 1;
+  std::vector<int> sms;
+  for (int s = 0; s < static_cast<int>(lat.size()); ++s)
+    if (!lat[s].empty()) sms.push_back(s);
+  a.side.assign(lat.size(), -1);
+  if (sms.empty()) throw std::runtime_error("l2side probe: no SM reported a measurement");
+  auto delta = [&](int sm, int k) { return double(lat[sm][k]) - double(lat[sm][0]); };
+  std::vector<double> bit_gap(n_bits);
+  for (int b = 0; b < n_bits; ++b) {
+    std::vector<double> v;
+    for (int sm : sms) v.push_back(std::fabs(delta(sm, 1 + b)));
+    bit_gap[b] = median(v);
+  }
+  a.gap = *std::max_element(bit_gap.begin(), bit_gap.end());
+  {
+    std::vector<double> base;
+    for (int sm : sms) base.push_back(lat[sm][0]);
+    a.near = a.far = median(base);
+  }
+  for (int sm : sms) a.side[sm] = 0;
+  if (a.gap < 40) return a;  // no split worth the name: a flat L2
+  a.split = true;
+  for (int b = 0; b < n_bits; ++b)
+    if (bit_gap[b] > a.gap / 2) a.mask |= 1u << (kFirstBit + b);
+  const int ref = sms.front();  // the lowest SM id is side 0 by definition
+  std::vector<double> nears, fars;
+  for (int sm : sms) {
+    int same = 0, other = 0;
+    for (int b = 0; b < n_bits; ++b) {
+      if (!(a.mask >> (kFirstBit + b) & 1)) continue;
+      double dm = delta(sm, 1 + b), dr = delta(ref, 1 + b);
+      if (std::fabs(dm) < a.gap / 4 || std::fabs(dr) < a.gap / 4) continue;
+      ((dm > 0) == (dr > 0) ? same : other)++;
+      nears.push_back(std::min(lat[sm][0], lat[sm][1 + b]));
+      fars.push_back(std::max(lat[sm][0], lat[sm][1 + b]));
+    }
+    a.side[sm] = other > same ? 1 : 0;
+    if (std::min(same, other) * 5 > same + other || same + other == 0) a.disagreeing_sms++;
+  }
+  a.near = median(nears);
+  a.far = median(fars);
+  // Does the parity of (offset & mask) predict the random offsets? (the invariant's linearity)
+  int agree = 0, total = 0;
+  for (int sm : sms)
+    for (size_t k = 1 + n_bits; k < offsets.size(); ++k) {
+      bool flipped = std::fabs(delta(sm, static_cast<int>(k))) > a.gap / 2;
+      bool predicted = __builtin_popcount(offsets[k] & a.mask) & 1;
+      agree += flipped == predicted;
+      total++;
+    }
+  a.linearity = total ? double(agree) / total : 1.0;
+  return a;
+}
+
+std::string describe(const std::vector<std::vector<unsigned>>& lat, const std::vector<uint32_t>& offsets) {
+  std::ostringstream os;
+  os << "raw latencies (cycles) per SM id, offsets:";
+  for (auto o : offsets) os << " 0x" << std::hex << o << std::dec;
+  os << "\n";
+  for (size_t s = 0; s < lat.size(); ++s) {
+    if (lat[s].empty()) continue;
+    os << "  sm " << s << ":";
+    for (auto v : lat[s]) os << " " << v;
+    os << "\n";
+  }
+  return os.str();
+}
+
+std::string cache_path(const std::string& uuid) {
+  if (g_cache_dir.empty() || uuid.empty()) return {};
+  return g_cache_dir + "/topology-" + uuid + ".txt";
+}
+
+bool load_cached(Topology& t) {
+  std::string path = cache_path(t.uuid);
+  if (path.empty()) return false;
+  std::ifstream in(path);
+  if (!in) return false;
+  std::string key, version;
+  int n_side = 0;
+  in >> key >> version;
+  if (key != "l2side-topology" || version != "1") return false;
+  in >> t.num_sms >> t.hash_mask >> t.split >> t.near_cycles >> t.far_cycles >> t.linearity >> t.probe_ms >> n_side;
+  if (!in || n_side <= 0 || n_side > kMaxSmid) return false;
+  t.sm_side.resize(n_side);
+  for (auto& s : t.sm_side) {
+    int v;
+    in >> v;
+    s = static_cast<int8_t>(v);
+  }
+  if (!in) return false;
+  t.sms_per_side[0] = t.sms_per_side[1] = 0;
+  for (auto s : t.sm_side)
+    if (s >= 0) t.sms_per_side[s]++;
+  t.from_cache = true;
+  return true;
+}
+
+void store_cached(const Topology& t) {
+  std::string path = cache_path(t.uuid);
+  if (path.empty()) return;
+  std::string tmp = path + ".tmp" + std::to_string(::getpid());
+  {
+    std::ofstream out(tmp);
+    if (!out) return;  // an unwritable cache only costs a re-probe
+    out << "l2side-topology 1\n" << t.num_sms << " " << t.hash_mask << " " << t.split << " " << t.near_cycles
+        << " " << t.far_cycles << " " << t.linearity << " " << t.probe_ms << " " << t.sm_side.size() << "\n";
+    for (auto s : t.sm_side) out << int(s) << " ";
+    out << "\n";
+  }
+  std::rename(tmp.c_str(), path.c_str());  // atomic: concurrent processes see old or new, never half
+}
+
+void fill_identity(Topology& t) {
+  const Driver& d = driver();
+  CUdevice dev;
+  check(d.cuDeviceGet(&dev, t.device), "cuDeviceGet");
+  char name[256] = {};
+  check(d.cuDeviceGetName(name, sizeof(name), dev), "cuDeviceGetName");
+  t.name = name;
+  CUuuid uuid;
+  check(d.cuDeviceGetUuid(&uuid, dev), "cuDeviceGetUuid");
+  char hex[40];
+  std::string s;
+  for (int i = 0; i < 16; ++i) {
+    std::snprintf(hex, sizeof(hex), "%02x", static_cast<unsigned char>(uuid.bytes[i]));
+    s += hex;
+  }
+  t.uuid = s;
+  check(d.cuDeviceGetAttribute(&t.num_sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev), "cuDeviceGetAttribute");
+}
+
+void upload_sm_sides(int device, const Topology& t) {  // g_mutex held, context current
+  ProbeModule& m = probe_module(device);
+  std::vector<int8_t> table(kMaxSmid, -1);
+  std::copy(t.sm_side.begin(), t.sm_side.begin() + std::min<size_t>(t.sm_side.size(), kMaxSmid), table.begin());
+  check(driver().cuMemcpyHtoD(m.sm_side_table, table.data(), kMaxSmid), "cuMemcpyHtoD");
+}
+
+std::unique_ptr<Topology> probe(int device) {  // g_mutex held
+  auto t = std::make_unique<Topology>();
+  t->device = device;
+  fill_identity(*t);
+  ScopedContext ctx(device);
+  ProbeModule& m = probe_module(device);
+  ScratchPage page(device);
+  const auto offsets = probe_offsets();
+  auto start = std::chrono::steady_clock::now();
+  // Repeat and vote: three probes must agree on the mask and on every SM's side.
+  std::vector<Analysis> runs;
+  std::vector<std::vector<std::vector<unsigned>>> raw;
+  int nsmid = 0;
+  for (int attempt = 0; attempt < 5 && runs.size() < 3; ++attempt) {
+    raw.push_back(measure_sm_latencies(device, m, page.va, offsets, &nsmid));
+    Analysis a = analyse(raw.back(), offsets);
+    if (a.disagreeing_sms == 0) runs.push_back(a);
+  }
+  t->probe_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  bool consistent = runs.size() == 3;
+  for (size_t i = 1; consistent && i < runs.size(); ++i)
+    consistent = runs[i].split == runs[0].split && runs[i].mask == runs[0].mask && runs[i].side == runs[0].side;
+  if (!consistent) {
+    std::ostringstream os;
+    os << "l2side: the L2 topology probe of device " << device << " (" << t->name
+       << ") gave inconsistent results over " << raw.size() << " runs (" << runs.size()
+       << " self-consistent); set L2SIDE_DISABLE_SIDES=1 to run without side awareness.\n";
+    for (auto& r : runs) os << "  run: split=" << r.split << " mask=0x" << std::hex << r.mask << std::dec << "\n";
+    os << describe(raw.back(), offsets);
+    throw std::runtime_error(os.str());
+  }
+  const Analysis& a = runs[0];
+  t->split = a.split;
+  t->hash_mask = a.mask;
+  t->sm_side.assign(a.side.begin(), a.side.begin() + std::max(1, std::min(nsmid, kMaxSmid)));
+  for (auto s : t->sm_side)
+    if (s >= 0) t->sms_per_side[s]++;
+  t->near_cycles = a.near;
+  t->far_cycles = a.far;
+  t->linearity = a.linearity;
+  return t;
+}
+
+}  // namespace
+
+void set_probe_ptx(std::string ptx) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_ptx = std::move(ptx);
+}
+
+bool has_probe_ptx() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return !g_ptx.empty();
+}
+
+void set_cache_dir(std::string dir) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_cache_dir = std::move(dir);
+}
+
+const Topology& topology(int device, bool reprobe) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_topologies.find(device);
+  if (it != g_topologies.end() && !reprobe) return *it->second;
+  std::unique_ptr<Topology> t;
+  const char* disable = std::getenv("L2SIDE_DISABLE_SIDES");
+  if (disable && *disable && std::string(disable) != "0") {
+    t = std::make_unique<Topology>();
+    t->device = device;
+    fill_identity(*t);
+    t->sm_side.assign(1, 0);
+    t->sms_per_side[0] = t->num_sms;
+  } else {
+    t = std::make_unique<Topology>();
+    t->device = device;
+    fill_identity(*t);
+    if (reprobe || !load_cached(*t)) {
+      t = probe(device);
+      store_cached(*t);
+    }
+  }
+  if (t->split) {
+    ScopedContext ctx(device);
+    upload_sm_sides(device, *t);
+  }
+  auto& slot = g_topologies[device];
+  if (slot) *slot = *t;  // keep references handed out earlier valid
+  else slot = std::move(t);
+  return *slot;
+}
+
+std::vector<int> probe_page_sides(int device, CUdeviceptr base, int n, size_t stride, CUstream stream) {
+  const Topology& t = topology(device);
+  std::vector<int> sides(n, 0);
+  if (!t.split || n == 0) return sides;
+  std::lock_guard<std::mutex> lock(g_mutex);
+  ScopedContext ctx(device);
+  const Driver& d = driver();
+  ProbeModule& m = probe_module(device);
+  const size_t n_votes = size_t(n) * kVotesPerPage;
+  if (m.votes_capacity < n_votes) {
+    if (m.votes) d.cuMemFree(m.votes);
+    m.votes = 0;
+    check(d.cuMemAlloc(&m.votes, n_votes), "cuMemAlloc");
+    m.votes_capacity = n_votes;
+  }
+  std::vector<unsigned char> votes(n_votes);
+  unsigned long long stride_arg = stride;
+  unsigned flip = t.flip_offset();
+  int reps = 8, trials = 2;
+  int min_gap = static_cast<int>(std::max(20.0, (t.far_cycles - t.near_cycles) / 3));
+  void* args[] = {&base, &n, &stride_arg, &flip, &reps, &trials, &min_gap, &m.sm_side_table, &m.votes};
+  // The pages are all different, so the blocks run concurrently without disturbing each other.
+  check(d.cuLaunchKernel(m.page_sides, static_cast<unsigned>(n_votes), 1, 1, 32, 1, 1, 0, stream, args, nullptr),
+        "cuLaunchKernel(l2side_page_sides)");
+  // Async copy on the allocator's non-blocking stream: a plain cuMemcpyDtoH would wait for the legacy
+  // default stream (all of torch's default-stream work) and is refused during graph capture.
+  check(d.cuMemcpyDtoHAsync(votes.data(), m.votes, n_votes, stream), "cuMemcpyDtoHAsync");
+  check(d.cuStreamSynchronize(stream), "L2 page-side probe");
+  for (int p = 0; p < n; ++p) {
+    int count[2] = {0, 0};
+    for (int v = 0; v < kVotesPerPage; ++v) {
+      unsigned char vote = votes[size_t(v) * n + p];
+      if (vote < 2) count[vote]++;
+    }
+    sides[p] = count[0] > count[1] ? 0 : count[1] > count[0] ? 1 : -1;
+  }
+  return sides;
+}
+
+}  // namespace l2side

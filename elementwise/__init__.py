@@ -1,0 +1,1 @@
+"""Side-aware elementwise kernels (see docs/elementwise.md)."""

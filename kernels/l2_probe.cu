@@ -1,0 +1,70 @@
+// L2 side probes: which L2 partition ("side") an SM is on, which address bits flip the side inside a
+// 2 MiB page, and which side a physical page starts on. Compiled to PTX once (any GPU) and loaded by the
+// native allocator. Every measurement is a chain of dependent L2-only loads (ld.global.cg) timed with
+// clock64: near-side hits take ~300 cycles on an H100, far-side ones ~500.
+
+__device__ __forceinline__ unsigned l2side_smid() {
+  unsigned id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
+}
+
+__device__ __forceinline__ unsigned l2side_nsmid() {
+  unsigned n;
+  asm volatile("mov.u32 %0, %%nsmid;" : "=r"(n));
+  return n;
+}
+
+// Average cycles of one L2 hit at `address` (which must hold 0), the best of `trials` chains of `reps`.
+__device__ __forceinline__ unsigned l2side_chain_latency(const char* address, int reps, int trials) {
+  unsigned best = 0xffffffffu;
+  unsigned v;
+  asm volatile("ld.global.cg.u32 %0, [%1];" : "=r"(v) : "l"(address));  // bring the line into L2
+  const char* p = address + v;
+  for (int t = 0; t < trials; ++t) {
+    long long start = clock64();
+    for (int r = 0; r < reps; ++r) {
+      asm volatile("ld.global.cg.u32 %0, [%1];" : "=r"(v) : "l"(p));
+      p = address + v;  // v == 0: the next load depends on this one
+    }
+    long long stop = clock64();
+    unsigned cycles = static_cast<unsigned>((stop - start) / reps);
+    best = cycles < best ? cycles : best;
+  }
+  if (p != address) asm volatile("trap;");  // keeps the chain alive; never taken
+  return best;
+}
+
+// One measuring block per SM: blocks claim their SM; later blocks on a claimed SM leave at once.
+// out[smid * n_offsets + k] = cycles to reach base + offsets[k] from that SM. Each SM walks the offsets
+// starting at its own index so that concurrent SMs mostly hit different addresses.
+extern "C" __global__ void l2side_sm_latency(const char* base, const unsigned* offsets, int n_offsets,
+                                             int reps, int trials, unsigned* claim, unsigned* out,
+                                             unsigned* nsmid_out) {
+  if (threadIdx.x != 0) return;
+  const unsigned smid = l2side_smid();
+  if (smid == 0 && blockIdx.x == 0) *nsmid_out = l2side_nsmid();
+  if (atomicCAS(claim + smid, 0u, 1u) != 0u) return;
+  for (int i = 0; i < n_offsets; ++i) {
+    const int k = (i + static_cast<int>(smid)) % n_offsets;
+    out[smid * n_offsets + k] = l2side_chain_latency(base + offsets[k], reps, trials);
+  }
+}
+
+// Side of the first 4 KiB chunk of each of `n_pages` pages mapped at base + i * page_stride, relative to
+// SM 0's side. Block b measures page b % n_pages from whatever SM it runs on, comparing the page's chunk 0
+// with the chunk at `flip_offset` (on the other side by construction). vote = side, or 255 = no decision.
+extern "C" __global__ void l2side_page_sides(const char* base, int n_pages, unsigned long long page_stride,
+                                             unsigned flip_offset, int reps, int trials, int min_gap,
+                                             const signed char* sm_side, unsigned char* votes) {
+  if (threadIdx.x != 0) return;
+  const int page = blockIdx.x % n_pages;
+  const char* p = base + page * page_stride;
+  const int my_side = sm_side[l2side_smid()];
+  const int first = static_cast<int>(l2side_chain_latency(p, reps, trials));
+  const int flipped = static_cast<int>(l2side_chain_latency(p + flip_offset, reps, trials));
+  const int gap = first > flipped ? first - flipped : flipped - first;
+  unsigned char vote = 255;
+  if (my_side >= 0 && gap >= min_gap) vote = static_cast<unsigned char>(my_side ^ (first < flipped ? 0 : 1));
+  votes[blockIdx.x] = vote;
+}

@@ -1,0 +1,126 @@
+"""python -m l2side info   -- the GPU's L2 topology, the allocator's state and a side-aware read benchmark
+python -m l2side bench  -- the repository's benchmarks (benchmarks/bench_*.py), when run from a checkout"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _no_gpu_reason() -> str | None:
+    import torch
+    from . import _native
+    ok, why = _native.driver_status()
+    if not ok:
+        return why
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device" + ("" if torch.version.cuda else " (this torch is a CPU-only build)")
+    return None
+
+
+def _read_benchmark(device: int, nbytes: int, repeats: int = 20) -> dict:
+    import torch
+    from . import jit
+    from .memory import empty
+    from .topology import topology
+    topo = topology(device)
+    kernel = jit.load_kernel((jit.KERNELS_DIR / "side_read.cu").read_text(), "l2side_side_read",
+                             name="side_read", device=device)
+    data = empty(nbytes // 4, dtype=torch.int32, device=device)
+    data.random_(0, 1 << 30)
+    table = torch.tensor([max(s, 0) for s in topo.sm_side], dtype=torch.int8, device=device)
+    counters = torch.zeros(2, dtype=torch.int64, device=device)
+    sink = torch.zeros(1, dtype=torch.int32, device=device)
+    n_pairs = nbytes // 8192
+    grid = torch.cuda.get_device_properties(device).multi_processor_count * 4
+    results = {}
+    for mode, label in ((0, "naive"), (1, "near"), (2, "far")):
+        if mode and not topo.split:
+            continue
+        params = (jit.Params().ptr(data).u64(n_pairs).u64(topo.side_mask).ptr(table).i32(mode).ptr(counters)
+                  .ptr(sink))
+        times = []
+        for r in range(repeats + 3):
+            counters.zero_()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            kernel.launch(grid, 256, params)
+            stop.record()
+            stop.synchronize()
+            if r >= 3:
+                times.append(start.elapsed_time(stop))
+        times.sort()
+        ms = times[len(times) // 2]
+        read = n_pairs * 8192 if mode == 0 else n_pairs * 4096
+        results[label] = read / ms / 1e6
+    return results
+
+
+def info(args) -> int:
+    reason = _no_gpu_reason()
+    if reason:
+        print(f"l2side: no CUDA GPU found ({reason}).")
+        print("Nothing to probe or measure here; the tests still run on the CPU: pytest tests")
+        return 0
+    import l2side
+    l2side.enable()  # before torch touches CUDA: this whole run uses the side-aware allocator
+    import torch
+    print(f"l2side {l2side.__version__}, torch {torch.__version__}, {torch.cuda.device_count()} CUDA device(s)")
+    devices = range(torch.cuda.device_count()) if args.all_devices else [0]
+    for d in devices:
+        topo = l2side.topology(d)
+        print(f"\n== device {d}: {topo}")
+        if topo.split:
+            print(f"   side mask {topo.side_mask:#x}; offsets predicted by the mask: {topo.linearity:.1%}")
+    print("\n== side-aware read bandwidth on device 0 (GB/s of bytes read, median of 20)")
+    print("| buffer | naive (all SMs, both sides) | near side only | far side only |")
+    print("|---|---:|---:|---:|")
+    for nbytes in (32 << 20, 1 << 30):
+        r = _read_benchmark(0, nbytes)
+        cell = lambda k: f"{r[k]:.0f}" if k in r else "n/a"
+        print(f"| {nbytes >> 20} MiB | {cell('naive')} | {cell('near')} | {cell('far')} |")
+    torch.cuda.synchronize()
+    stats = l2side.memory_stats(0)
+    print("\n== allocator state on device 0")
+    for key in ("allocated_bytes.all.current", "reserved_bytes.all.current", "reserved_bytes.all.peak",
+                "l2side.cached_bytes", "l2side.pages.side0.total", "l2side.pages.side1.total",
+                "num_device_alloc", "allocation.all.allocated"):
+        print(f"   {key:32s} {stats[key]}")
+    return 0
+
+
+def bench(args) -> int:
+    root = Path(args.root or os.getcwd())
+    scripts = sorted((root / "benchmarks").glob("bench_*.py"))
+    if not scripts:
+        print(f"l2side bench: no benchmarks/bench_*.py under {root} (run it from a checkout of the repository)")
+        return 2
+    reason = _no_gpu_reason()
+    if reason:
+        print(f"l2side bench: no CUDA GPU found ({reason}); nothing to measure.")
+        return 0
+    status = 0
+    for script in scripts:
+        print(f"\n== {script.name}", flush=True)
+        status |= subprocess.call([sys.executable, str(script)], cwd=root)
+    return status
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m l2side", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    p_info = sub.add_parser("info", help="topology, allocator state, side-aware read benchmark")
+    p_info.add_argument("--all-devices", action="store_true", help="probe every visible GPU")
+    p_bench = sub.add_parser("bench", help="run benchmarks/bench_*.py")
+    p_bench.add_argument("--root", help="repository root (default: the current folder)")
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench(args)
+    return info(args) if args.command == "info" else (parser.print_help() or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

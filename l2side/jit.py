@@ -1,0 +1,241 @@
+"""The JIT runtime every l2side kernel uses: compile CUDA C++ with nvcc for the GPU found, cache the binary
+on disk, load it through the driver API, and launch it on torch's current stream.
+
+Cache key: sha256 of the source, the options, the target, nvcc's version and the contents of the shipped
+headers (kernels/, elementwise/). Entries are written to a temporary file and renamed into place, so
+concurrent processes never read half a binary. Set L2SIDE_CACHE_DIR to move the cache.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from . import _native
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _find_dir(subpackage: str) -> Path:
+    """The installed copy of a top-level source folder (mapped to l2side.<name> by setup.py)."""
+    import importlib.util
+    spec = importlib.util.find_spec(f"l2side.{subpackage}")
+    if spec and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0]).resolve()
+    return PACKAGE_DIR.parent / subpackage
+
+
+KERNELS_DIR = _find_dir("kernels")
+ELEMENTWISE_DIR = _find_dir("elementwise")
+DEFAULT_OPTIONS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo")
+
+
+class CompileError(RuntimeError):
+    """nvcc rejected a source; the message holds the compiler's output."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("L2SIDE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "l2side")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def nvcc_path() -> str:
+    candidates = [os.environ.get("L2SIDE_NVCC")]
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(os.path.join(os.environ[var], "bin", "nvcc"))
+    candidates += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    for c in candidates:
+        if c and os.path.exists(c):
+            return c
+    raise CompileError("l2side needs nvcc (the CUDA compiler) to JIT-compile its kernels; none was found "
+                       "(set CUDA_HOME or L2SIDE_NVCC)")
+
+
+@functools.lru_cache(maxsize=1)
+def nvcc_version() -> str:
+    out = subprocess.run([nvcc_path(), "--version"], capture_output=True, text=True, check=False)
+    return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def _headers_digest() -> str:
+    h = hashlib.sha256()
+    for root in (KERNELS_DIR, ELEMENTWISE_DIR):
+        if root.exists():
+            for p in sorted(root.rglob("*")):
+                if p.suffix in (".cuh", ".h", ".hpp", ".cu") and p.is_file():
+                    h.update(str(p.relative_to(root)).encode())
+                    h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def arch_for(device=None) -> str:
+    """The nvcc target for a device: sm_90a on Hopper (wgmma, setmaxnreg), else sm_XY."""
+    import torch
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}" + ("a" if major == 9 and minor == 0 else "")
+
+
+def _target_flags(arch: str, output: str) -> list[str]:
+    if output == "ptx":  # portable: the driver finishes the compile for whatever GPU loads it
+        return [f"-arch=compute_{arch[3:].rstrip('a')}" if arch.startswith("sm_") else f"-arch={arch}"]
+    number = arch[3:]
+    return [f"-gencode=arch=compute_{number},code=sm_{number}"]
+
+
+def compile(source: str, *, name: str, options: Sequence[str] = (), arch: str, output: str = "cubin") -> bytes:
+    """Compiles `source` (cached on disk) and returns the cubin (or PTX text as bytes)."""
+    if output not in ("cubin", "ptx"):
+        raise ValueError(f"output must be 'cubin' or 'ptx', got {output!r}")
+    flags = list(DEFAULT_OPTIONS) + [f"-I{KERNELS_DIR}", f"-I{ELEMENTWISE_DIR}"] + list(options)
+    flags += _target_flags(arch, output)
+    key = hashlib.sha256("\0".join([source, *flags, arch, output, nvcc_version(), _headers_digest()])
+                         .encode()).hexdigest()[:32]
+    safe_name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:80]
+    target = cache_dir() / "jit" / f"{safe_name}-{key}.{output}"
+    if target.exists():
+        return target.read_bytes()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="l2side-jit-") as tmp:
+        src = Path(tmp) / f"{safe_name}.cu"
+        out = Path(tmp) / f"{safe_name}.{output}"
+        src.write_text(source)
+        cmd = [nvcc_path(), f"--{output}", *flags, str(src), "-o", str(out)]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0 or not out.exists():
+            raise CompileError(f"nvcc failed to compile '{name}' (exit {result.returncode}):\n"
+                               f"{result.stderr.strip() or result.stdout.strip()}\ncommand: {' '.join(cmd)}")
+        data = out.read_bytes()
+        staged = target.with_suffix(target.suffix + f".{os.getpid()}.{threading.get_ident()}.tmp")
+        staged.write_bytes(data)
+        os.replace(staged, target)  # atomic: racing processes each write a whole file
+    return data
+
+
+class Kernel:
+    """A loaded __global__ function of a JIT-compiled module on one device."""
+
+    def __init__(self, device: int, module: int, function: int, name: str):
+        self.device, self.module, self.function, self.name = device, module, function, name
+        self._smem_limit = 0
+
+    def set_max_dynamic_smem(self, nbytes: int) -> None:
+        if nbytes > self._smem_limit:
+            _native.set_max_dynamic_smem(self.function, int(nbytes))
+            self._smem_limit = nbytes
+
+    def launch(self, grid, block, params: bytes, *, smem: int = 0, stream: int | None = None, cluster=1) -> None:
+        if stream is None:
+            import torch
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+        if smem > 48 * 1024:
+            self.set_max_dynamic_smem(smem)
+        _native.launch(self.device, self.function, grid, block, smem, stream, bytes(params), cluster)
+
+
+_kernels: dict = {}
+_kernels_lock = threading.Lock()
+
+
+def _device_index(device) -> int:
+    import torch
+    if device is None:
+        return torch.cuda.current_device()
+    if isinstance(device, int):
+        return device
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"device must be a CUDA device, got {device}")
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def load_kernel(source: str, kernel_name: str, *, name: str, options: Sequence[str] = (), device=None,
+                output: str = "cubin") -> Kernel:
+    """Compiles (cached), loads and looks up `kernel_name`; memoised per (source, options, device)."""
+    index = _device_index(device)
+    key = (hashlib.sha256(source.encode()).hexdigest(), tuple(options), kernel_name, index, output)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        image = compile(source, name=name, options=options,
+                        arch=arch_for(index), output=output)
+        with _kernels_lock:
+            kernel = _kernels.get(key)
+            if kernel is None:
+                module = _native.load_module(index, image)
+                kernel = Kernel(index, module, _native.get_function(module, kernel_name), kernel_name)
+                _kernels[key] = kernel
+    return kernel
+
+
+class Params:
+    """Builds a kernel's parameter buffer with the C ABI's alignment, in parameter order."""
+
+    def __init__(self):
+        self._buf = bytearray()
+
+    def _put(self, data: bytes, align: int) -> "Params":
+        self._buf += b"\0" * (-len(self._buf) % align)
+        self._buf += data
+        return self
+
+    def ptr(self, value) -> "Params":
+        address = value.data_ptr() if hasattr(value, "data_ptr") else int(value)
+        return self._put(struct.pack("<Q", address), 8)
+
+    def i32(self, v: int) -> "Params":
+        return self._put(struct.pack("<i", v), 4)
+
+    def u32(self, v: int) -> "Params":
+        return self._put(struct.pack("<I", v), 4)
+
+    def i64(self, v: int) -> "Params":
+        return self._put(struct.pack("<q", v), 8)
+
+    def u64(self, v: int) -> "Params":
+        return self._put(struct.pack("<Q", v), 8)
+
+    def f32(self, v: float) -> "Params":
+        return self._put(struct.pack("<f", v), 4)
+
+    def tensor_map(self, tmap: bytes) -> "Params":
+        if len(tmap) != 128:
+            raise ValueError("a CUtensorMap is 128 bytes")
+        return self._put(tmap, 64)
+
+    def raw(self, data: bytes, align: int) -> "Params":
+        return self._put(bytes(data), align)
+
+    @property
+    def buffer(self) -> bytes:
+        return bytes(self._buf)
+
+    def __bytes__(self) -> bytes:
+        return self.buffer
+
+
+_TMAP_DTYPES = {"u8": 0, "e4m3": 0, "u16": 1, "u32": 2, "i32": 3, "f16": 6, "f32": 7, "bf16": 9}
+
+
+def tensor_map(ptr: int, dtype: str, dims: Iterable[int], strides_bytes: Iterable[int], box: Iterable[int], *,
+               swizzle: int = 128, oob_fill_zero: bool = True, l2_promotion: int = 256) -> bytes:
+    """A TMA descriptor (cuTensorMapEncodeTiled). dims/box innermost first; strides of dims[1:] in bytes."""
+    if dtype not in _TMAP_DTYPES:
+        raise ValueError(f"tensor_map dtype must be one of {sorted(_TMAP_DTYPES)}, got {dtype!r}")
+    dims, strides_bytes, box = list(dims), list(strides_bytes), list(box)
+    if any(s % 16 for s in strides_bytes):
+        raise ValueError(f"TMA needs 16-byte-aligned strides, got {strides_bytes}")
+    if ptr % 16:
+        raise ValueError(f"TMA needs a 16-byte-aligned base address, got {ptr:#x}")
+    return _native.encode_tensor_map(_TMAP_DTYPES[dtype], int(ptr), dims, strides_bytes, box, swizzle,
+                                     l2_promotion, not oob_fill_zero)

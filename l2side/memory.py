@@ -1,0 +1,144 @@
+"""The side-aware caching allocator, seen from Python: enabling it as torch's allocator, stats, control,
+and side-aware tensors without enabling it."""
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+
+from . import _native, sides
+from .topology import device_index, prepare_native, topology
+
+_enabled = False
+_enable_lock = threading.Lock()
+_pluggable = None
+
+
+def library_path() -> str:
+    """The shared library that exports l2side_malloc / l2side_free (the CUDAPluggableAllocator entry points)."""
+    return _native.__file__
+
+
+def enable() -> None:
+    """Makes l2side torch's CUDA allocator. Call it before anything initialises CUDA in torch."""
+    global _enabled, _pluggable
+    with _enable_lock:
+        if _enabled:
+            return
+        import torch
+        if not torch.cuda.is_available():
+            raise RuntimeError("l2side.enable(): no CUDA GPU is available to this process")
+        prepare_native()
+        if torch.cuda.is_initialized():
+            raise RuntimeError(
+                "l2side.enable() must run before torch initialises CUDA (before the first CUDA tensor, "
+                "torch.cuda.current_device(), get_device_properties(), ...): torch can only swap its "
+                "allocator before that. Call it at the top of the program.")
+        _pluggable = torch.cuda.memory.CUDAPluggableAllocator(library_path(), "l2side_malloc", "l2side_free")
+        try:
+            torch.cuda.memory.change_current_allocator(_pluggable)
+        except RuntimeError as e:
+            raise RuntimeError(f"l2side.enable(): torch refused to swap its allocator ({e}); call "
+                               "l2side.enable() before any CUDA allocation") from e
+        _enabled = True
+
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+def _index(device) -> int:
+    return device_index(device)
+
+
+def memory_stats(device=None) -> dict:
+    """torch.cuda.memory_stats-like counters of l2side's allocator on `device` (plus l2side.* keys)."""
+    return dict(_native.stats(_index(device)))
+
+
+def reset_peak_memory_stats(device=None) -> None:
+    _native.reset_peaks(_index(device))
+
+
+def empty_cache(device=None) -> None:
+    """Releases every cached, unused physical page of `device` (synchronises it)."""
+    _native.empty_cache(_index(device))
+
+
+def release_graph_memory(device=None) -> None:
+    """Frees memory that CUDA-graph captures left reserved; call it once those graphs are deleted."""
+    _native.release_graph_memory(_index(device))
+
+
+def set_memory_limit(nbytes, device=None) -> None:
+    """Caps the bytes l2side reserves on `device` (None = no cap); past it allocations raise OOM."""
+    if nbytes is not None and (not isinstance(nbytes, int) or nbytes < 0):
+        raise ValueError(f"nbytes must be a non-negative int or None, got {nbytes!r}")
+    _native.set_limit(_index(device), -1 if nbytes is None else nbytes)
+
+
+def set_memory_fraction(fraction: float, device=None) -> None:
+    """Caps reserved bytes at `fraction` of the device's total memory."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    import torch
+    index = _index(device)
+    total = torch.cuda.get_device_properties(index).total_memory
+    set_memory_limit(int(total * fraction), index)
+
+
+def owns(value, device=None) -> bool:
+    """True when the address (or a tensor's data pointer) lies in memory l2side handed out."""
+    if hasattr(value, "data_ptr"):
+        if not value.is_cuda:
+            return False
+        return _native.owns(value.device.index, value.data_ptr())
+    return _native.owns(_index(device), int(value))
+
+
+def empty(shape, dtype=None, device=None):
+    """A torch tensor in side-aware memory (also when l2side is not torch's allocator).
+
+    Sizes above 1 MiB start 4 MiB-aligned, so chunk i of every such tensor is on the same side.
+    """
+    import torch
+    dtype = dtype or torch.get_default_dtype()
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if any((not isinstance(s, int)) or s < 0 for s in shape):
+        raise ValueError(f"shape must be non-negative ints, got {shape}")
+    index = _index(device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype, device=f"cuda:{index}")
+    stream = torch.cuda.current_stream(index).cuda_stream
+    raw = torch.utils.dlpack.from_dlpack(_native.side_aware_bytes(index, nbytes, stream))
+    return raw.view(dtype).view(shape)
+
+
+def is_side_aware(tensor) -> bool:
+    return bool(getattr(tensor, "is_cuda", False)) and owns(tensor)
+
+
+def side_of(tensor) -> np.ndarray:
+    """Side (0/1) of every 4 KiB chunk the tensor's bytes touch, first chunk first (numpy uint8).
+
+    Only meaningful for side-aware memory: anything else raises ValueError.
+    """
+    import torch
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"side_of expects a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_cuda:
+        raise ValueError(f"side_of expects a CUDA tensor, got one on {tensor.device}")
+    if not owns(tensor):
+        raise ValueError("side_of: the tensor's memory does not come from l2side (enable() l2side or create "
+                         "it with l2side.empty); its sides are unknown")
+    if not tensor.is_contiguous():
+        raise ValueError("side_of expects a contiguous tensor")
+    topo = topology(tensor.device.index)
+    return sides.chunk_sides(tensor.data_ptr(), tensor.numel() * tensor.element_size(), topo.side_mask)
+
+
+__all__ = ["enable", "is_enabled", "memory_stats", "reset_peak_memory_stats", "empty_cache",
+           "release_graph_memory", "set_memory_limit", "set_memory_fraction", "owns", "empty",
+           "is_side_aware", "side_of", "library_path", "prepare_native"]
