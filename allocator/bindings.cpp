@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdio>
+#include <algorithm>
 #include <cstring>
 
 #include "caching_allocator.h"
@@ -33,6 +34,21 @@ __attribute__((visibility("default"))) void l2side_free(void* ptr, ssize_t, int 
   } catch (const std::exception& e) {
     std::fprintf(stderr, "l2side: free of %p on device %d failed: %s\n", ptr, device, e.what());
   }
+}
+
+// Copies device's last out-of-memory explanation into buf (for the torch OOM shim); returns its length.
+__attribute__((visibility("default"))) size_t l2side_last_oom_message(int device, char* buf, size_t n) {
+  if (!buf || n == 0) return 0;
+  std::string msg;
+  try {
+    msg = device_allocator(device).last_oom_message();
+  } catch (const std::exception& e) {
+    msg = e.what();
+  }
+  size_t len = std::min(msg.size(), n - 1);
+  std::memcpy(buf, msg.data(), len);
+  buf[len] = 0;
+  return len;
 }
 
 }  // extern "C"
@@ -164,6 +180,7 @@ PYBIND11_MODULE(_native, m) {
   m.def("side_aware_bytes", &side_aware_bytes, py::arg("device"), py::arg("nbytes"), py::arg("stream"));
   m.def("malloc_address", []() { return reinterpret_cast<uintptr_t>(&l2side_malloc); });
   m.def("free_address", []() { return reinterpret_cast<uintptr_t>(&l2side_free); });
+  m.def("oom_message_address", []() { return reinterpret_cast<uintptr_t>(&l2side_last_oom_message); });
 
   // kernel runtime
   m.def("load_module", [](int device, py::bytes image) { return load_module(device, std::string(image)); });

@@ -19,6 +19,14 @@ namespace {
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
+std::string format_bytes(size_t n) {
+  char buf[32];
+  if (n >= (size_t(1) << 30)) std::snprintf(buf, sizeof(buf), "%.2f GiB", double(n) / (1 << 30));
+  else if (n >= (size_t(1) << 20)) std::snprintf(buf, sizeof(buf), "%.2f MiB", double(n) / (1 << 20));
+  else std::snprintf(buf, sizeof(buf), "%zu bytes", n);
+  return buf;
+}
+
 CUmemAccessDesc access_for(int device) {
   CUmemAccessDesc access = {};
   access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
@@ -96,16 +104,25 @@ void* DeviceAllocator::malloc(size_t size, CUstream stream) {
   }
   const uint64_t capture = capture_id(stream);
   Block* b = nullptr;
+  oom_message_.clear();
   try {
     b = size <= kSmallLimit ? alloc_small(round_up(size, kSmallRound), stream, capture)
                             : alloc_large(round_up(size, kPageBytes) / kPageBytes, stream, capture);
   } catch (const std::exception& e) {
-    oom_message_ = e.what();
+    oom_message_ = std::string("Error: ") + e.what();
     b = nullptr;
   }
   if (!b) {
     stats_.num_ooms++;
-    if (oom_message_.empty()) oom_message_ = "out of memory";
+    char msg[512];
+    std::snprintf(msg, sizeof(msg),
+                  "CUDA out of memory (l2side). Tried to allocate %s on device %d: l2side holds %s reserved "
+                  "(%s allocated, %s cached; limit %s). ",
+                  format_bytes(size).c_str(), device_, format_bytes(total_pages_ * kPageBytes).c_str(),
+                  format_bytes(stats_.allocated_bytes.current).c_str(),
+                  format_bytes(total_pages_ * kPageBytes - stats_.allocated_bytes.current).c_str(),
+                  limit_ == SIZE_MAX ? "none" : format_bytes(limit_).c_str());
+    oom_message_ = msg + oom_message_;
     return nullptr;
   }
   b->allocated = true;
@@ -212,6 +229,7 @@ Block* DeviceAllocator::alloc_large(size_t pages, CUstream stream, uint64_t capt
 
 Segment* DeviceAllocator::map_segment(const std::vector<Page>& pages, bool small) {
   const Driver& d = driver();
+  RelaxedCaptureMode relaxed;
   auto seg = std::make_unique<Segment>();
   seg->small = small;
   seg->pages = pages;
@@ -257,10 +275,16 @@ size_t DeviceAllocator::reclaim(bool synchronize, size_t wanted) {
   if (synchronize) check(driver().cuCtxSynchronize(), "cuCtxSynchronize");
   size_t pages = 0;
   std::vector<Block*> victims;
+  auto idle = [&](Block* b) {
+    if (b->capture_id) return false;
+    if (synchronize) return true;
+    if (!b->last_use && !capture_id(b->stream)) b->last_use = record(b->stream);  // marks all work so far
+    return completed(b->last_use);
+  };
   for (Block* b : large_free_)
-    if (!b->capture_id && (synchronize || completed(b->last_use))) victims.push_back(b);
+    if (idle(b)) victims.push_back(b);
   for (Block* b : small_free_)  // a small segment is idle when one free block spans it
-    if (!b->capture_id && b->size == kPageBytes && (synchronize || completed(b->last_use))) victims.push_back(b);
+    if (b->size == kPageBytes && idle(b)) victims.push_back(b);
   for (Block* b : victims) {
     if (pages >= wanted) break;
     remove_free(b);
@@ -336,6 +360,7 @@ bool DeviceAllocator::create_pages(size_t count) {
 }
 
 bool DeviceAllocator::ensure_pages(size_t side0, size_t side1, size_t any, bool capturing) {
+  RelaxedCaptureMode relaxed;  // the slow path may probe pages while a graph is being captured
   auto short_of = [&]() -> size_t {
     size_t d0 = side0 > pool_[0].size() ? side0 - pool_[0].size() : 0;
     size_t d1 = side1 > pool_[1].size() ? side1 - pool_[1].size() : 0;
@@ -363,12 +388,9 @@ bool DeviceAllocator::ensure_pages(size_t side0, size_t side1, size_t any, bool 
     if (!short_of()) return true;
   }
   if (!short_of()) return true;
-  char msg[256];
-  std::snprintf(msg, sizeof(msg),
-                "l2side: out of memory on device %d: %zu pages of 2 MiB reserved (limit %s), pools hold %zu+%zu",
-                device_, total_pages_, limit_ == SIZE_MAX ? "none" : std::to_string(limit_).c_str(),
-                pool_[0].size(), pool_[1].size());
-  oom_message_ = msg;
+  oom_message_ = total_pages_ + 1 > limit_ / kPageBytes
+                     ? "The l2side memory limit (l2side.set_memory_limit) was reached."
+                     : "The device has no free memory left for new 2 MiB pages.";
   return false;
 }
 
@@ -402,10 +424,9 @@ void DeviceAllocator::free(void* ptr) {
   stats_.requested_bytes.add(-static_cast<int64_t>(b->requested));
   stats_.active.add(-1);
   b->requested = 0;
-  // Events mark when the stream is done with the block: needed to hand it to another stream, or to
-  // unmap its pages without a device-wide synchronize. None inside a capture (they would be captured).
-  if ((multi_stream_ || !b->segment->small) && !b->capture_id && !capture_id(b->stream))
-    b->last_use = record(b->stream);
+  // An event marks when the stream is done with the block, so another stream may take it. Recorded only
+  // once several streams are in use (reclaim() records late ones itself), never inside a capture.
+  if (multi_stream_ && !b->capture_id && !capture_id(b->stream)) b->last_use = record(b->stream);
   if (b->segment->small) {  // merge with free neighbours (same segment, so same stream and capture)
     for (Block* n : {b->prev, b->next}) {
       if (!n || n->allocated) continue;

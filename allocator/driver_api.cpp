@@ -28,11 +28,11 @@ Loaded load() {
     return out;
   }
   std::vector<std::string> missing;
-#define L2SIDE_RESOLVE(name)                                                                 \
+#define L2SIDE_RESOLVE(name, version)                                                        \
   {                                                                                          \
     void* fn = nullptr;                                                                      \
     CUdriverProcAddressQueryResult status;                                                   \
-    if (get_proc(#name, &fn, CUDA_VERSION, CU_GET_PROC_ADDRESS_DEFAULT, &status) !=          \
+    if (get_proc(#name, &fn, version, CU_GET_PROC_ADDRESS_DEFAULT, &status) !=               \
             CUDA_SUCCESS || !fn)                                                             \
       missing.push_back(#name);                                                              \
     out.api.name = reinterpret_cast<decltype(out.api.name)>(fn);                             \

@@ -2,26 +2,32 @@
 // extension builds and imports on machines without a GPU driver, and never links -lcuda.
 #pragma once
 #include <cuda.h>
+#include <cudaTypedefs.h>
 #include <stdexcept>
 #include <string>
 
 namespace l2side {
 
-#define L2SIDE_DRIVER_FUNCTIONS(X)                                                               \
-  X(cuInit) X(cuDriverGetVersion) X(cuDeviceGet) X(cuDeviceGetCount) X(cuDeviceGetAttribute)     \
-  X(cuDeviceGetName) X(cuDeviceGetUuid) X(cuDeviceTotalMem) X(cuDevicePrimaryCtxRetain)          \
-  X(cuCtxGetCurrent) X(cuCtxSetCurrent) X(cuCtxPushCurrent) X(cuCtxPopCurrent)                   \
-  X(cuCtxSynchronize) X(cuCtxGetDevice) X(cuGetErrorName) X(cuGetErrorString)                    \
-  X(cuMemCreate) X(cuMemRelease) X(cuMemMap) X(cuMemUnmap) X(cuMemSetAccess)                     \
-  X(cuMemAddressReserve) X(cuMemAddressFree) X(cuMemGetAllocationGranularity) X(cuMemGetInfo)    \
-  X(cuMemAlloc) X(cuMemFree) X(cuMemcpyHtoD) X(cuMemcpyDtoH) X(cuMemcpyDtoHAsync) X(cuMemsetD8)                       \
-  X(cuStreamCreate) X(cuStreamSynchronize) X(cuStreamGetCaptureInfo)                             \
-  X(cuEventCreate) X(cuEventRecord) X(cuEventQuery) X(cuEventDestroy)                            \
-  X(cuModuleLoadData) X(cuModuleUnload) X(cuModuleGetFunction) X(cuFuncSetAttribute)             \
-  X(cuLaunchKernel) X(cuLaunchKernelEx) X(cuTensorMapEncodeTiled)
+// Each function with the ABI version we call it by (cudaTypedefs.h's PFN_<name>_v<version>): asking
+// cuGetProcAddress for CUDA_VERSION instead would hand out newer ABIs of the same name, e.g. CUDA 13's
+// cuCtxSynchronize(CUcontext), whose callers here pass no context.
+#define L2SIDE_DRIVER_FUNCTIONS(X) \
+  X(cuInit, 2000) X(cuDriverGetVersion, 2020) X(cuDeviceGet, 2000) X(cuDeviceGetCount, 2000) \
+  X(cuDeviceGetAttribute, 2000) X(cuDeviceGetName, 2000) X(cuDeviceGetUuid, 11040) \
+  X(cuDeviceTotalMem, 3020) X(cuDevicePrimaryCtxRetain, 7000) X(cuCtxGetCurrent, 4000) \
+  X(cuCtxSetCurrent, 4000) X(cuCtxSynchronize, 2000) X(cuCtxGetDevice, 2000) X(cuGetErrorName, 6000) \
+  X(cuGetErrorString, 6000) X(cuMemCreate, 10020) X(cuMemRelease, 10020) X(cuMemMap, 10020) \
+  X(cuMemUnmap, 10020) X(cuMemSetAccess, 10020) X(cuMemAddressReserve, 10020) X(cuMemAddressFree, 10020) \
+  X(cuMemGetAllocationGranularity, 10020) X(cuMemGetInfo, 3020) X(cuMemAlloc, 3020) X(cuMemFree, 3020) \
+  X(cuMemcpyHtoD, 3020) X(cuMemcpyDtoH, 3020) X(cuMemcpyDtoHAsync, 3020) X(cuMemsetD8, 3020) \
+  X(cuStreamCreate, 2000) X(cuStreamSynchronize, 2000) X(cuStreamGetCaptureInfo, 12030) \
+  X(cuEventCreate, 2000) X(cuEventRecord, 2000) X(cuEventQuery, 2000) X(cuEventDestroy, 4000) \
+  X(cuModuleLoadData, 2000) X(cuModuleUnload, 2000) X(cuModuleGetFunction, 2000) \
+  X(cuFuncSetAttribute, 9000) X(cuLaunchKernel, 4000) X(cuLaunchKernelEx, 11060) \
+  X(cuTensorMapEncodeTiled, 12000) X(cuThreadExchangeStreamCaptureMode, 10010)
 
 struct Driver {
-#define L2SIDE_DECLARE(name) decltype(&::name) name = nullptr;
+#define L2SIDE_DECLARE(name, version) PFN_##name##_v##version name = nullptr;
   L2SIDE_DRIVER_FUNCTIONS(L2SIDE_DECLARE)
 #undef L2SIDE_DECLARE
 };
@@ -57,5 +63,22 @@ class ScopedContext {
 };
 
 CUcontext primary_context(int device);
+
+// Relaxed stream-capture mode on this thread for a scope: lets the allocator create, probe and map pages
+// while another stream of the process is being captured into a CUDA graph (as torch does for cudaMalloc).
+class RelaxedCaptureMode {
+ public:
+  RelaxedCaptureMode() : mode_(CU_STREAM_CAPTURE_MODE_RELAXED) {
+    ok_ = driver().cuThreadExchangeStreamCaptureMode(&mode_) == CUDA_SUCCESS;
+  }
+  ~RelaxedCaptureMode() {
+    if (ok_) driver().cuThreadExchangeStreamCaptureMode(&mode_);
+  }
+  RelaxedCaptureMode(const RelaxedCaptureMode&) = delete;
+  RelaxedCaptureMode& operator=(const RelaxedCaptureMode&) = delete;
+ private:
+  CUstreamCaptureMode mode_;
+  bool ok_ = false;
+};
 
 }  // namespace l2side

@@ -4,11 +4,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <sstream>
 #include <stdexcept>
 #include <unistd.h>
 
@@ -118,22 +116,32 @@ std::vector<std::vector<unsigned>> measure_sm_latencies(int device, ProbeModule&
   check(d.cuMemAlloc(&nsmid_dev, sizeof(unsigned)), "cuMemAlloc");
   std::vector<unsigned> host(size_t(kMaxSmid) * n, 0), claimed(kMaxSmid, 0);
   unsigned nsmid_host = 0;
-  CUresult r = d.cuMemcpyHtoD(dev_offsets, offsets.data(), n * sizeof(uint32_t));
-  if (r == CUDA_SUCCESS) r = d.cuMemsetD8(claim, 0, kMaxSmid * sizeof(unsigned));
-  if (r == CUDA_SUCCESS) r = d.cuMemsetD8(out, 0, out_bytes);
   int reps = 16, trials = 3;
   void* args[] = {&base, &dev_offsets, const_cast<int*>(&n), &reps, &trials, &claim, &out, &nsmid_dev};
-  if (r == CUDA_SUCCESS)
-    r = d.cuLaunchKernel(m.sm_latency, 2 * num_sms, 1, 1, 32, 1, 1, smem, nullptr, args, nullptr);
-  if (r == CUDA_SUCCESS) r = d.cuCtxSynchronize();
-  if (r == CUDA_SUCCESS) r = d.cuMemcpyDtoH(host.data(), out, out_bytes);
-  if (r == CUDA_SUCCESS) r = d.cuMemcpyDtoH(claimed.data(), claim, kMaxSmid * sizeof(unsigned));
-  if (r == CUDA_SUCCESS) r = d.cuMemcpyDtoH(&nsmid_host, nsmid_dev, sizeof(unsigned));
+  const char* step = "";
+  CUresult first = CUDA_SUCCESS;
+  auto attempt = [&](CUresult r, const char* what) {
+    if (first == CUDA_SUCCESS && r != CUDA_SUCCESS) {
+      first = r;
+      step = what;
+    }
+  };
+  attempt(d.cuMemcpyHtoD(dev_offsets, offsets.data(), n * sizeof(uint32_t)), "cuMemcpyHtoD(offsets)");
+  if (first == CUDA_SUCCESS) attempt(d.cuMemsetD8(claim, 0, kMaxSmid * sizeof(unsigned)), "cuMemsetD8(claim)");
+  if (first == CUDA_SUCCESS) attempt(d.cuMemsetD8(out, 0, out_bytes), "cuMemsetD8(out)");
+  if (first == CUDA_SUCCESS)
+    attempt(d.cuLaunchKernel(m.sm_latency, 2 * num_sms, 1, 1, 32, 1, 1, smem, nullptr, args, nullptr),
+            "cuLaunchKernel(l2side_sm_latency)");
+  if (first == CUDA_SUCCESS) attempt(d.cuCtxSynchronize(), "cuCtxSynchronize after l2side_sm_latency");
+  if (first == CUDA_SUCCESS) attempt(d.cuMemcpyDtoH(host.data(), out, out_bytes), "cuMemcpyDtoH(latencies)");
+  if (first == CUDA_SUCCESS)
+    attempt(d.cuMemcpyDtoH(claimed.data(), claim, kMaxSmid * sizeof(unsigned)), "cuMemcpyDtoH(claims)");
+  if (first == CUDA_SUCCESS) attempt(d.cuMemcpyDtoH(&nsmid_host, nsmid_dev, sizeof(unsigned)), "cuMemcpyDtoH(nsmid)");
   d.cuMemFree(dev_offsets);
   d.cuMemFree(claim);
   d.cuMemFree(out);
   d.cuMemFree(nsmid_dev);
-  check(r, "L2 SM-latency probe");
+  check(first, (std::string("L2 SM-latency probe: ") + step).c_str());
   *nsmid = static_cast<int>(std::min<unsigned>(nsmid_host ? nsmid_host : kMaxSmid, kMaxSmid));
   std::vector<std::vector<unsigned>> lat(kMaxSmid);
   for (int s = 0; s < kMaxSmid; ++s)
@@ -206,17 +214,25 @@ Analysis analyse(const std::vector<std::vector<unsigned>>& lat, const std::vecto
 }
 
 std::string describe(const std::vector<std::vector<unsigned>>& lat, const std::vector<uint32_t>& offsets) {
-  std::ostringstream os;
-  os << "raw latencies (cycles) per SM id, offsets:";
-  for (auto o : offsets) os << " 0x" << std::hex << o << std::dec;
-  os << "\n";
-  for (size_t s = 0; s < lat.size(); ++s) {
-    if (lat[s].empty()) continue;
-    os << "  sm " << s << ":";
-    for (auto v : lat[s]) os << " " << v;
-    os << "\n";
+  // stdio, not iostreams: iostreams in this extension crashed inside the host's libstdc++ on the GPU image.
+  std::string s = "raw latencies (cycles) per SM id, offsets:";
+  char buf[32];
+  for (auto o : offsets) {
+    std::snprintf(buf, sizeof(buf), " %#x", o);
+    s += buf;
   }
-  return os.str();
+  s += "\n";
+  for (size_t sm = 0; sm < lat.size(); ++sm) {
+    if (lat[sm].empty()) continue;
+    std::snprintf(buf, sizeof(buf), "  sm %zu:", sm);
+    s += buf;
+    for (auto v : lat[sm]) {
+      std::snprintf(buf, sizeof(buf), " %u", v);
+      s += buf;
+    }
+    s += "\n";
+  }
+  return s;
 }
 
 std::string cache_path(const std::string& uuid) {
@@ -227,21 +243,24 @@ std::string cache_path(const std::string& uuid) {
 bool load_cached(Topology& t) {
   std::string path = cache_path(t.uuid);
   if (path.empty()) return false;
-  std::ifstream in(path);
-  if (!in) return false;
-  std::string key, version;
-  int n_side = 0;
-  in >> key >> version;
-  if (key != "l2side-topology" || version != "1") return false;
-  in >> t.num_sms >> t.hash_mask >> t.split >> t.near_cycles >> t.far_cycles >> t.linearity >> t.probe_ms >> n_side;
-  if (!in || n_side <= 0 || n_side > kMaxSmid) return false;
-  t.sm_side.resize(n_side);
-  for (auto& s : t.sm_side) {
-    int v;
-    in >> v;
-    s = static_cast<int8_t>(v);
+  FILE* f = std::fopen(path.c_str(), "r");
+  if (!f) return false;
+  int version = 0, split = 0, n_side = 0;
+  bool ok = std::fscanf(f, "l2side-topology %d", &version) == 1 && version == 1 &&
+            std::fscanf(f, "%d %u %d %lf %lf %lf %lf %d", &t.num_sms, &t.hash_mask, &split, &t.near_cycles,
+                        &t.far_cycles, &t.linearity, &t.probe_ms, &n_side) == 8 &&
+            n_side > 0 && n_side <= kMaxSmid;
+  if (ok) {
+    t.sm_side.resize(n_side);
+    for (auto& s : t.sm_side) {
+      int v = 0;
+      ok = ok && std::fscanf(f, "%d", &v) == 1 && v >= -1 && v <= 1;
+      s = static_cast<int8_t>(v);
+    }
   }
-  if (!in) return false;
+  std::fclose(f);
+  if (!ok) return false;
+  t.split = split != 0;
   t.sms_per_side[0] = t.sms_per_side[1] = 0;
   for (auto s : t.sm_side)
     if (s >= 0) t.sms_per_side[s]++;
@@ -253,15 +272,15 @@ void store_cached(const Topology& t) {
   std::string path = cache_path(t.uuid);
   if (path.empty()) return;
   std::string tmp = path + ".tmp" + std::to_string(::getpid());
-  {
-    std::ofstream out(tmp);
-    if (!out) return;  // an unwritable cache only costs a re-probe
-    out << "l2side-topology 1\n" << t.num_sms << " " << t.hash_mask << " " << t.split << " " << t.near_cycles
-        << " " << t.far_cycles << " " << t.linearity << " " << t.probe_ms << " " << t.sm_side.size() << "\n";
-    for (auto s : t.sm_side) out << int(s) << " ";
-    out << "\n";
-  }
-  std::rename(tmp.c_str(), path.c_str());  // atomic: concurrent processes see old or new, never half
+  FILE* f = std::fopen(tmp.c_str(), "w");
+  if (!f) return;  // an unwritable cache only costs a re-probe
+  std::fprintf(f, "l2side-topology 1\n%d %u %d %.1f %.1f %.4f %.3f %zu\n", t.num_sms, t.hash_mask, int(t.split),
+               t.near_cycles, t.far_cycles, t.linearity, t.probe_ms, t.sm_side.size());
+  for (auto s : t.sm_side) std::fprintf(f, "%d ", int(s));
+  std::fprintf(f, "\n");
+  bool ok = std::fclose(f) == 0;
+  if (ok) std::rename(tmp.c_str(), path.c_str());  // atomic: readers see the old file or the new one
+  else std::remove(tmp.c_str());
 }
 
 void fill_identity(Topology& t) {
@@ -313,13 +332,17 @@ std::unique_ptr<Topology> probe(int device) {  // g_mutex held
   for (size_t i = 1; consistent && i < runs.size(); ++i)
     consistent = runs[i].split == runs[0].split && runs[i].mask == runs[0].mask && runs[i].side == runs[0].side;
   if (!consistent) {
-    std::ostringstream os;
-    os << "l2side: the L2 topology probe of device " << device << " (" << t->name
-       << ") gave inconsistent results over " << raw.size() << " runs (" << runs.size()
-       << " self-consistent); set L2SIDE_DISABLE_SIDES=1 to run without side awareness.\n";
-    for (auto& r : runs) os << "  run: split=" << r.split << " mask=0x" << std::hex << r.mask << std::dec << "\n";
-    os << describe(raw.back(), offsets);
-    throw std::runtime_error(os.str());
+    char head[512];
+    std::snprintf(head, sizeof(head),
+                  "l2side: the L2 topology probe of device %d (%s) gave inconsistent results over %zu runs (%zu "
+                  "self-consistent); set L2SIDE_DISABLE_SIDES=1 to run without side awareness.\n",
+                  device, t->name.c_str(), raw.size(), runs.size());
+    std::string msg = head;
+    for (auto& r : runs) {
+      std::snprintf(head, sizeof(head), "  run: split=%d mask=%#x\n", int(r.split), r.mask);
+      msg += head;
+    }
+    throw std::runtime_error(msg + describe(raw.back(), offsets));
   }
   const Analysis& a = runs[0];
   t->split = a.split;

@@ -1,7 +1,8 @@
 // L2 side probes: which L2 partition ("side") an SM is on, which address bits flip the side inside a
 // 2 MiB page, and which side a physical page starts on. Compiled to PTX once (any GPU) and loaded by the
-// native allocator. Every measurement is a chain of dependent L2-only loads (ld.global.cg) timed with
-// clock64: near-side hits take ~300 cycles on an H100, far-side ones ~500.
+// native allocator. Every measurement is a chain of dependent atomics timed with clock64: an atomic must
+// reach the address's home L2 slice (~300 cycles on an H100 when it is on the SM's side, ~500 when not),
+// whereas plain L2 reads of far lines are served from a near-side copy and show no difference.
 
 __device__ __forceinline__ unsigned l2side_smid() {
   unsigned id;
@@ -15,17 +16,22 @@ __device__ __forceinline__ unsigned l2side_nsmid() {
   return n;
 }
 
-// Average cycles of one L2 hit at `address` (which must hold 0), the best of `trials` chains of `reps`.
+__device__ __forceinline__ unsigned l2side_atomic_read(const char* p) {
+  unsigned v;
+  asm volatile("atom.global.add.u32 %0, [%1], 0;" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Average cycles of one atomic at `address` (which must hold 0), the best of `trials` chains of `reps`.
 __device__ __forceinline__ unsigned l2side_chain_latency(const char* address, int reps, int trials) {
   unsigned best = 0xffffffffu;
-  unsigned v;
-  asm volatile("ld.global.cg.u32 %0, [%1];" : "=r"(v) : "l"(address));  // bring the line into L2
+  unsigned v = l2side_atomic_read(address);  // brings the line into L2
   const char* p = address + v;
   for (int t = 0; t < trials; ++t) {
     long long start = clock64();
     for (int r = 0; r < reps; ++r) {
-      asm volatile("ld.global.cg.u32 %0, [%1];" : "=r"(v) : "l"(p));
-      p = address + v;  // v == 0: the next load depends on this one
+      v = l2side_atomic_read(p);
+      p = address + v;  // v == 0: the next atomic depends on this one
     }
     long long stop = clock64();
     unsigned cycles = static_cast<unsigned>((stop - start) / reps);
@@ -43,7 +49,7 @@ extern "C" __global__ void l2side_sm_latency(const char* base, const unsigned* o
                                              unsigned* nsmid_out) {
   if (threadIdx.x != 0) return;
   const unsigned smid = l2side_smid();
-  if (smid == 0 && blockIdx.x == 0) *nsmid_out = l2side_nsmid();
+  if (blockIdx.x == 0) *nsmid_out = l2side_nsmid();
   if (atomicCAS(claim + smid, 0u, 1u) != 0u) return;
   for (int i = 0; i < n_offsets; ++i) {
     const int k = (i + static_cast<int>(smid)) % n_offsets;

@@ -3,7 +3,9 @@
 //   mode 0 (naive): a CTA reads both chunks of its pairs       (every SM reads both sides)
 //   mode 1 (near):  a CTA reads the chunk of each pair on its SM's side
 //   mode 2 (far):   a CTA reads the chunk on the other side
-// In modes 1 and 2 each side has its own counter, so the two halves of the SMs split the pairs.
+// In modes 1 and 2 each side has its own counter: each half of the SMs walks all pairs, reading its chunk
+// of each, so every mode reads the whole buffer. `passes` repeats the walk (an L2-resident buffer is read
+// many times per launch, so launch overhead does not dominate).
 #include <cstdint>
 
 constexpr int kThreads = 256;             // 256 x 16 B = one 4 KiB chunk per CTA pass
@@ -16,7 +18,7 @@ __device__ __forceinline__ unsigned smid() {
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads) l2side_side_read(
-    const uint4* __restrict__ data, unsigned long long n_pairs, unsigned long long side_mask,
+    const uint4* __restrict__ data, unsigned long long n_pairs, unsigned long long passes, unsigned long long side_mask,
     const signed char* __restrict__ sm_side, int mode, unsigned long long* counters, unsigned* sink) {
   __shared__ unsigned long long grabbed;
   const int my_side = sm_side[smid()] < 0 ? 0 : sm_side[smid()];
@@ -29,23 +31,24 @@ extern "C" __global__ void __launch_bounds__(kThreads) l2side_side_read(
     __syncthreads();
     const unsigned long long first = grabbed;
     __syncthreads();
-    if (first >= n_pairs) break;
+    if (first >= n_pairs * passes) break;
     uint4 v[2 * kPairsPerGrab];
 #pragma unroll
     for (int i = 0; i < kPairsPerGrab; ++i) {
-      const unsigned long long pair = first + i;
-      if (pair >= n_pairs) {
+      const unsigned long long index = first + i;
+      const unsigned long long pair = index % n_pairs;
+      if (index >= n_pairs * passes) {
         v[2 * i] = v[2 * i + 1] = make_uint4(0, 0, 0, 0);
         continue;
       }
       const unsigned long long even = 2 * pair;
       if (mode == 0) {
-        v[2 * i] = __ldcs(data + even * kThreads + threadIdx.x);
-        v[2 * i + 1] = __ldcs(data + (even + 1) * kThreads + threadIdx.x);
+        v[2 * i] = __ldcg(data + even * kThreads + threadIdx.x);
+        v[2 * i + 1] = __ldcg(data + (even + 1) * kThreads + threadIdx.x);
       } else {
         const int even_side = __popcll((base + even * 4096ull) & side_mask) & 1;
         const unsigned long long chunk = even + (even_side ^ want);
-        v[2 * i] = __ldcs(data + chunk * kThreads + threadIdx.x);
+        v[2 * i] = __ldcg(data + chunk * kThreads + threadIdx.x);
         v[2 * i + 1] = make_uint4(0, 0, 0, 0);
       }
     }

@@ -20,6 +20,38 @@ def library_path() -> str:
     return _native.__file__
 
 
+def _build_oom_shim() -> str:
+    """Builds (once per torch build, cached on disk) the entry points that raise torch.OutOfMemoryError."""
+    import ctypes
+    import hashlib
+    import os
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+
+    import torch
+    from .jit import cache_dir
+    source = Path(__file__).with_name("csrc") / "torch_oom_shim.cpp"
+    torch_dir = Path(torch.__file__).parent
+    abi = int(torch.compiled_with_cxx11_abi())
+    key = hashlib.sha256(source.read_bytes() + f"{torch.__version__}|{torch_dir}|{abi}".encode()).hexdigest()[:24]
+    target = cache_dir() / f"torch_oom_shim-{key}.so"
+    if not target.exists():
+        cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+        staged = target.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [*cxx.split(), "-O2", "-shared", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+               f"-I{torch_dir / 'include'}", str(source), f"-L{torch_dir / 'lib'}", "-lc10",
+               f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(staged)]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"building l2side's torch OOM shim failed:\n{result.stderr[-3000:]}")
+        os.replace(staged, target)
+    lib = ctypes.CDLL(str(target))
+    lib.l2side_shim_bind(ctypes.c_void_p(_native.malloc_address()), ctypes.c_void_p(_native.free_address()),
+                         ctypes.c_void_p(_native.oom_message_address()))
+    return str(target)
+
+
 def enable() -> None:
     """Makes l2side torch's CUDA allocator. Call it before anything initialises CUDA in torch."""
     global _enabled, _pluggable
@@ -35,7 +67,14 @@ def enable() -> None:
                 "l2side.enable() must run before torch initialises CUDA (before the first CUDA tensor, "
                 "torch.cuda.current_device(), get_device_properties(), ...): torch can only swap its "
                 "allocator before that. Call it at the top of the program.")
-        _pluggable = torch.cuda.memory.CUDAPluggableAllocator(library_path(), "l2side_malloc", "l2side_free")
+        try:
+            # torch turns a null pointer into a tensor, not an error: these entry points raise its OOM error
+            path, alloc, free = _build_oom_shim(), "l2side_torch_malloc", "l2side_torch_free"
+        except Exception as e:  # no compiler or headers: still usable, but OOM would not raise cleanly
+            import warnings
+            warnings.warn(f"l2side: {e}\nOut-of-memory will not raise torch.OutOfMemoryError.", RuntimeWarning)
+            path, alloc, free = library_path(), "l2side_malloc", "l2side_free"
+        _pluggable = torch.cuda.memory.CUDAPluggableAllocator(path, alloc, free)
         try:
             torch.cuda.memory.change_current_allocator(_pluggable)
         except RuntimeError as e:
