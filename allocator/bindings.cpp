@@ -10,6 +10,7 @@
 
 #include "caching_allocator.h"
 #include "driver_api.h"
+#include "fake_driver.h"
 #include "kernel_runtime.h"
 #include "topology.h"
 
@@ -181,6 +182,38 @@ PYBIND11_MODULE(_native, m) {
   m.def("malloc_address", []() { return reinterpret_cast<uintptr_t>(&l2side_malloc); });
   m.def("free_address", []() { return reinterpret_cast<uintptr_t>(&l2side_free); });
   m.def("oom_message_address", []() { return reinterpret_cast<uintptr_t>(&l2side_last_oom_message); });
+
+  // raw access (benchmarks, tests) and the CPU test double of the driver
+  m.def("malloc", [](int device, int64_t nbytes, uintptr_t stream) {
+    void* p = device_allocator(device).malloc(static_cast<size_t>(nbytes), reinterpret_cast<CUstream>(stream));
+    if (!p && nbytes > 0) throw std::runtime_error(device_allocator(device).last_oom_message());
+    return reinterpret_cast<uintptr_t>(p);
+  }, py::arg("device"), py::arg("nbytes"), py::arg("stream") = 0);
+  m.def("free", [](int device, uintptr_t ptr) { device_allocator(device).free(reinterpret_cast<void*>(ptr)); });
+  m.def("use_fake_driver", [](int devices, size_t bytes_per_device, uint32_t hash_mask, int num_sms) {
+    if (device_allocator_exists(0)) throw std::runtime_error("use_fake_driver must come before any allocation");
+    FakeConfig c;
+    c.devices = devices;
+    c.bytes_per_device = bytes_per_device;
+    c.hash_mask = hash_mask;
+    c.num_sms = num_sms;
+    install_fake_driver(c);
+  }, py::arg("devices") = 1, py::arg("bytes_per_device") = size_t(1) << 30, py::arg("hash_mask") = 0xb3000,
+     py::arg("num_sms") = 8);
+  m.def("sm_probe_offsets", &sm_probe_offsets);
+  m.def("analyse_sm_latencies", [](const std::vector<std::vector<unsigned>>& latencies) {
+    ProbeAnalysis a = analyse_sm_latencies(latencies);
+    py::dict d;
+    d["split"] = a.split;
+    d["hash_mask"] = a.hash_mask;
+    d["sm_side"] = a.sm_side;
+    d["near_cycles"] = a.near_cycles;
+    d["far_cycles"] = a.far_cycles;
+    d["linearity"] = a.linearity;
+    d["disagreeing_sms"] = a.disagreeing_sms;
+    return d;
+  });
+  m.def("fake_side_of", [](uintptr_t address) { return fake_side_of(address); });
 
   // kernel runtime
   m.def("load_module", [](int device, py::bytes image) { return load_module(device, std::string(image)); });

@@ -1,5 +1,7 @@
 #include "driver_api.h"
 
+#include "fake_driver.h"
+
 #include <dlfcn.h>
 #include <mutex>
 #include <vector>
@@ -61,6 +63,7 @@ const Loaded& loaded() {
 }  // namespace
 
 const Driver& driver() {
+  if (fake_driver_active()) return fake_driver();
   const Loaded& l = loaded();
   if (!l.error.empty()) throw std::runtime_error(l.error);
   return l.api;
@@ -75,9 +78,9 @@ bool driver_available(std::string* why) {
 std::string error_text(const char* what, CUresult r) {
   const char* name = nullptr;
   const char* text = nullptr;
-  if (loaded().error.empty()) {
-    loaded().api.cuGetErrorName(r, &name);
-    loaded().api.cuGetErrorString(r, &text);
+  if (fake_driver_active() || loaded().error.empty()) {
+    driver().cuGetErrorName(r, &name);
+    driver().cuGetErrorString(r, &text);
   }
   return std::string(what) + " failed: " + (name ? name : ("CUresult " + std::to_string(r)).c_str()) +
          (text ? std::string(" (") + text + ")" : std::string());

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "driver_api.h"
+#include "fake_driver.h"
 
 namespace l2side {
 namespace {
@@ -358,6 +359,25 @@ std::unique_ptr<Topology> probe(int device) {  // g_mutex held
 
 }  // namespace
 
+std::vector<uint32_t> sm_probe_offsets() { return probe_offsets(); }
+
+ProbeAnalysis analyse_sm_latencies(const std::vector<std::vector<unsigned>>& latencies) {
+  const auto offsets = probe_offsets();
+  for (const auto& row : latencies)
+    if (!row.empty() && row.size() != offsets.size())
+      throw std::invalid_argument("each SM's row needs one latency per probe offset");
+  Analysis a = analyse(latencies, offsets);
+  ProbeAnalysis out;
+  out.split = a.split;
+  out.hash_mask = a.mask;
+  out.sm_side = a.side;
+  out.near_cycles = a.near;
+  out.far_cycles = a.far;
+  out.linearity = a.linearity;
+  out.disagreeing_sms = a.disagreeing_sms;
+  return out;
+}
+
 void set_probe_ptx(std::string ptx) {
   std::lock_guard<std::mutex> lock(g_mutex);
   g_ptx = std::move(ptx);
@@ -379,7 +399,20 @@ const Topology& topology(int device, bool reprobe) {
   if (it != g_topologies.end() && !reprobe) return *it->second;
   std::unique_ptr<Topology> t;
   const char* disable = std::getenv("L2SIDE_DISABLE_SIDES");
-  if (disable && *disable && std::string(disable) != "0") {
+  if (fake_driver_active()) {  // the CPU test double: a split GPU with the configured mask
+    t = std::make_unique<Topology>();
+    t->device = device;
+    fill_identity(*t);
+    t->split = true;
+    t->hash_mask = fake_config().hash_mask;
+    for (int i = 0; i < t->num_sms; ++i) {
+      t->sm_side.push_back(static_cast<int8_t>((i / 2) & 1));  // pairs of SMs per side, as on the H100
+      t->sms_per_side[(i / 2) & 1]++;
+    }
+    t->near_cycles = 300;
+    t->far_cycles = 500;
+    t->linearity = 1;
+  } else if (disable && *disable && std::string(disable) != "0") {
     t = std::make_unique<Topology>();
     t->device = device;
     fill_identity(*t);
@@ -394,7 +427,7 @@ const Topology& topology(int device, bool reprobe) {
       store_cached(*t);
     }
   }
-  if (t->split) {
+  if (t->split && !fake_driver_active()) {
     ScopedContext ctx(device);
     upload_sm_sides(device, *t);
   }
@@ -408,6 +441,10 @@ std::vector<int> probe_page_sides(int device, CUdeviceptr base, int n, size_t st
   const Topology& t = topology(device);
   std::vector<int> sides(n, 0);
   if (!t.split || n == 0) return sides;
+  if (fake_driver_active()) {
+    for (int p = 0; p < n; ++p) sides[p] = fake_side_of(base + p * stride);
+    return sides;
+  }
   std::lock_guard<std::mutex> lock(g_mutex);
   ScopedContext ctx(device);
   const Driver& d = driver();

@@ -32,6 +32,18 @@ struct Topology {
   uint32_t flip_offset() const { return hash_mask & (~hash_mask + 1); }
 };
 
+// The SM-latency probe's decision logic, exposed for tests: latencies[smid][k] in cycles for the offsets
+// of sm_probe_offsets() (empty rows = no such SM).
+struct ProbeAnalysis {
+  bool split = false;
+  uint32_t hash_mask = 0;
+  std::vector<int8_t> sm_side;
+  double near_cycles = 0, far_cycles = 0, linearity = 0;
+  int disagreeing_sms = 0;
+};
+std::vector<uint32_t> sm_probe_offsets();
+ProbeAnalysis analyse_sm_latencies(const std::vector<std::vector<unsigned>>& latencies);
+
 // PTX of kernels/l2_probe.cu, handed over by the Python JIT runtime before the first probe.
 void set_probe_ptx(std::string ptx);
 bool has_probe_ptx();
