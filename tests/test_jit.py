@@ -1,0 +1,77 @@
+"""The JIT runtime on the CPU: parameter packing, nvcc compiles of the shipped kernels, the disk cache."""
+import struct
+
+import pytest
+
+from conftest import requires_nvcc
+from l2side import jit
+
+
+def test_params_follow_the_c_abi_alignment():
+    buf = jit.Params().i32(7).ptr(0x1000).f32(1.5).u64(3).buffer
+    assert len(buf) == 32
+    assert struct.unpack_from("<i", buf, 0)[0] == 7
+    assert struct.unpack_from("<Q", buf, 8)[0] == 0x1000  # pointer aligned to 8
+    assert struct.unpack_from("<f", buf, 16)[0] == 1.5
+    assert struct.unpack_from("<Q", buf, 24)[0] == 3
+
+
+def test_tensor_maps_are_64_byte_aligned_in_params():
+    buf = jit.Params().i32(1).tensor_map(b"\x01" * 128).i32(2).buffer
+    assert buf[64:192] == b"\x01" * 128 and struct.unpack_from("<i", buf, 192)[0] == 2
+
+
+def test_tensor_map_argument_checks():
+    with pytest.raises(ValueError, match="128 bytes"):
+        jit.Params().tensor_map(b"x")
+    with pytest.raises(ValueError, match="16-byte-aligned strides"):
+        jit.tensor_map(0x1000, "bf16", (100, 100), (200,), (64, 64))
+    with pytest.raises(ValueError, match="16-byte-aligned base"):
+        jit.tensor_map(0x1001, "u8", (128, 128), (128,), (64, 64))
+    with pytest.raises(ValueError, match="dtype"):
+        jit.tensor_map(0x1000, "f64", (128, 128), (1024,), (64, 64))
+
+
+def test_shipped_sources_are_found():
+    assert (jit.KERNELS_DIR / "l2_probe.cu").exists()
+    assert (jit.KERNELS_DIR / "side_read.cu").exists()
+
+
+@requires_nvcc
+def test_probe_kernels_compile_to_ptx():
+    ptx = jit.compile((jit.KERNELS_DIR / "l2_probe.cu").read_text(), name="l2_probe", arch="sm_75", output="ptx")
+    text = ptx.decode()
+    assert ".entry l2side_sm_latency" in text and ".entry l2side_page_sides" in text
+    assert "atom.global.add.u32" in text  # atomics reach the home slice; plain reads would not show the split
+
+
+@requires_nvcc
+def test_side_read_compiles_for_sm90a():
+    cubin = jit.compile((jit.KERNELS_DIR / "side_read.cu").read_text(), name="side_read", arch="sm_90a")
+    assert cubin[:4] == b"\x7fELF"
+
+
+@requires_nvcc
+def test_compile_errors_carry_the_compiler_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("L2SIDE_CACHE_DIR", str(tmp_path))
+    with pytest.raises(jit.CompileError, match="undefined_thing"):
+        jit.compile('extern "C" __global__ void k() { undefined_thing(); }', name="bad", arch="sm_90a")
+    assert not list((tmp_path / "jit").glob("bad-*")), "nothing cached for a failed compile"
+
+
+@requires_nvcc
+def test_disk_cache_is_keyed_by_source_and_options(tmp_path, monkeypatch):
+    monkeypatch.setenv("L2SIDE_CACHE_DIR", str(tmp_path))
+    src = 'extern "C" __global__ void k(int* p) { *p = 1; }'
+    a = jit.compile(src, name="k", arch="sm_90a")
+    assert len(list((tmp_path / "jit").glob("k-*.cubin"))) == 1
+    assert jit.compile(src, name="k", arch="sm_90a") == a  # served from the cache
+    jit.compile(src, name="k", arch="sm_90a", options=("-DX=1",))
+    jit.compile(src.replace("1;", "2;"), name="k", arch="sm_90a")
+    assert len(list((tmp_path / "jit").glob("k-*.cubin"))) == 3
+    assert not list((tmp_path / "jit").glob("*.tmp")), "no staging files left behind"
+
+
+def test_compile_rejects_unknown_outputs():
+    with pytest.raises(ValueError, match="cubin"):
+        jit.compile("", name="x", arch="sm_90a", output="fatbin")
