@@ -200,6 +200,10 @@ PYBIND11_MODULE(_native, m) {
     install_fake_driver(c);
   }, py::arg("devices") = 1, py::arg("bytes_per_device") = size_t(1) << 30, py::arg("hash_mask") = 0xb3000,
      py::arg("num_sms") = 8);
+  m.def("measure_address_sides", [](int device, const std::vector<uint64_t>& addresses) {
+    py::gil_scoped_release release;
+    return measure_address_sides(device, addresses);
+  });
   m.def("sm_probe_offsets", &sm_probe_offsets);
   m.def("analyse_sm_latencies", [](const std::vector<std::vector<unsigned>>& latencies) {
     ProbeAnalysis a = analyse_sm_latencies(latencies);

@@ -30,6 +30,8 @@ struct ProbeModule {
   CUmodule module = nullptr;
   CUfunction sm_latency = nullptr;
   CUfunction page_sides = nullptr;
+  CUfunction address_sides = nullptr;
+  CUstream stream = nullptr;  // for the diagnostic address probe
   CUdeviceptr sm_side_table = 0;  // int8[kMaxSmid], filled once the topology is known
   CUdeviceptr votes = 0;          // scratch for page votes
   size_t votes_capacity = 0;
@@ -44,6 +46,8 @@ ProbeModule& probe_module(int device) {  // g_mutex held, context current
   check(d.cuModuleLoadData(&m.module, g_ptx.c_str()), "cuModuleLoadData(l2_probe)");
   check(d.cuModuleGetFunction(&m.sm_latency, m.module, "l2side_sm_latency"), "cuModuleGetFunction");
   check(d.cuModuleGetFunction(&m.page_sides, m.module, "l2side_page_sides"), "cuModuleGetFunction");
+  check(d.cuModuleGetFunction(&m.address_sides, m.module, "l2side_address_sides"), "cuModuleGetFunction");
+  check(d.cuStreamCreate(&m.stream, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
   check(d.cuMemAlloc(&m.sm_side_table, kMaxSmid), "cuMemAlloc");
   return m;
 }
@@ -476,6 +480,50 @@ std::vector<int> probe_page_sides(int device, CUdeviceptr base, int n, size_t st
       if (vote < 2) count[vote]++;
     }
     sides[p] = count[0] > count[1] ? 0 : count[1] > count[0] ? 1 : -1;
+  }
+  return sides;
+}
+
+}  // namespace l2side
+
+namespace l2side {
+
+std::vector<int> measure_address_sides(int device, const std::vector<uint64_t>& addresses) {
+  const Topology& t = topology(device);
+  std::vector<int> sides(addresses.size(), 0);
+  if (!t.split || addresses.empty()) return sides;
+  if (fake_driver_active()) {
+    for (size_t i = 0; i < addresses.size(); ++i) sides[i] = fake_side_of(addresses[i]);
+    return sides;
+  }
+  std::lock_guard<std::mutex> lock(g_mutex);
+  ScopedContext ctx(device);
+  const Driver& d = driver();
+  ProbeModule& m = probe_module(device);
+  const int n = static_cast<int>(addresses.size());
+  const size_t n_votes = size_t(n) * kVotesPerPage;
+  CUdeviceptr dev_addresses = 0, votes = 0;
+  check(d.cuMemAlloc(&dev_addresses, n * sizeof(uint64_t)), "cuMemAlloc");
+  CUresult r = d.cuMemAlloc(&votes, n_votes);
+  std::vector<unsigned char> host(n_votes, 255);
+  int reps = 8, trials = 2;
+  int threshold = static_cast<int>((t.near_cycles + t.far_cycles) / 2);
+  void* args[] = {&dev_addresses, const_cast<int*>(&n), &reps, &trials, &threshold, &m.sm_side_table, &votes};
+  if (r == CUDA_SUCCESS) r = d.cuMemcpyHtoD(dev_addresses, addresses.data(), n * sizeof(uint64_t));
+  if (r == CUDA_SUCCESS)
+    r = d.cuLaunchKernel(m.address_sides, static_cast<unsigned>(n_votes), 1, 1, 32, 1, 1, 0, m.stream, args, nullptr);
+  if (r == CUDA_SUCCESS) r = d.cuMemcpyDtoHAsync(host.data(), votes, n_votes, m.stream);
+  if (r == CUDA_SUCCESS) r = d.cuStreamSynchronize(m.stream);
+  d.cuMemFree(dev_addresses);
+  if (votes) d.cuMemFree(votes);
+  check(r, "L2 address-side probe");
+  for (int i = 0; i < n; ++i) {
+    int count[2] = {0, 0};
+    for (int v = 0; v < kVotesPerPage; ++v) {
+      unsigned char vote = host[size_t(v) * n + i];
+      if (vote < 2) count[vote]++;
+    }
+    sides[i] = count[0] > count[1] ? 0 : count[1] > count[0] ? 1 : -1;
   }
   return sides;
 }

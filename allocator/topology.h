@@ -58,4 +58,8 @@ const Topology& topology(int device, bool reprobe = false);
 // -1 where the votes did not decide.
 std::vector<int> probe_page_sides(int device, CUdeviceptr base, int n, size_t stride, CUstream stream);
 
+// Measured side (relative to SM 0's) of arbitrary device addresses, e.g. inside live tensors (the atomics
+// add 0, so data is unchanged); -1 where the votes did not decide. For tests and diagnostics.
+std::vector<int> measure_address_sides(int device, const std::vector<uint64_t>& addresses);
+
 }  // namespace l2side

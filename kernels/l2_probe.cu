@@ -22,22 +22,23 @@ __device__ __forceinline__ unsigned l2side_atomic_read(const char* p) {
   return v;
 }
 
-// Average cycles of one atomic at `address` (which must hold 0), the best of `trials` chains of `reps`.
+// Average cycles of one atomic at `address`, the best of `trials` chains of `reps`. The atomics add 0, so
+// live data is left as it was; each one's address depends on the value the previous one returned.
 __device__ __forceinline__ unsigned l2side_chain_latency(const char* address, int reps, int trials) {
   unsigned best = 0xffffffffu;
   unsigned v = l2side_atomic_read(address);  // brings the line into L2
-  const char* p = address + v;
+  const char* p = address + (v == 0x7fffffffu ? 4 : 0);
   for (int t = 0; t < trials; ++t) {
     long long start = clock64();
     for (int r = 0; r < reps; ++r) {
       v = l2side_atomic_read(p);
-      p = address + v;  // v == 0: the next atomic depends on this one
+      p = address + (v == 0x7fffffffu ? 4 : 0);  // a data dependency the compiler cannot remove
     }
     long long stop = clock64();
     unsigned cycles = static_cast<unsigned>((stop - start) / reps);
     best = cycles < best ? cycles : best;
   }
-  if (p != address) asm volatile("trap;");  // keeps the chain alive; never taken
+  if (p == nullptr) asm volatile("trap;");  // keeps the chain alive; never taken
   return best;
 }
 
@@ -73,4 +74,15 @@ extern "C" __global__ void l2side_page_sides(const char* base, int n_pages, unsi
   unsigned char vote = 255;
   if (my_side >= 0 && gap >= min_gap) vote = static_cast<unsigned char>(my_side ^ (first < flipped ? 0 : 1));
   votes[blockIdx.x] = vote;
+}
+
+// Side (relative to SM 0's) of arbitrary addresses, e.g. of live tensors: block b measures address
+// b % n from its SM; near when the latency is under `threshold` cycles. vote = side, or 255 = no SM side.
+extern "C" __global__ void l2side_address_sides(const unsigned long long* addresses, int n, int reps, int trials,
+                                                int threshold, const signed char* sm_side, unsigned char* votes) {
+  if (threadIdx.x != 0) return;
+  const char* p = reinterpret_cast<const char*>(addresses[blockIdx.x % n]);
+  const int my_side = sm_side[l2side_smid()];
+  const int cycles = static_cast<int>(l2side_chain_latency(p, reps, trials));
+  votes[blockIdx.x] = my_side < 0 ? 255 : static_cast<unsigned char>(my_side ^ (cycles < threshold ? 0 : 1));
 }
