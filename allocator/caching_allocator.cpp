@@ -62,6 +62,7 @@ std::shared_ptr<Event> DeviceAllocator::record(CUstream stream) {
     e = spare_events_.back();
     spare_events_.pop_back();
   } else {
+    ScopedContext ctx(device_);
     check(d.cuEventCreate(&e, CU_EVENT_DISABLE_TIMING), "cuEventCreate");
   }
   if (d.cuEventRecord(e, stream) != CUDA_SUCCESS) {
@@ -93,8 +94,9 @@ void DeviceAllocator::remove_free(Block* b) { (b->segment->small ? small_free_ :
 void DeviceAllocator::insert_free(Block* b) { (b->segment->small ? small_free_ : large_free_).insert(b); }
 
 void* DeviceAllocator::malloc(size_t size, CUstream stream) {
+  // The fast path (a cached block) makes no call that needs a current context; the slow paths that do
+  // (page creation, mapping, events) set the device's primary context themselves.
   if (size == 0) return nullptr;
-  ScopedContext ctx(device_);
   std::lock_guard<std::mutex> lock(mutex_);
   if (!seen_stream_) {
     seen_stream_ = true;
@@ -229,6 +231,7 @@ Block* DeviceAllocator::alloc_large(size_t pages, CUstream stream, uint64_t capt
 
 Segment* DeviceAllocator::map_segment(const std::vector<Page>& pages, bool small) {
   const Driver& d = driver();
+  ScopedContext ctx(device_);
   RelaxedCaptureMode relaxed;
   auto seg = std::make_unique<Segment>();
   seg->small = small;
@@ -360,6 +363,7 @@ bool DeviceAllocator::create_pages(size_t count) {
 }
 
 bool DeviceAllocator::ensure_pages(size_t side0, size_t side1, size_t any, bool capturing) {
+  ScopedContext ctx(device_);
   RelaxedCaptureMode relaxed;  // the slow path may probe pages while a graph is being captured
   auto short_of = [&]() -> size_t {
     size_t d0 = side0 > pool_[0].size() ? side0 - pool_[0].size() : 0;
@@ -410,7 +414,6 @@ void DeviceAllocator::release_pool_pages() {
 
 void DeviceAllocator::free(void* ptr) {
   if (!ptr) return;
-  ScopedContext ctx(device_);
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = allocated_.find(reinterpret_cast<CUdeviceptr>(ptr));
   if (it == allocated_.end()) {

@@ -179,8 +179,8 @@ def side_of(tensor) -> np.ndarray:
 
 
 def check_sides(tensor, samples: int = 1024, seed: int = 0) -> float:
-    """Measures the L2 side of `samples` random 4 KiB chunks of a side-aware tensor by latency and returns
-    the share that the address formula predicted (1.0 when the invariant holds). Data is left unchanged."""
+    """Measures the L2 side of up to `samples` random 4 KiB chunks of a side-aware tensor by latency and
+    returns the share that the address formula predicted (1.0 when the invariant holds). Data is unchanged."""
     import random
     predicted = side_of(tensor)
     if samples <= 0:
@@ -192,11 +192,18 @@ def check_sides(tensor, samples: int = 1024, seed: int = 0) -> float:
     start = tensor.data_ptr()
     nbytes = tensor.numel() * tensor.element_size()
     first_chunk = start // sides.CHUNK_BYTES
-    picks = [rng.randrange(nbytes) for _ in range(samples)]
-    addresses = [(start + off) & ~3 for off in picks]  # 4-byte aligned for the atomics (starts are 512 B aligned)
+    n_chunks = len(predicted)
+    # One address in each of up to `samples` distinct chunks: atomics of many probing blocks on one line
+    # would queue behind each other and read as "far".
+    chunks = rng.sample(range(n_chunks), min(samples, n_chunks))
+    addresses = []
+    for c in chunks:
+        lo = max(start, (first_chunk + c) * sides.CHUNK_BYTES)
+        hi = min(start + nbytes, (first_chunk + c + 1) * sides.CHUNK_BYTES)
+        addresses.append((lo + rng.randrange(hi - lo)) & ~3)  # 4-byte aligned for the atomics
     measured = _native.measure_address_sides(tensor.device.index, addresses)
-    agree = sum(int(m == predicted[a // sides.CHUNK_BYTES - first_chunk]) for a, m in zip(addresses, measured))
-    return agree / samples
+    agree = sum(int(m == predicted[c]) for c, m in zip(chunks, measured))
+    return agree / len(chunks)
 
 
 __all__ = ["check_sides", "enable", "is_enabled", "memory_stats", "reset_peak_memory_stats", "empty_cache",
