@@ -1,11 +1,13 @@
 #include "caching_allocator.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <stdexcept>
 #include <tuple>
 
 #include "driver_api.h"
+#include "fake_driver.h"
 
 namespace l2side {
 
@@ -528,29 +530,35 @@ bool DeviceAllocator::owns(uintptr_t address) {
 }
 
 namespace {
+constexpr int kMaxDevices = 64;
 std::mutex g_devices_mutex;
-std::vector<DeviceAllocator*> g_devices;  // never destroyed: the driver may be gone at exit
+std::atomic<DeviceAllocator*> g_devices[kMaxDevices];  // never destroyed: the driver may be gone at exit
 }  // namespace
 
 int device_count() {
-  int n = 0;
-  check(driver().cuDeviceGetCount(&n), "cuDeviceGetCount");
-  return n;
+  static const int count = [] {
+    int n = 0;
+    check(driver().cuDeviceGetCount(&n), "cuDeviceGetCount");
+    return n;
+  }();
+  return fake_driver_active() ? fake_config().devices : count;
 }
 
 DeviceAllocator& device_allocator(int device) {
+  // Lock-free on the hot path: every malloc and free comes through here.
+  if (device >= 0 && device < kMaxDevices)
+    if (DeviceAllocator* a = g_devices[device].load(std::memory_order_acquire)) return *a;
   std::lock_guard<std::mutex> lock(g_devices_mutex);
-  if (device < 0 || device >= device_count())
+  const int count = device_count();
+  if (device < 0 || device >= count || device >= kMaxDevices)
     throw std::invalid_argument("l2side: no CUDA device " + std::to_string(device) + " (found " +
-                                std::to_string(device_count()) + ")");
-  if (g_devices.size() <= static_cast<size_t>(device)) g_devices.resize(device + 1, nullptr);
-  if (!g_devices[device]) g_devices[device] = new DeviceAllocator(device);
-  return *g_devices[device];
+                                std::to_string(count) + ")");
+  if (!g_devices[device].load()) g_devices[device].store(new DeviceAllocator(device), std::memory_order_release);
+  return *g_devices[device].load();
 }
 
 bool device_allocator_exists(int device) {
-  std::lock_guard<std::mutex> lock(g_devices_mutex);
-  return device >= 0 && static_cast<size_t>(device) < g_devices.size() && g_devices[device];
+  return device >= 0 && device < kMaxDevices && g_devices[device].load(std::memory_order_acquire);
 }
 
 }  // namespace l2side
