@@ -147,6 +147,13 @@ PYBIND11_MODULE(_native, m) {
     return py::make_tuple(ok, why);
   }, "(available, reason): whether the CUDA driver could be loaded");
   m.def("device_count", &device_count);
+  m.def("total_memory", [](int device) {
+    CUdevice dev;
+    size_t bytes = 0;
+    check(driver().cuDeviceGet(&dev, device), "cuDeviceGet");
+    check(driver().cuDeviceTotalMem(&bytes, dev), "cuDeviceTotalMem");
+    return bytes;
+  }, "total memory of a device, without initialising torch's CUDA state");
   m.def("set_probe_ptx", &set_probe_ptx);
   m.def("has_probe_ptx", &has_probe_ptx);
   m.def("set_cache_dir", &set_cache_dir);

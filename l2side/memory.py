@@ -121,10 +121,8 @@ def set_memory_fraction(fraction: float, device=None) -> None:
     """Caps reserved bytes at `fraction` of the device's total memory."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    import torch
     index = _index(device)
-    total = torch.cuda.get_device_properties(index).total_memory
-    set_memory_limit(int(total * fraction), index)
+    set_memory_limit(int(_native.total_memory(index) * fraction), index)  # safe before enable()
 
 
 def owns(value, device=None) -> bool:
