@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The whole GPU check in one call, from the repository root on the GPU machine:
+#
+#   scripts/gpu_check.sh [all|tests|bench|install|info] [PYTEST_K_EXPRESSION]
+#
+#   all (default)  install, nvidia-smi, python -m l2side info, pytest, benchmarks
+#   tests          install + info + pytest (optionally only the tests matching the -k expression)
+#   bench          install + info + benchmarks
+#   install|info   just that
+#
+# Output goes to $OUT (default ./gpu_check_out), as few files as possible:
+#   check.log      install, nvidia-smi, l2side info, the summary
+#   tests.log      pytest
+#   bench.log      every benchmark's output
+#   allocator.csv / allocator.json (bench_allocator.py), gemm.csv, elementwise.csv (when those benchmarks exist)
+# Environment: PYTEST_OPTS (default "-x -q -rA"), BENCH_ALLOCATOR_ARGS (extra args), SKIP_INSTALL=1.
+# Every part runs even when an earlier one failed; the exit code is non-zero when any part failed.
+set -x
+set -o pipefail
+export PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0
+export TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
+
+cd "$(dirname "$0")/.." || exit 2
+WHAT=${1:-all}
+KEXPR=${2:-}
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PYTHON=${PYTHON:-python}
+PYTEST_OPTS=${PYTEST_OPTS:--x -q -rA}
+
+case "$WHAT" in
+  all|tests|bench|install|info) ;;
+  *) echo "usage: $0 [all|tests|bench|install|info] [pytest -k expression]"; exit 2 ;;
+esac
+
+declare -a SUMMARY=()
+FAILED=0
+record() {  # record NAME RC SECONDS
+  SUMMARY+=("$(printf '%-28s rc=%-4s %5ss' "$1" "$2" "$3")")
+  if [ "$2" -ne 0 ]; then FAILED=1; fi
+}
+run_part() {  # run_part NAME LOGFILE command...: output to the terminal and appended to LOGFILE
+  local name=$1 log=$2 t0 rc
+  shift 2
+  t0=$(date +%s)
+  echo "===== $name: $* ($(date -u +%FT%TZ))" | tee -a "$log"
+  "$@" 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  echo "===== $name: exit code $rc after $(( $(date +%s) - t0 )) s" | tee -a "$log"
+  record "$name" "$rc" "$(( $(date +%s) - t0 ))"
+  return 0
+}
+
+CHECK_LOG=$OUT/check.log
+: > "$CHECK_LOG"
+
+# ---- install (no internet on the GPU machine: torch, pybind11, cuda-bindings are preinstalled)
+if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+  run_part install "$CHECK_LOG" "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+fi
+[ "$WHAT" = install ] && { printf '%s\n' "${SUMMARY[@]}" | tee -a "$CHECK_LOG"; exit $FAILED; }
+
+# ---- the machine and the topology
+run_part nvidia-smi "$CHECK_LOG" nvidia-smi
+run_part versions "$CHECK_LOG" "$PYTHON" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count()); import l2side; print('l2side', l2side.__version__, l2side.library_path())"
+run_part l2side-info "$CHECK_LOG" "$PYTHON" -m l2side info --all-devices
+
+# ---- tests
+if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
+  : > "$OUT/tests.log"
+  if [ -n "$KEXPR" ]; then
+    # shellcheck disable=SC2086
+    run_part "pytest -k '$KEXPR'" "$OUT/tests.log" "$PYTHON" -m pytest $PYTEST_OPTS --durations=15 tests -k "$KEXPR"
+  else
+    # shellcheck disable=SC2086
+    run_part pytest "$OUT/tests.log" "$PYTHON" -m pytest $PYTEST_OPTS --durations=15 tests
+  fi
+fi
+
+# ---- benchmarks
+if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
+  : > "$OUT/bench.log"
+  # shellcheck disable=SC2086
+  run_part bench_allocator "$OUT/bench.log" "$PYTHON" benchmarks/bench_allocator.py --out "$OUT" ${BENCH_ALLOCATOR_ARGS:-}
+  if [ -f benchmarks/bench_gemm.py ]; then
+    run_part bench_gemm "$OUT/bench.log" "$PYTHON" benchmarks/bench_gemm.py --csv "$OUT/gemm.csv"
+  else
+    echo "benchmarks/bench_gemm.py not there yet: skipped" | tee -a "$OUT/bench.log"
+  fi
+  if [ -f benchmarks/bench_elementwise.py ]; then
+    run_part bench_elementwise "$OUT/bench.log" "$PYTHON" benchmarks/bench_elementwise.py --csv "$OUT/elementwise.csv"
+  else
+    echo "benchmarks/bench_elementwise.py not there yet: skipped" | tee -a "$OUT/bench.log"
+  fi
+fi
+
+set +x
+{
+  echo
+  echo "===== gpu_check summary ($WHAT${KEXPR:+, -k $KEXPR}) -> $OUT"
+  printf '%s\n' "${SUMMARY[@]}"
+  if [ -f "$OUT/tests.log" ]; then grep -E '^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped)' "$OUT/tests.log" | tail -25; fi
+  if [ "$FAILED" -ne 0 ]; then echo "RESULT: some part failed"; else echo "RESULT: every part passed"; fi
+} | tee -a "$CHECK_LOG"
+exit $FAILED
