@@ -37,6 +37,21 @@ CUmemAccessDesc access_for(int device) {
   return access;
 }
 
+// Peer access to VMM memory is granted per mapping (cudaDeviceEnablePeerAccess does not cover it): every
+// GPU that can reach this one gets read/write access, so cross-GPU copies and kernels work as with cudaMalloc.
+std::vector<CUmemAccessDesc> access_list(int device) {
+  std::vector<CUmemAccessDesc> list = {access_for(device)};
+  const Driver& d = driver();
+  if (!d.cuDeviceCanAccessPeer) return list;
+  int count = device_count();
+  for (int peer = 0; peer < count; ++peer) {
+    int can = 0;
+    if (peer != device && d.cuDeviceCanAccessPeer(&can, peer, device) == CUDA_SUCCESS && can)
+      list.push_back(access_for(peer));
+  }
+  return list;
+}
+
 }  // namespace
 
 bool DeviceAllocator::BySize::operator()(const Block* a, const Block* b) const {
@@ -44,7 +59,7 @@ bool DeviceAllocator::BySize::operator()(const Block* a, const Block* b) const {
 }
 
 DeviceAllocator::DeviceAllocator(int device)
-    : device_(device), topo_(l2side::topology(device)), split_(topo_.split) {
+    : device_(device), topo_(l2side::topology(device)), split_(topo_.split), access_(access_list(device)) {
   ScopedContext ctx(device_);
   check(driver().cuStreamCreate(&probe_stream_, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
 }
@@ -247,10 +262,7 @@ Segment* DeviceAllocator::map_segment(const std::vector<Page>& pages, bool small
   CUresult r = CUDA_SUCCESS;
   for (; mapped < pages.size() && r == CUDA_SUCCESS; ++mapped)
     r = d.cuMemMap(seg->base + mapped * kPageBytes, kPageBytes, 0, pages[mapped].handle, 0);
-  if (r == CUDA_SUCCESS) {
-    CUmemAccessDesc access = access_for(device_);
-    r = d.cuMemSetAccess(seg->base, seg->bytes(), &access, 1);
-  }
+  if (r == CUDA_SUCCESS) r = d.cuMemSetAccess(seg->base, seg->bytes(), access_.data(), access_.size());
   if (r != CUDA_SUCCESS) {
     for (size_t k = 0; k + 1 < mapped; ++k) d.cuMemUnmap(seg->base + k * kPageBytes, kPageBytes);
     d.cuMemAddressFree(seg->reserved, seg->reserved_bytes);

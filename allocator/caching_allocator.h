@@ -115,6 +115,7 @@ class DeviceAllocator {
   const bool split_;
   std::mutex mutex_;
   CUstream probe_stream_ = nullptr;
+  std::vector<CUmemAccessDesc> access_;  // this device + every peer that can reach it
   std::vector<Page> pool_[2];  // unmapped pages per side
   FreeSet small_free_, large_free_;
   std::unordered_map<CUdeviceptr, Block*> allocated_;
