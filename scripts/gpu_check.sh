@@ -28,7 +28,7 @@ KEXPR=${2:-}
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}
 PYTEST_OPTS=${PYTEST_OPTS:--x -q -rA}
 
 case "$WHAT" in
