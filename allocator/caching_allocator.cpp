@@ -155,10 +155,12 @@ void* DeviceAllocator::malloc(size_t size, CUstream stream) {
 }
 
 Block* DeviceAllocator::take_cross_stream(FreeSet& set, size_t lo, size_t hi, CUstream stream, uint64_t capture) {
+  // Only whole segments change stream: every block of a segment then keeps sharing one stream, which is
+  // what makes merging neighbours safe.
   if (capture || !multi_stream_) return nullptr;  // graph memory never crosses streams
   Block* best = nullptr;
   for (Block* b : set) {
-    if (b->capture_id != capture) continue;
+    if (b->capture_id != capture || b->prev || b->next) continue;
     if (b->size < lo || b->size > hi || (best && b->size >= best->size)) continue;
     if (completed(b->last_use)) best = b;
   }
@@ -169,64 +171,74 @@ Block* DeviceAllocator::take_cross_stream(FreeSet& set, size_t lo, size_t hi, CU
   return best;
 }
 
-Block* DeviceAllocator::alloc_small(size_t size, CUstream stream, uint64_t capture) {
+Block* DeviceAllocator::best_fit(FreeSet& set, size_t size, CUstream stream, uint64_t capture) {
   Block key;
   key.capture_id = capture;
   key.stream = stream;
   key.size = size;
-  auto it = small_free_.lower_bound(&key);
-  Block* b = nullptr;
-  if (it != small_free_.end() && (*it)->capture_id == capture && (*it)->stream == stream) {
-    b = *it;
-    small_free_.erase(it);
-  } else if ((b = take_cross_stream(small_free_, kPageBytes, kPageBytes, stream, capture))) {
-    // a whole idle page from another stream whose work there is done
-  } else {
+  auto it = set.lower_bound(&key);
+  if (it == set.end() || (*it)->capture_id != capture || (*it)->stream != stream) return nullptr;
+  Block* b = *it;
+  set.erase(it);
+  return b;
+}
+
+void DeviceAllocator::split(Block* b, size_t size) {
+  // b (taken off its free set) keeps the first `size` bytes; the tail stays free on the same stream.
+  Block* rest = new Block;
+  rest->ptr = b->ptr + size;
+  rest->size = b->size - size;
+  rest->stream = b->stream;
+  rest->capture_id = b->capture_id;
+  rest->segment = b->segment;
+  rest->last_use = b->last_use;
+  rest->prev = b;
+  rest->next = b->next;
+  if (b->next) b->next->prev = rest;
+  b->next = rest;
+  b->size = size;
+  insert_free(rest);
+}
+
+Block* DeviceAllocator::new_segment_block(const std::vector<Page>& pages, bool small, CUstream stream,
+                                          uint64_t capture) {
+  Segment* seg = map_segment(pages, small);
+  Block* b = new Block;
+  b->ptr = seg->base;
+  b->size = seg->bytes();
+  b->segment = seg;
+  b->stream = stream;
+  b->capture_id = capture;
+  return b;
+}
+
+Block* DeviceAllocator::alloc_small(size_t size, CUstream stream, uint64_t capture) {
+  Block* b = best_fit(small_free_, size, stream, capture);
+  if (!b) b = take_cross_stream(small_free_, kPageBytes, kPageBytes, stream, capture);  // an idle page
+  if (!b) {
     if (!ensure_pages(0, 0, 1, capture != 0)) return nullptr;
     int side = pool_[0].empty() ? 1 : 0;
     Page page = pool_[side].back();
     pool_[side].pop_back();
-    Segment* seg = map_segment({page}, true);
-    b = new Block;
-    b->ptr = seg->base;
-    b->size = kPageBytes;
-    b->segment = seg;
-    b->stream = stream;
-    b->capture_id = capture;
+    b = new_segment_block({page}, true, stream, capture);
   }
-  if (b->size - size >= kSmallRound) {  // split: the tail stays free on the same stream
-    Block* rest = new Block;
-    rest->ptr = b->ptr + size;
-    rest->size = b->size - size;
-    rest->stream = b->stream;
-    rest->capture_id = b->capture_id;
-    rest->segment = b->segment;
-    rest->last_use = b->last_use;
-    rest->prev = b;
-    rest->next = b->next;
-    if (b->next) b->next->prev = rest;
-    b->next = rest;
-    b->size = size;
-    small_free_.insert(rest);
-  }
+  if (b->size - size >= kSmallRound) split(b, size);
   return b;
 }
 
 Block* DeviceAllocator::alloc_large(size_t pages, CUstream stream, uint64_t capture) {
   const size_t bytes = pages * kPageBytes;
   const size_t slack = bytes + std::max<size_t>(1, pages / 8) * kPageBytes;  // accept <= 12.5% waste
-  Block key;
-  key.capture_id = capture;
-  key.stream = stream;
-  key.size = bytes;
-  auto it = large_free_.lower_bound(&key);
-  if (it != large_free_.end() && (*it)->capture_id == capture && (*it)->stream == stream && (*it)->size <= slack) {
-    Block* b = *it;
-    large_free_.erase(it);
+  Block* b = best_fit(large_free_, bytes, stream, capture);
+  if (b) {
+    // Too big: keep what the request needs, rounded to 4 MiB so that the tail block starts 4 MiB-aligned
+    // too (its page k then still sits on side k & 1).
+    const size_t keep = round_up(bytes, 2 * kPageBytes);
+    if (b->size > slack && b->size > keep) split(b, keep);
     return b;
   }
-  if (Block* b = take_cross_stream(large_free_, bytes, slack, stream, capture)) return b;
-  // Build a new segment: even pages on side 0, odd pages on side 1 (any side when there is no split).
+  if ((b = take_cross_stream(large_free_, bytes, slack, stream, capture))) return b;
+  // A new segment: even pages on side 0, odd pages on side 1 (any side when there is no split).
   const size_t need1 = split_ ? pages / 2 : 0;
   const size_t need0 = split_ ? pages - need1 : 0;
   if (!ensure_pages(need0, need1, split_ ? 0 : pages, capture != 0)) return nullptr;
@@ -236,14 +248,7 @@ Block* DeviceAllocator::alloc_large(size_t pages, CUstream stream, uint64_t capt
     chosen[k] = pool_[side].back();
     pool_[side].pop_back();
   }
-  Segment* seg = map_segment(chosen, false);
-  Block* b = new Block;
-  b->ptr = seg->base;
-  b->size = bytes;
-  b->segment = seg;
-  b->stream = stream;
-  b->capture_id = capture;
-  return b;
+  return new_segment_block(chosen, false, stream, capture);
 }
 
 Segment* DeviceAllocator::map_segment(const std::vector<Page>& pages, bool small) {
@@ -298,10 +303,9 @@ size_t DeviceAllocator::reclaim(bool synchronize, size_t wanted) {
     if (!b->last_use && !capture_id(b->stream)) b->last_use = record(b->stream);  // marks all work so far
     return completed(b->last_use);
   };
-  for (Block* b : large_free_)
-    if (idle(b)) victims.push_back(b);
-  for (Block* b : small_free_)  // a small segment is idle when one free block spans it
-    if (b->size == kPageBytes && idle(b)) victims.push_back(b);
+  for (FreeSet* set : {&large_free_, &small_free_})
+    for (Block* b : *set)  // a segment is unused when one free block spans it
+      if (!b->prev && !b->next && idle(b)) victims.push_back(b);
   for (Block* b : victims) {
     if (pages >= wanted) break;
     remove_free(b);
@@ -389,7 +393,8 @@ bool DeviceAllocator::ensure_pages(size_t side0, size_t side1, size_t any, bool 
     return da + 2 * std::max(d0, d1);
   };
   if (!short_of()) return true;
-  reclaim(false, short_of());
+  // New pages first: taking cached segments apart here would make the next allocation of their size map
+  // pages again (a training step churned through map/unmap that way). The cache goes back on OOM only.
   bool retried = false;
   for (int round = 0; round < 64; ++round) {
     size_t missing = short_of();
@@ -444,10 +449,10 @@ void DeviceAllocator::free(void* ptr) {
   // An event marks when the stream is done with the block, so another stream may take it. Recorded only
   // once several streams are in use (reclaim() records late ones itself), never inside a capture.
   if (multi_stream_ && !b->capture_id && !capture_id(b->stream)) b->last_use = record(b->stream);
-  if (b->segment->small) {  // merge with free neighbours (same segment, so same stream and capture)
+  {  // merge with free neighbours (same segment, so same stream and capture)
     for (Block* n : {b->prev, b->next}) {
       if (!n || n->allocated) continue;
-      small_free_.erase(n);
+      remove_free(n);
       if (n == b->prev) {
         n->size += b->size;
         n->next = b->next;
@@ -480,7 +485,7 @@ void DeviceAllocator::release_graph_memory() {
   std::vector<Block*> victims;
   for (FreeSet* set : {&small_free_, &large_free_})
     for (Block* b : *set)
-      if (b->capture_id && (!b->segment->small || b->size == kPageBytes)) victims.push_back(b);
+      if (b->capture_id && !b->prev && !b->next) victims.push_back(b);
   for (Block* b : victims) {
     remove_free(b);
     unmap_segment(b->segment, pool_);
@@ -515,13 +520,15 @@ std::map<std::string, int64_t> DeviceAllocator::stats() {
   out["num_ooms"] = stats_.num_ooms;
   out["num_device_alloc"] = stats_.num_device_alloc;
   out["num_device_free"] = stats_.num_device_free;
-  int64_t cached = 0, graph = 0;
+  int64_t cached = 0, graph_cached = 0, graph_allocated = 0;
   for (const FreeSet* set : {&small_free_, &large_free_})
-    for (const Block* b : *set) (b->capture_id ? graph : cached) += b->size;
+    for (const Block* b : *set) (b->capture_id ? graph_cached : cached) += b->size;
   for (const auto& kv : allocated_)
-    if (kv.second->capture_id) graph += kv.second->size;
+    if (kv.second->capture_id) graph_allocated += kv.second->size;
   out["l2side.cached_bytes"] = cached + int64_t(pool_[0].size() + pool_[1].size()) * kPageBytes;
-  out["l2side.graph_bytes"] = graph;
+  out["l2side.graph_bytes"] = graph_cached + graph_allocated;
+  out["l2side.graph_cached_bytes"] = graph_cached;        // freed inside captures, kept for their graphs
+  out["l2side.graph_allocated_bytes"] = graph_allocated;  // allocated during a capture, still in use
   out["l2side.pages.side0.total"] = pages_per_side_[0];
   out["l2side.pages.side1.total"] = pages_per_side_[1];
   out["l2side.pages.side0.free"] = pool_[0].size();

@@ -2,7 +2,9 @@
 // and mapped so that bit 21 of every page's virtual address equals its side. Then for every byte handed out
 //     side(addr) = popcount(addr & (hash_mask | 1 << 21)) & 1.
 // Requests <= 1 MiB: rounded to 512 B, carved out of single-page segments (best fit, split, merge).
-// Larger requests: rounded to whole pages, a segment of their own starting 4 MiB-aligned, page k on side k&1.
+// Larger requests: rounded to whole pages, in segments that start 4 MiB-aligned with page k on side k&1;
+// a cached block much larger than a request is split at a 4 MiB boundary (so every large block starts
+// 4 MiB-aligned), and free neighbours merge again.
 // Freed blocks are cached per stream (PyTorch semantics): reused on their stream at once, on another stream
 // once an event recorded at free time has completed. Blocks allocated during a CUDA-graph capture are kept
 // for that capture only (see release_graph_memory).
@@ -97,6 +99,9 @@ class DeviceAllocator {
   Block* alloc_small(size_t size, CUstream stream, uint64_t capture);
   Block* alloc_large(size_t pages, CUstream stream, uint64_t capture);
   Block* take_cross_stream(FreeSet& set, size_t lo, size_t hi, CUstream stream, uint64_t capture);
+  Block* best_fit(FreeSet& set, size_t size, CUstream stream, uint64_t capture);
+  void split(Block* b, size_t size);
+  Block* new_segment_block(const std::vector<Page>& pages, bool small, CUstream stream, uint64_t capture);
   Segment* map_segment(const std::vector<Page>& pages, bool small);
   void unmap_segment(Segment* seg, std::vector<Page>* to_pool);
   bool ensure_pages(size_t side0, size_t side1, size_t any, bool capturing);
