@@ -391,7 +391,8 @@ def graphs():
     still_used = after["l2side.graph_allocated_bytes"]
     print(f"graph memory still in use after the graphs are gone (torch's own caches): {_fmt(still_used)}")
     assert after["allocated_bytes.all.current"] == before["allocated_bytes.all.current"] + still_used
-    assert after["reserved_bytes.all.current"] <= before["reserved_bytes.all.current"] + still_used
+    # (+ the rest of the 2 MiB pages that small graph blocks still in use sit in)
+    assert after["reserved_bytes.all.current"] <= before["reserved_bytes.all.current"] + still_used + (16 << 20)
     # and the allocator still works normally
     out = model(xs[0])
     assert torch.isfinite(out).all().item()
