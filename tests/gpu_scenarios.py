@@ -387,7 +387,9 @@ def graphs():
           f"{_fmt(after['allocated_bytes.all.current'])} (before {_fmt(before['allocated_bytes.all.current'])})")
     # Freed graph memory is all given back. What torch allocated during the capture and still holds (its
     # cuBLAS workspace for the capture stream, say) stays allocated and is counted as graph memory in use.
-    assert after["l2side.graph_cached_bytes"] == 0, after["l2side.graph_cached_bytes"]
+    # Free graph blocks go back with their segments; a segment that still holds a graph block in use keeps
+    # its free part (at most part of a 2 MiB page here).
+    assert after["l2side.graph_cached_bytes"] < (2 << 20), after["l2side.graph_cached_bytes"]
     still_used = after["l2side.graph_allocated_bytes"]
     print(f"graph memory still in use after the graphs are gone (torch's own caches): {_fmt(still_used)}")
     assert after["allocated_bytes.all.current"] == before["allocated_bytes.all.current"] + still_used
