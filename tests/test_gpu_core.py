@@ -50,13 +50,15 @@ def test_side_of_rejects_plain_torch_memory():
         l2side.side_of(torch.ones(1 << 20, device="cuda"))
 
 
-def test_near_side_reads_beat_far_side_reads_in_l2():
+def test_near_side_reads_beat_far_side_reads_from_dram():
+    # From DRAM the far side costs a third of the bandwidth (H100: 3071 vs 2102 GB/s). An L2-resident buffer
+    # shows no difference for reads (far lines get a near-side copy), so the test uses 1 GiB.
     from l2side.__main__ import _read_benchmark
     import l2side
     if not l2side.topology().split:
         pytest.skip("no L2 split on this GPU")
-    r = _read_benchmark(0, 32 << 20, repeats=10)
-    assert r["near"] > r["far"], r
+    r = _read_benchmark(0, 1 << 30, repeats=5)
+    assert r["near"] > 1.2 * r["far"], r
 
 
 def test_info_runs():
