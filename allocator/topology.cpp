@@ -361,6 +361,20 @@ std::unique_ptr<Topology> probe(int device) {  // g_mutex held
   return t;
 }
 
+// votes[v * n + i] is vote v on item i (0, 1, or 255 = none): the majority side, or -1 on a tie.
+std::vector<int> tally_votes(const std::vector<unsigned char>& votes, int n) {
+  std::vector<int> sides(n, -1);
+  for (int i = 0; i < n; ++i) {
+    int count[2] = {0, 0};
+    for (int v = 0; v < kVotesPerPage; ++v) {
+      unsigned char vote = votes[size_t(v) * n + i];
+      if (vote < 2) count[vote]++;
+    }
+    sides[i] = count[0] > count[1] ? 0 : count[1] > count[0] ? 1 : -1;
+  }
+  return sides;
+}
+
 }  // namespace
 
 std::vector<uint32_t> sm_probe_offsets() { return probe_offsets(); }
@@ -473,20 +487,8 @@ std::vector<int> probe_page_sides(int device, CUdeviceptr base, int n, size_t st
   // default stream (all of torch's default-stream work) and is refused during graph capture.
   check(d.cuMemcpyDtoHAsync(votes.data(), m.votes, n_votes, stream), "cuMemcpyDtoHAsync");
   check(d.cuStreamSynchronize(stream), "L2 page-side probe");
-  for (int p = 0; p < n; ++p) {
-    int count[2] = {0, 0};
-    for (int v = 0; v < kVotesPerPage; ++v) {
-      unsigned char vote = votes[size_t(v) * n + p];
-      if (vote < 2) count[vote]++;
-    }
-    sides[p] = count[0] > count[1] ? 0 : count[1] > count[0] ? 1 : -1;
-  }
-  return sides;
+  return tally_votes(votes, n);
 }
-
-}  // namespace l2side
-
-namespace l2side {
 
 std::vector<int> measure_address_sides(int device, const std::vector<uint64_t>& addresses) {
   const Topology& t = topology(device);
@@ -517,15 +519,7 @@ std::vector<int> measure_address_sides(int device, const std::vector<uint64_t>& 
   d.cuMemFree(dev_addresses);
   if (votes) d.cuMemFree(votes);
   check(r, "L2 address-side probe");
-  for (int i = 0; i < n; ++i) {
-    int count[2] = {0, 0};
-    for (int v = 0; v < kVotesPerPage; ++v) {
-      unsigned char vote = host[size_t(v) * n + i];
-      if (vote < 2) count[vote]++;
-    }
-    sides[i] = count[0] > count[1] ? 0 : count[1] > count[0] ? 1 : -1;
-  }
-  return sides;
+  return tally_votes(host, n);
 }
 
 }  // namespace l2side
