@@ -37,6 +37,37 @@ __attribute__((visibility("default"))) void l2side_free(void* ptr, ssize_t, int 
   }
 }
 
+// torch hooks (installed through the shim): Tensor.record_stream, torch.cuda.empty_cache,
+// torch.cuda.set_per_process_memory_fraction.
+__attribute__((visibility("default"))) void l2side_record_stream(void* ptr, CUstream stream) {
+  for (int d = 0; d < 64; ++d)
+    if (device_allocator_exists(d) && device_allocator(d).record_stream(reinterpret_cast<uintptr_t>(ptr), stream))
+      return;
+}
+
+__attribute__((visibility("default"))) void l2side_empty_cache_all() {
+  for (int d = 0; d < 64; ++d) {
+    if (!device_allocator_exists(d)) continue;
+    try {
+      device_allocator(d).empty_cache();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "l2side: empty_cache on device %d failed: %s\n", d, e.what());
+    }
+  }
+}
+
+__attribute__((visibility("default"))) void l2side_set_memory_fraction(double fraction, int device) {
+  try {
+    CUdevice dev;
+    size_t total = 0;
+    check(driver().cuDeviceGet(&dev, device), "cuDeviceGet");
+    check(driver().cuDeviceTotalMem(&total, dev), "cuDeviceTotalMem");
+    device_allocator(device).set_limit(static_cast<size_t>(total * fraction));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "l2side: set_memory_fraction on device %d failed: %s\n", device, e.what());
+  }
+}
+
 // Copies device's last out-of-memory explanation into buf (for the torch OOM shim); returns its length.
 __attribute__((visibility("default"))) size_t l2side_last_oom_message(int device, char* buf, size_t n) {
   if (!buf || n == 0) return 0;
@@ -189,6 +220,14 @@ PYBIND11_MODULE(_native, m) {
   m.def("malloc_address", []() { return reinterpret_cast<uintptr_t>(&l2side_malloc); });
   m.def("free_address", []() { return reinterpret_cast<uintptr_t>(&l2side_free); });
   m.def("oom_message_address", []() { return reinterpret_cast<uintptr_t>(&l2side_last_oom_message); });
+  m.def("hook_addresses", []() {
+    return py::make_tuple(reinterpret_cast<uintptr_t>(&l2side_record_stream),
+                          reinterpret_cast<uintptr_t>(&l2side_empty_cache_all),
+                          reinterpret_cast<uintptr_t>(&l2side_set_memory_fraction));
+  }, "(record_stream, empty_cache, set_memory_fraction) entry points for torch's allocator hooks");
+  m.def("record_stream", [](int device, uintptr_t ptr, uintptr_t stream) {
+    return device_allocator(device).record_stream(ptr, reinterpret_cast<CUstream>(stream));
+  });
 
   // raw access (benchmarks, tests) and the CPU test double of the driver
   m.def("malloc", [](int device, int64_t nbytes, uintptr_t stream) {

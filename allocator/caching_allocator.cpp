@@ -121,6 +121,7 @@ void* DeviceAllocator::malloc(size_t size, CUstream stream) {
   } else if (!multi_stream_ && stream != first_stream_) {
     enter_multi_stream();
   }
+  if (!pending_.empty()) process_pending(false);
   const uint64_t capture = capture_id(stream);
   Block* b = nullptr;
   oom_message_.clear();
@@ -290,11 +291,17 @@ void DeviceAllocator::unmap_segment(Segment* seg, std::vector<Page>* to_pool) {
   delete seg;
 }
 
+void DeviceAllocator::settle() {
+  // After this every cached block is idle and every pending one is free.
+  check(driver().cuCtxSynchronize(), "cuCtxSynchronize");
+  process_pending(true);
+}
+
 size_t DeviceAllocator::reclaim(bool synchronize, size_t wanted) {
   // Free, cached segments go back to the page pools (until `wanted` pages came back). Unmapping memory
   // that kernels still use would fault, so only segments whose last use has completed, or any of them
-  // after a device synchronize.
-  if (synchronize) check(driver().cuCtxSynchronize(), "cuCtxSynchronize");
+  // after settle() (synchronize = true).
+  if (synchronize) settle();
   size_t pages = 0;
   std::vector<Block*> victims;
   auto idle = [&](Block* b) {
@@ -446,29 +453,73 @@ void DeviceAllocator::free(void* ptr) {
   stats_.requested_bytes.add(-static_cast<int64_t>(b->requested));
   stats_.active.add(-1);
   b->requested = 0;
+  if (!b->stream_uses.empty() && !b->capture_id) {
+    // Used on other streams too (Tensor.record_stream): reusable once their work so far is done.
+    Pending p{b, {}};
+    for (CUstream s : b->stream_uses)
+      if (!capture_id(s))
+        if (auto e = record(s)) p.events.push_back(std::move(e));
+    b->stream_uses.clear();
+    b->pending = true;
+    pending_.push_back(std::move(p));
+    return;
+  }
+  b->stream_uses.clear();
+  release_block(b);
+}
+
+void DeviceAllocator::release_block(Block* b) {
   // An event marks when the stream is done with the block, so another stream may take it. Recorded only
   // once several streams are in use (reclaim() records late ones itself), never inside a capture.
   if (multi_stream_ && !b->capture_id && !capture_id(b->stream)) b->last_use = record(b->stream);
-  {  // merge with free neighbours (same segment, so same stream and capture)
-    for (Block* n : {b->prev, b->next}) {
-      if (!n || n->allocated) continue;
-      remove_free(n);
-      if (n == b->prev) {
-        n->size += b->size;
-        n->next = b->next;
-        if (b->next) b->next->prev = n;
-        n->last_use = b->last_use;  // the newest event covers older ones on the same stream
-        delete b;
-        b = n;
-      } else {
-        b->size += n->size;
-        b->next = n->next;
-        if (n->next) n->next->prev = b;
-        delete n;
-      }
+  for (Block* n : {b->prev, b->next}) {  // merge with free neighbours (same segment: same stream, capture)
+    if (!n || n->allocated || n->pending) continue;
+    remove_free(n);
+    if (n == b->prev) {
+      n->size += b->size;
+      n->next = b->next;
+      if (b->next) b->next->prev = n;
+      n->last_use = b->last_use;  // the newest event covers older ones on the same stream
+      delete b;
+      b = n;
+    } else {
+      b->size += n->size;
+      b->next = n->next;
+      if (n->next) n->next->prev = b;
+      delete n;
     }
   }
   insert_free(b);
+}
+
+void DeviceAllocator::process_pending(bool all_done) {
+  auto done = [&](const Pending& p) {
+    if (all_done) return true;
+    for (const auto& e : p.events)
+      if (!completed(e)) return false;
+    return true;
+  };
+  for (size_t i = 0; i < pending_.size();) {
+    if (done(pending_[i])) {
+      Block* b = pending_[i].block;
+      b->pending = false;
+      pending_[i] = std::move(pending_.back());
+      pending_.pop_back();
+      release_block(b);
+    } else {
+      ++i;
+    }
+  }
+}
+
+bool DeviceAllocator::record_stream(uintptr_t ptr, CUstream stream) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = allocated_.find(ptr);
+  if (it == allocated_.end()) return false;
+  Block* b = it->second;
+  if (stream != b->stream && std::find(b->stream_uses.begin(), b->stream_uses.end(), stream) == b->stream_uses.end())
+    b->stream_uses.push_back(stream);
+  return true;
 }
 
 void DeviceAllocator::empty_cache() {

@@ -42,10 +42,12 @@ struct Block {
   CUstream stream = nullptr;
   uint64_t capture_id = 0;  // != 0: belongs to a graph capture's memory
   bool allocated = false;
+  bool pending = false;  // freed, waiting for the other streams it was used on (record_stream)
   Segment* segment = nullptr;
   Block* prev = nullptr;  // neighbours inside a small segment
   Block* next = nullptr;
   std::shared_ptr<Event> last_use;  // completes when the stream's work on this block is done
+  std::vector<CUstream> stream_uses;  // other streams it was used on (Tensor.record_stream)
 };
 
 struct Segment {
@@ -80,6 +82,8 @@ class DeviceAllocator {
   // nullptr when out of memory (after releasing the cache and retrying).
   void* malloc(size_t size, CUstream stream);
   void free(void* ptr);
+  // Tensor.record_stream: the block (starting at ptr) is also used on `stream`; false if ptr is not ours.
+  bool record_stream(uintptr_t ptr, CUstream stream);
   void empty_cache();
   void release_graph_memory();
   void set_limit(size_t bytes) { std::lock_guard<std::mutex> l(mutex_); limit_ = bytes; }
@@ -96,6 +100,13 @@ class DeviceAllocator {
   };
   using FreeSet = std::set<Block*, BySize>;
 
+  struct Pending {
+    Block* block;
+    std::vector<std::shared_ptr<Event>> events;
+  };
+  void release_block(Block* b);  // a freed block becomes reusable: merge with free neighbours, cache it
+  void process_pending(bool all_done);
+  void settle();
   Block* alloc_small(size_t size, CUstream stream, uint64_t capture);
   Block* alloc_large(size_t pages, CUstream stream, uint64_t capture);
   Block* take_cross_stream(FreeSet& set, size_t lo, size_t hi, CUstream stream, uint64_t capture);
@@ -124,6 +135,7 @@ class DeviceAllocator {
   std::vector<Page> pool_[2];  // unmapped pages per side
   FreeSet small_free_, large_free_;
   std::unordered_map<CUdeviceptr, Block*> allocated_;
+  std::vector<Pending> pending_;
   std::map<CUdeviceptr, Segment*> segments_;  // by reserved VA, for owns()
   std::vector<CUevent> spare_events_;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);

@@ -20,8 +20,24 @@ def library_path() -> str:
     return _native.__file__
 
 
-def _build_oom_shim() -> str:
-    """Builds (once per torch build, cached on disk) the entry points that raise torch.OutOfMemoryError."""
+_hooks_installed = False
+
+
+def _cuda_include_dir():
+    import os
+    from pathlib import Path
+    from .jit import nvcc_path
+    for root in (os.environ.get("CUDA_HOME"), str(Path(os.path.realpath(nvcc_path())).parent.parent), "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_runtime_api.h").exists():
+            return str(Path(root) / "include")
+    raise RuntimeError("the CUDA runtime headers (cuda_runtime_api.h) were not found; set CUDA_HOME")
+
+
+def _build_shim(with_hooks: bool):
+    """Builds (once per torch build, cached on disk) the torch-facing entry points; returns the loaded library.
+
+    with_hooks also compiles the setters of torch's allocator hooks (needs libtorch_cuda and the CUDA headers).
+    """
     import ctypes
     import hashlib
     import os
@@ -34,27 +50,31 @@ def _build_oom_shim() -> str:
     source = Path(__file__).with_name("csrc") / "torch_oom_shim.cpp"
     torch_dir = Path(torch.__file__).parent
     abi = int(torch.compiled_with_cxx11_abi())
-    key = hashlib.sha256(source.read_bytes() + f"{torch.__version__}|{torch_dir}|{abi}".encode()).hexdigest()[:24]
-    target = cache_dir() / f"torch_oom_shim-{key}.so"
+    flags = ["-O2", "-shared", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+             f"-I{torch_dir / 'include'}"]
+    libs = [f"-L{torch_dir / 'lib'}", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
+    if with_hooks:
+        flags += ["-DL2SIDE_TORCH_HOOKS", f"-I{_cuda_include_dir()}"]
+        libs += ["-ltorch_cuda", "-lc10_cuda"]
+    key = hashlib.sha256(source.read_bytes() + f"{torch.__version__}|{torch_dir}|{flags}|{libs}".encode()).hexdigest()[:24]
+    target = cache_dir() / f"torch_shim-{key}.so"
     if not target.exists():
         cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
         staged = target.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [*cxx.split(), "-O2", "-shared", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-               f"-I{torch_dir / 'include'}", str(source), f"-L{torch_dir / 'lib'}", "-lc10",
-               f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(staged)]
+        cmd = [*cxx.split(), *flags, str(source), *libs, "-o", str(staged)]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            raise RuntimeError(f"building l2side's torch OOM shim failed:\n{result.stderr[-3000:]}")
+            raise RuntimeError(f"building l2side's torch shim failed:\n{result.stderr[-3000:]}")
         os.replace(staged, target)
     lib = ctypes.CDLL(str(target))
     lib.l2side_shim_bind(ctypes.c_void_p(_native.malloc_address()), ctypes.c_void_p(_native.free_address()),
                          ctypes.c_void_p(_native.oom_message_address()))
-    return str(target)
+    return lib
 
 
 def enable() -> None:
     """Makes l2side torch's CUDA allocator. Call it before anything initialises CUDA in torch."""
-    global _enabled, _pluggable
+    global _enabled, _pluggable, _hooks_installed
     with _enable_lock:
         if _enabled:
             return
@@ -67,19 +87,38 @@ def enable() -> None:
                 "l2side.enable() must run before torch initialises CUDA (before the first CUDA tensor, "
                 "torch.cuda.current_device(), get_device_properties(), ...): torch can only swap its "
                 "allocator before that. Call it at the top of the program.")
-        try:
-            # torch turns a null pointer into a tensor, not an error: these entry points raise its OOM error
-            path, alloc, free = _build_oom_shim(), "l2side_torch_malloc", "l2side_torch_free"
-        except Exception as e:  # no compiler or headers: still usable, but OOM would not raise cleanly
-            import warnings
-            warnings.warn(f"l2side: {e}\nOut-of-memory will not raise torch.OutOfMemoryError.", RuntimeWarning)
+        import warnings
+        shim = None
+        errors = []
+        for with_hooks in (True, False):
+            try:
+                # torch turns a null pointer into a tensor, not an error: these entry points raise its OOM
+                shim = _build_shim(with_hooks)
+                break
+            except Exception as e:
+                errors.append(str(e))
+        if shim is None:  # no compiler or headers: still usable, but OOM would not raise cleanly
+            warnings.warn(f"l2side: {errors[-1]}\nOut-of-memory will not raise torch.OutOfMemoryError.",
+                          RuntimeWarning)
             path, alloc, free = library_path(), "l2side_malloc", "l2side_free"
+        else:
+            path, alloc, free = shim._name, "l2side_torch_malloc", "l2side_torch_free"
         _pluggable = torch.cuda.memory.CUDAPluggableAllocator(path, alloc, free)
         try:
             torch.cuda.memory.change_current_allocator(_pluggable)
         except RuntimeError as e:
             raise RuntimeError(f"l2side.enable(): torch refused to swap its allocator ({e}); call "
                                "l2side.enable() before any CUDA allocation") from e
+        if shim is not None:
+            import ctypes
+            record, empty_all, fraction = _native.hook_addresses()
+            _hooks_installed = bool(shim.l2side_shim_install_hooks(
+                ctypes.c_void_p(record), ctypes.c_void_p(empty_all), ctypes.c_void_p(fraction)))
+        if not _hooks_installed:
+            warnings.warn("l2side: torch's allocator hooks could not be installed: Tensor.record_stream, "
+                          "torch.cuda.empty_cache and set_per_process_memory_fraction do not reach l2side "
+                          f"({'; '.join(errors) or 'this torch build has no CUDA allocator hooks'})",
+                          RuntimeWarning)
         _enabled = True
 
 

@@ -139,6 +139,29 @@ def cross_stream():
     native.free(0, q)
 
 
+def record_stream():
+    a, b = 0x10, 0x20
+    p = native.malloc(0, 8 * MiB, a)
+    assert native.record_stream(0, p, b)  # also used on stream b
+    assert not native.record_stream(0, 12345, b)
+    native.free(0, p)  # waits for b's work before it is reusable
+    s = native.stats(0)
+    assert s["allocated_bytes.all.current"] == 0 and s["l2side.cached_bytes"] >= 0
+    q = native.malloc(0, 8 * MiB, a)  # the fake GPU is idle: b's event has completed, the block is back
+    assert q == p
+    native.free(0, q)
+    small = native.malloc(0, 1000, a)
+    native.record_stream(0, small, b)
+    neighbour = native.malloc(0, 1000, a)
+    native.free(0, small)  # pending: must not merge with its free neighbour until b is done
+    native.free(0, neighbour)
+    again = native.malloc(0, 2000, a)
+    assert again == small, "after b's work the two freed blocks merged"
+    native.free(0, again)
+    native.empty_cache(0)
+    assert native.stats(0)["reserved_bytes.all.current"] == 0
+
+
 def multi_device():
     p0 = native.malloc(0, 3 * MiB, 0)
     p1 = native.malloc(1, 5 * MiB, 0)
@@ -164,7 +187,7 @@ def owns_and_bad_free():
 
 
 SCENARIOS = {f.__name__: f for f in (invariant, caching, split_and_merge, stats_consistency, limit_and_oom, cross_stream,
-                                     multi_device, owns_and_bad_free)}
+                                     record_stream, multi_device, owns_and_bad_free)}
 
 if __name__ == "__main__":
     native.use_fake_driver(devices=2, bytes_per_device=256 * MiB, hash_mask=MASK)

@@ -462,6 +462,51 @@ def streams():
     print("SCENARIO OK streams")
 
 
+def torch_hooks():
+    """Tensor.record_stream, torch.cuda.empty_cache and set_per_process_memory_fraction reach l2side."""
+    torch, l2side = _enable()
+    import l2side.memory
+    assert l2side.memory._hooks_installed, "the torch allocator hooks were not installed"
+    A, B = torch.cuda.Stream(), torch.cuda.Stream()
+    n = 64 * MiB
+    with torch.cuda.stream(A):
+        x = torch.empty(n, dtype=torch.uint8, device="cuda")
+        x.fill_(1)
+    B.wait_stream(A)
+    with torch.cuda.stream(B):
+        r = torch.empty(n, dtype=torch.uint8, device="cuda")
+        torch.cuda._sleep(1_000_000_000)
+        r.copy_(x)  # B reads x long after the free below
+    x.record_stream(B)
+    x_ptr = x.data_ptr()
+    del x  # freed on A, but B still uses it: not reusable until B's work is done
+    with torch.cuda.stream(A):
+        y = torch.empty(n, dtype=torch.uint8, device="cuda")
+        y.fill_(2)
+    b_busy = not B.query()
+    torch.cuda.synchronize()
+    assert _holds(r, 1), "record_stream ignored: the block was reused while stream B still read it"
+    print(f"record_stream: B busy when A reallocated: {b_busy}; A got the same block: {y.data_ptr() == x_ptr}")
+    if b_busy:
+        assert y.data_ptr() != x_ptr
+    del y, r
+    torch.cuda.synchronize()
+    before = _stats(l2side)["reserved_bytes.all.current"]
+    torch.cuda.empty_cache()
+    after = _stats(l2side)["reserved_bytes.all.current"]
+    print(f"torch.cuda.empty_cache: l2side reserved {_fmt(before)} -> {_fmt(after)}")
+    assert after < before
+    torch.cuda.set_per_process_memory_fraction(0.01)
+    assert _stats(l2side)["l2side.limit_bytes"] > 0
+    try:
+        torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+        raise AssertionError("set_per_process_memory_fraction(0.01) did not limit l2side")
+    except torch.OutOfMemoryError as e:
+        print(f"set_per_process_memory_fraction(0.01): {str(e)[:100]}...")
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    print("SCENARIO OK torch_hooks")
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def bad_enable():
     """enable() after torch allocated CUDA memory: RuntimeError with a clear message; torch keeps working."""
@@ -589,8 +634,8 @@ def multi_device_copy():
     print("SCENARIO OK multi_device_copy")
 
 
-SCENARIOS = {f.__name__: f for f in (invariant, stress, oom, graphs, streams, bad_enable, bad_side_of, bad_device,
-                                     multi_device, multi_device_copy)}
+SCENARIOS = {f.__name__: f for f in (invariant, stress, oom, graphs, streams, torch_hooks, bad_enable, bad_side_of,
+                                     bad_device, multi_device, multi_device_copy)}
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in SCENARIOS:

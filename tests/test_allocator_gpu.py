@@ -60,6 +60,10 @@ def test_blocks_freed_on_a_busy_stream_are_not_handed_to_another():
     scenario("streams")
 
 
+def test_torch_hooks_record_stream_empty_cache_memory_fraction():
+    scenario("torch_hooks")
+
+
 def test_enable_after_cuda_allocation_is_a_clear_error():
     scenario("bad_enable")
 
