@@ -136,7 +136,7 @@ void* DeviceAllocator::malloc(size_t size, CUstream stream) {
     stats_.num_ooms++;
     char msg[512];
     std::snprintf(msg, sizeof(msg),
-                  "CUDA out of memory (l2side). Tried to allocate %s on device %d: l2side holds %s reserved "
+                  "CUDA out of memory (l2side). Tried to allocate %s on device %d; l2side now holds %s reserved "
                   "(%s allocated, %s cached; limit %s). ",
                   format_bytes(size).c_str(), device_, format_bytes(total_pages_ * kPageBytes).c_str(),
                   format_bytes(stats_.allocated_bytes.current).c_str(),
@@ -326,7 +326,10 @@ size_t DeviceAllocator::reclaim(bool synchronize, size_t wanted) {
 bool DeviceAllocator::create_pages(size_t count) {
   // Creates `count` pages, probes each page's side in one launch, and pools them.
   const Driver& d = driver();
-  if (total_pages_ + count > limit_ / kPageBytes) return false;
+  if (total_pages_ + count > limit_ / kPageBytes) {
+    create_failure_ = "The l2side memory limit (set_memory_limit, set_per_process_memory_fraction) was reached.";
+    return false;
+  }
   CUmemAllocationProp prop = {};
   prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
   prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
@@ -341,7 +344,10 @@ bool DeviceAllocator::create_pages(size_t count) {
   }
   if (r != CUDA_SUCCESS) {
     for (auto h : handles) d.cuMemRelease(h);
-    if (r == CUDA_ERROR_OUT_OF_MEMORY) return false;
+    if (r == CUDA_ERROR_OUT_OF_MEMORY) {
+      create_failure_ = "The device has no free memory left for new 2 MiB pages.";
+      return false;
+    }
     throw CudaError("cuMemCreate", r);
   }
   std::vector<int> sides(count, 0);
@@ -418,9 +424,7 @@ bool DeviceAllocator::ensure_pages(size_t side0, size_t side1, size_t any, bool 
     if (!short_of()) return true;
   }
   if (!short_of()) return true;
-  oom_message_ = total_pages_ + 1 > limit_ / kPageBytes
-                     ? "The l2side memory limit (l2side.set_memory_limit) was reached."
-                     : "The device has no free memory left for new 2 MiB pages.";
+  oom_message_ = create_failure_;
   return false;
 }
 

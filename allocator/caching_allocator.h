@@ -146,6 +146,7 @@ class DeviceAllocator {
   size_t pages_per_side_[2] = {0, 0};
   DeviceStats stats_;
   std::string oom_message_;
+  std::string create_failure_;  // why create_pages last said no
   friend struct Event;
 };
 
