@@ -386,10 +386,11 @@ class Plan:
 
 
 def _ticket_sizes(n_pairs: int, ctas_per_side: int, unroll: int):
-    """Big tickets for the first ~3/4 of the pairs, then small ones so the sides finish together."""
-    small = max(1, min(unroll, 2))
+    """Big tickets (up to 4 x unroll pairs) for the first ~7/8 of the pairs, then tickets of `unroll` pairs
+    (one batch of loads per thread) so the CTAs, and the two sides, finish together."""
+    small = unroll
     big = max(small, min(4 * unroll, n_pairs // max(1, ctas_per_side * 6)))
-    big_tickets = (n_pairs * 3 // 4) // big if big > small else 0
+    big_tickets = (n_pairs * 7 // 8) // big if big > small else 0
     rest = n_pairs - big_tickets * big
     n_tickets = big_tickets + -(-rest // small)
     return big_tickets, big, small, n_tickets

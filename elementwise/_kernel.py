@@ -181,6 +181,11 @@ class ElementwiseKernel:
         s = self.spec
         kname = f"l2side.elementwise '{s.name}'"
         bound = self._bind(args, kwargs)
+        for n, _ in s.inputs + s.group_inputs + s.outputs + s.group_outputs:
+            t = bound.get(n)
+            if t is not None and not isinstance(t, torch.Tensor):
+                kind = "input" if n in dict(s.inputs + s.group_inputs) else "output"
+                raise TypeError(f"{kname}: {kind} {n!r} must be a torch.Tensor, got {type(t).__name__}")
         # inputs
         device = None
         shape = None

@@ -296,7 +296,8 @@ __device__ __forceinline__ void side_walk(const typename Op::Args& a) {
     while (true) {
       const u64 t = tickets[buf];
       if (t >= c.n_tickets) break;
-      if (threadIdx.x == 0) tickets[buf ^ 1] = atomicAdd(counter, 1ull);  // next ticket, in flight now
+      u64 next = 0;   // the next ticket: its atomic is in flight while this one's loads are
+      if (threadIdx.x == 0) next = atomicAdd(counter, 1ull);
       u64 p0, p1;
       ticket_range(c, t, p0, p1);
 #pragma unroll 1
@@ -314,6 +315,7 @@ __device__ __forceinline__ void side_walk(const typename Op::Args& a) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) Op::template compute_store<ROWS, true>(a, e[u], count[u], r[u]);
       }
+      if (threadIdx.x == 0) tickets[buf ^ 1] = next;
       __syncthreads();
       buf ^= 1;
     }
