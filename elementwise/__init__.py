@@ -10,9 +10,10 @@ L2 side; on any other memory the same kernel runs a side-agnostic vectorised loo
 turn the side choice off / invert it (for measurements).
 """
 from ._codegen import DTYPES, MODES, DefinitionError, Plan
-from ._kernel import ElementwiseKernel, kernel
+from ._kernel import ElementwiseKernel, kernel, last_plan
 from .builtins import (add, axpby, builtin_kernels, cast, copy, mul, per_token_cast_to_fp8, quantize_fp8,
                        silu_and_mul)
 
 __all__ = ["kernel", "ElementwiseKernel", "DefinitionError", "Plan", "DTYPES", "MODES", "copy", "add", "mul",
-           "axpby", "cast", "silu_and_mul", "per_token_cast_to_fp8", "quantize_fp8", "builtin_kernels"]
+           "axpby", "cast", "silu_and_mul", "per_token_cast_to_fp8", "quantize_fp8", "builtin_kernels",
+           "last_plan"]

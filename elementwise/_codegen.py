@@ -250,7 +250,7 @@ def generate(spec: Spec) -> str:
     w("  using u64 = l2side_ew::u64;")
     w("  using i64 = l2side_ew::i64;")
     w(f"  static constexpr int VEC = {spec.vec};")
-    w(f"  static constexpr int CHUNK_ELEMS = l2side_ew::kThreads * VEC;")
+    w("  static constexpr int CHUNK_ELEMS = l2side_ew::kThreads * VEC;")
     w(f"  static constexpr int GROUP = {g};")
     w(f"  static constexpr int TPG = {spec.tpg};")
     w("  struct Args {")
@@ -310,7 +310,7 @@ def generate(spec: Spec) -> str:
     if g:
         for n, d in spec.inputs:
             w(f"    {spec.value_type(d)} _l2_{n}[VEC];")
-            w(f"#pragma unroll")
+            w("#pragma unroll")
             w(f"    for (int i = 0; i < VEC; ++i) _l2_{n}[i] = {spec.conv(d)}::load(r.{n}.e[i]);")
         for n, d in spec.outputs:
             w(f"    {spec.value_type(d)} _l2_{n}[VEC] = {{}};")

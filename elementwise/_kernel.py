@@ -7,9 +7,10 @@ import threading
 from typing import Optional
 
 from . import _codegen
-from ._codegen import DefinitionError, Plan, Spec, TensorInfo
+from ._codegen import Plan, Spec, TensorInfo
 
 _device_info: dict = {}
+_last_plan = None
 _counters: dict = {}
 _lock = threading.Lock()
 
@@ -310,6 +311,8 @@ class ElementwiseKernel:
             p = _codegen.plan(s, infos, n_elems, cols, side_mask=side_mask, num_sms=num_sms, sm_side=sm_side,
                               mode=mode, ctas_per_sm=ctas_per_sm)
             kernel = self.compile(index, p.entry)
+            global _last_plan
+            _last_plan = p
             stream = torch.cuda.current_stream(index).cuda_stream
             if p.path == "side":
                 p.common["counters"] = _counter_buffer(index, stream).data_ptr()
@@ -356,6 +359,11 @@ class ElementwiseKernel:
         self._lib = lib
         self._op = getattr(getattr(torch.ops, namespace), opname)
         return self._op
+
+
+def last_plan() -> Optional[Plan]:
+    """The plan (path, grid, why) of the last kernel launched by l2side.elementwise in this process."""
+    return _last_plan
 
 
 def _torch_dtype(d: str):

@@ -103,18 +103,22 @@ def copy(x, out=None, *, mode: str = "near"):
             out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out is not None and out.shape != x.shape:
         raise ValueError(f"copy: output 'out' has shape {tuple(out.shape)}, input 'x' {tuple(x.shape)}")
-    src, dst = x, out
+    src = dst = None
     if x.device.type == "cuda" and x.is_contiguous() and out.is_contiguous() and x.numel() > 0:
         # bits are bits: copy contiguous data as the widest integer its size and both addresses allow
         nbytes = x.numel() * width
-        for w in (8, 4, 2, 1):
-            if w >= width and nbytes % w == 0 and x.data_ptr() % w == 0 and out.data_ptr() % w == 0:
-                width = w
+        for w in (8, 4, 2):
+            if w > width and nbytes % w == 0 and x.data_ptr() % w == 0 and out.data_ptr() % w == 0:
+                try:
+                    src = x.reshape(-1).view(torch.uint8).view(_torch_int(w))
+                    dst = out.reshape(-1).view(torch.uint8).view(_torch_int(w))
+                    width = w
+                except RuntimeError:     # torch refuses the view (storage offset): keep the element width
+                    src = dst = None
                 break
-        src = x.reshape(-1).view(torch.uint8).view(_torch_int(width))
-        dst = out.reshape(-1).view(torch.uint8).view(_torch_int(width))
-    else:
-        src, dst = x.view(_torch_int(width)), out.view(_torch_int(width)) if out is not None else None
+    if src is None:
+        src = x.view(_torch_int(width))
+        dst = out.view(_torch_int(width)) if out is not None else None
     copy_kernel(width)(src, out=dst, mode=mode)
     return out
 

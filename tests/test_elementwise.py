@@ -10,7 +10,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from conftest import cuda_available, requires_gpu, requires_nvcc
+from conftest import requires_gpu, requires_nvcc
 
 torch = pytest.importorskip("torch")
 ew = pytest.importorskip("l2side.elementwise")

@@ -1,0 +1,308 @@
+"""Issue 5 benchmark: l2side's side-aware elementwise built-ins against torch, with the side ablation.
+
+    python benchmarks/bench_elementwise.py [--csv FILE] [--ops copy,add,...] [--no-compile] [--quick]
+
+For every built-in, at two sizes:
+  1gib    the main input is 1 GiB (data streamed from DRAM)
+  32mib   every tensor of the call together is ~32 MiB (L2-resident: the H100's L2 is 50 MB)
+variants: l2side near (side-aware, the default), l2side off (the same kernel, side choice ignored), l2side far
+(every SM takes the chunk on the other side), torch eager, torch.compile (inductor; --no-compile skips it).
+All variants use the same tensors, in l2side memory (l2side.enable() runs first, so torch's allocations are
+side-aware too, as in ANCHORS.md's copy measurement).
+
+Timing: each variant is captured in a CUDA graph of `reps` back-to-back calls (>= ~2 ms per replay, so launch
+overhead is out of the picture), replayed after warm-up; time per call = median over replays of CUDA-event
+time / reps. GB/s counts the bytes the op must move (reads + writes). Energy: NVML's total-energy counter
+(nvmlDeviceGetTotalEnergyConsumption, mJ) around a window of back-to-back replays (--energy-seconds), done in
+--rounds rounds that alternate the variants; reported as mJ per GB moved (median over rounds) and the mean
+board power. Prints a markdown table; --csv writes every row.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+import time
+
+GiB = 1 << 30
+MiB = 1 << 20
+OPS = ("copy", "add", "mul", "axpby", "cast_f32_bf16", "cast_bf16_f32", "silu_and_mul", "fp8_quant")
+VARIANTS = ("l2side near", "l2side off", "l2side far", "torch eager", "torch.compile")
+
+
+class Energy:
+    def __init__(self, index: int):
+        self.handle = None
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self.read()
+        except Exception as e:  # no pynvml / counter not supported: energy columns stay empty
+            print(f"# NVML energy counter unavailable: {e}", file=sys.stderr)
+            self.handle = None
+
+    def read(self) -> float:
+        return float(self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle))  # mJ
+
+
+def build_op(name, size_kind, torch, ew, l2side):
+    """Returns (description, bytes moved per call, {variant: fn}) for one built-in at one size."""
+    F = torch.nn.functional
+    bf16, f32 = torch.bfloat16, torch.float32
+
+    def rand(shape, dtype):
+        t = torch.empty(shape, dtype=dtype, device="cuda")
+        t.copy_(torch.randn(shape, device="cuda", dtype=f32).to(dtype))
+        return t
+
+    def elems(main_bytes_per_elem, total_bytes_per_elem):
+        if size_kind == "1gib":
+            return GiB // main_bytes_per_elem
+        return (32 * MiB) // total_bytes_per_elem
+
+    fns = {}
+    if name in ("copy", "add", "mul", "axpby"):
+        n_in = 1 if name == "copy" else 2
+        n = elems(2, 2 * (n_in + 1))
+        x = rand((n,), bf16)
+        y = rand((n,), bf16) if n_in == 2 else None
+        out = torch.empty((n,), dtype=bf16, device="cuda")
+        moved = 2 * n * (n_in + 1)
+        if name == "copy":
+            for m in ("near", "off", "far"):
+                fns[f"l2side {m}"] = lambda m=m: ew.copy(x, out=out, mode=m)
+            fns["torch eager"] = lambda: out.copy_(x)
+            fns["torch.compile"] = None                      # a copy is a copy: torch's copy_ is the roofline
+        elif name in ("add", "mul"):
+            f = getattr(ew, name)
+            for m in ("near", "off", "far"):
+                fns[f"l2side {m}"] = lambda m=m: f(x, y, out=out, mode=m)
+            tf = getattr(torch, name)
+            fns["torch eager"] = lambda: tf(x, y, out=out)
+            fns["torch.compile"] = ("compile", lambda a, b: tf(a, b), (x, y))
+        else:
+            for m in ("near", "off", "far"):
+                fns[f"l2side {m}"] = lambda m=m: ew.axpby(x, y, 0.75, -1.25, out=out, mode=m)
+            fns["torch eager"] = lambda: torch.add(x.mul(0.75), y, alpha=-1.25, out=out)
+            fns["torch.compile"] = ("compile", lambda a, b: 0.75 * a - 1.25 * b, (x, y))
+        desc = f"bf16 [{n}]"
+    elif name.startswith("cast"):
+        src, dst = (f32, bf16) if name == "cast_f32_bf16" else (bf16, f32)
+        sb, db = src.itemsize, dst.itemsize
+        n = elems(sb, sb + db)
+        x = rand((n,), src)
+        out = torch.empty((n,), dtype=dst, device="cuda")
+        moved = n * (sb + db)
+        for m in ("near", "off", "far"):
+            fns[f"l2side {m}"] = lambda m=m: ew.cast(x, dst, out=out, mode=m)
+        fns["torch eager"] = lambda: out.copy_(x)
+        fns["torch.compile"] = ("compile", lambda a: a.to(dst), (x,))
+        desc = f"{src} -> {dst} [{n}]"
+    elif name == "silu_and_mul":
+        h = 8192
+        rows = GiB // (2 * 2 * h) if size_kind == "1gib" else (32 * MiB) // (2 * 3 * h)
+        x = rand((rows, 2 * h), bf16)
+        out = torch.empty((rows, h), dtype=bf16, device="cuda")
+        moved = rows * h * 2 * 3
+        for m in ("near", "off", "far"):
+            fns[f"l2side {m}"] = lambda m=m: ew.silu_and_mul(x, out=out, mode=m)
+        fns["torch eager"] = lambda: torch.mul(F.silu(x[:, :h]), x[:, h:], out=out)
+        fns["torch.compile"] = ("compile", lambda a: F.silu(a[:, :h]) * a[:, h:], (x,))
+        desc = f"bf16 [{rows}, {2 * h}] -> [{rows}, {h}]"
+    elif name == "fp8_quant":
+        k = 7168
+        rows = GiB // (2 * k) if size_kind == "1gib" else (32 * MiB) // (3 * k + 4 * k // 128)
+        x = rand((rows, k), bf16)
+        q = torch.empty((rows, k), dtype=torch.float8_e4m3fn, device="cuda")
+        s = torch.empty((rows, k // 128), dtype=f32, device="cuda")
+        moved = rows * k * 3 + rows * (k // 128) * 4
+        for m in ("near", "off", "far"):
+            fns[f"l2side {m}"] = lambda m=m: ew.per_token_cast_to_fp8(x, out=q, scales=s, mode=m)
+
+        def ref(a):
+            m_, n_ = a.shape
+            av = a.view(m_, -1, 128)
+            amax = av.abs().float().amax(dim=2).view(m_, -1).clamp(1e-4)
+            return (av * (448.0 / amax.unsqueeze(2))).to(torch.float8_e4m3fn).view(m_, n_), (amax / 448.0).view(m_, -1)
+        fns["torch eager"] = lambda: ref(x)
+        fns["torch.compile"] = ("compile", ref, (x,))
+        desc = f"bf16 [{rows}, {k}] -> e4m3 + fp32 1x128 scales"
+    else:
+        raise ValueError(name)
+    return desc, moved, fns
+
+
+def capture(torch, fn, reps, stream):
+    """A CUDA graph of `reps` calls of fn (warmed up on `stream` first)."""
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    stream.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=stream):
+        for _ in range(reps):
+            fn()
+    return g
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--csv", help="write every row to this CSV file")
+    ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    ap.add_argument("--sizes", default="1gib,32mib", help="comma-separated subset of 1gib,32mib")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    ap.add_argument("--energy-seconds", type=float, default=0.35, help="energy window per variant and round")
+    ap.add_argument("--rounds", type=int, default=2, help="energy rounds (variants alternate inside a round)")
+    ap.add_argument("--replays", type=int, default=15, help="timed graph replays per variant")
+    ap.add_argument("--quick", action="store_true", help="fewer replays and shorter energy windows")
+    ap.add_argument("--no-enable", action="store_true", help="do not make l2side torch's allocator "
+                    "(tensors then come from torch; l2side kernels take their side-agnostic path)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.energy_seconds, args.rounds, args.replays = 0.15, 1, 7
+    t_start = time.time()
+
+    import torch
+    if not torch.cuda.is_available():    # does not start torch's CUDA state: enable() still works after it
+        print("bench_elementwise: no CUDA GPU; nothing to measure")
+        return 0
+    import l2side
+    if not args.no_enable:
+        l2side.enable()
+    from l2side import elementwise as ew
+    topo = l2side.topology()
+    print(f"# {topo}")
+    print(f"# torch {torch.__version__}, allocator: {'l2side' if l2side.is_enabled() else 'torch native'}")
+    energy = Energy(torch.cuda.current_device())
+    stream = torch.cuda.Stream()
+    ops = [o for o in args.ops.split(",") if o]
+    sizes = [s for s in args.sizes.split(",") if s]
+    rows = []
+
+    for size_kind in sizes:
+        for op in ops:
+            desc, moved, fns = build_op(op, size_kind, torch, ew, l2side)
+            graphs, reps_of, paths = {}, {}, {}
+            for variant in VARIANTS:
+                fn = fns.get(variant)
+                if fn is None or (variant == "torch.compile" and args.no_compile):
+                    continue
+                if isinstance(fn, tuple):          # torch.compile: compile now, outside the timed part
+                    _, f, f_args = fn
+                    try:
+                        compiled = torch.compile(f, dynamic=False)
+                        compiled(*f_args)
+                        torch.cuda.synchronize()
+                    except Exception as e:
+                        print(f"# {op} {size_kind}: torch.compile failed: {type(e).__name__}: {str(e)[:200]}")
+                        continue
+                    fn = (lambda c=compiled, a=f_args: c(*a))
+                try:
+                    # one untimed call to estimate the time per call, then reps for >= ~2 ms per replay
+                    fn()
+                    torch.cuda.synchronize()
+                    t0 = torch.cuda.Event(enable_timing=True)
+                    t1 = torch.cuda.Event(enable_timing=True)
+                    t0.record()
+                    for _ in range(3):
+                        fn()
+                    t1.record()
+                    t1.synchronize()
+                    per = max(t0.elapsed_time(t1) / 3, 1e-3)
+                    reps = max(1, min(200, math.ceil(2.0 / per)))
+                    graphs[variant] = capture(torch, fn, reps, stream)
+                    reps_of[variant] = reps
+                except Exception as e:
+                    print(f"# {op} {size_kind} {variant}: skipped ({type(e).__name__}: {str(e)[:200]})")
+            for variant in ("l2side near", "l2side off", "l2side far"):
+                if variant in graphs:        # which path the l2side variants took (side / stride / unaligned)
+                    fns[variant]()
+                    plan = ew.last_plan()
+                    paths[variant] = plan.path if plan else ""
+            # timing and energy, on the stream the graphs were captured on
+            times = {}
+            mj_per_gb = {v: [] for v in graphs}
+            watts = {v: [] for v in graphs}
+            with torch.cuda.stream(stream):
+                for variant, g in graphs.items():
+                    g.replay()
+                    torch.cuda.synchronize()
+                    samples = []
+                    for _ in range(args.replays):
+                        a = torch.cuda.Event(enable_timing=True)
+                        b = torch.cuda.Event(enable_timing=True)
+                        a.record()
+                        g.replay()
+                        b.record()
+                        b.synchronize()
+                        samples.append(a.elapsed_time(b) / reps_of[variant])
+                    times[variant] = statistics.median(samples)
+                # energy: rounds of windows, the variants alternating inside each round
+                if energy.handle is not None:
+                    for _ in range(args.rounds):
+                        for variant, g in graphs.items():
+                            replay_ms = times[variant] * reps_of[variant]
+                            n_rep = max(3, math.ceil(args.energy_seconds * 1000 / max(replay_ms, 1e-3)))
+                            torch.cuda.synchronize()
+                            e0, w0 = energy.read(), time.perf_counter()
+                            for _ in range(n_rep):
+                                g.replay()
+                            torch.cuda.synchronize()
+                            e1, w1 = energy.read(), time.perf_counter()
+                            gb = moved * reps_of[variant] * n_rep / 1e9
+                            mj_per_gb[variant].append((e1 - e0) / gb)
+                            watts[variant].append((e1 - e0) / 1e3 / (w1 - w0))
+            for variant in graphs:
+                ms = times[variant]
+                gbps = moved / (ms * 1e-3) / 1e9
+                rows.append(dict(size=size_kind, op=op, shape=desc, variant=variant, bytes_moved=moved,
+                                 time_us=round(ms * 1e3, 2), gbps=round(gbps, 1),
+                                 mj_per_gb=round(statistics.median(mj_per_gb[variant]), 1) if mj_per_gb[variant] else "",
+                                 watts=round(statistics.mean(watts[variant]), 0) if watts[variant] else "",
+                                 reps=reps_of[variant], path=paths.get(variant, "")))
+            del graphs, fns
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    # derived columns: vs torch eager, vs the side-off twin, vs the copy roofline (torch copy_ at that size)
+    by = {(r["size"], r["op"], r["variant"]): r for r in rows}
+    for r in rows:
+        eager = by.get((r["size"], r["op"], "torch eager"))
+        off = by.get((r["size"], r["op"], "l2side off"))
+        roof = by.get((r["size"], "copy", "torch eager"))
+        r["x_eager"] = round(r["gbps"] / eager["gbps"], 3) if eager else ""
+        r["pct_copy_roofline"] = round(100 * r["gbps"] / roof["gbps"], 1) if roof else ""
+        r["energy_vs_off_pct"] = (round(100 * (r["mj_per_gb"] / off["mj_per_gb"] - 1), 1)
+                                  if off and r["mj_per_gb"] != "" and off["mj_per_gb"] not in ("", 0) else "")
+    cols = ["size", "op", "variant", "time_us", "gbps", "x_eager", "pct_copy_roofline", "mj_per_gb",
+            "energy_vs_off_pct", "watts", "path", "reps", "bytes_moved", "shape"]
+    print()
+    print("| size | op | variant | path | µs/call | GB/s | × eager | % copy roofline | mJ/GB | energy vs off | W |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ev = f"{r['energy_vs_off_pct']:+.1f}%" if r["energy_vs_off_pct"] != "" else ""
+        print(f"| {r['size']} | {r['op']} | {r['variant']} | {r['path']} | {r['time_us']} | {r['gbps']} | {r['x_eager']} | "
+              f"{r['pct_copy_roofline']} | {r['mj_per_gb']} | {ev} | {r['watts']} |")
+    print()
+    for s in sizes:
+        for o in ops:
+            r = [x for x in rows if x["size"] == s and x["op"] == o]
+            if r:
+                print(f"# {s} {o}: {r[0]['shape']}, {r[0]['bytes_moved'] / 1e6:.1f} MB moved per call")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            for r in rows:
+                w.writerow({c: r.get(c, "") for c in cols})
+        print(f"# wrote {args.csv}")
+    print(f"# total {time.time() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
