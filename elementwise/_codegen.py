@@ -396,6 +396,22 @@ def _ticket_sizes(n_pairs: int, ctas_per_side: int, unroll: int):
     return big_tickets, big, small, n_tickets
 
 
+_bits_cache: dict = {}
+
+
+def sm_side_bits(sm_side: Sequence[int]) -> list:
+    """The kernels' %smid -> side table: bit i of word i // 64 = side of SM i (absent ids and >= 256: 0)."""
+    key = tuple(sm_side)
+    bits = _bits_cache.get(key)
+    if bits is None:
+        bits = [0, 0, 0, 0]
+        for smid, s in enumerate(key):
+            if s == 1 and smid < 256:
+                bits[smid >> 6] |= 1 << (smid & 63)
+        _bits_cache[key] = bits
+    return list(bits)
+
+
 def plan(spec: Spec, tensors: Sequence[TensorInfo], n: int, cols: int, *, side_mask: int, num_sms: int,
          sm_side: Sequence[int], mode: str = "near", ctas_per_sm: Optional[int] = None,
          counters: int = 0) -> Plan:
@@ -414,10 +430,7 @@ def plan(spec: Spec, tensors: Sequence[TensorInfo], n: int, cols: int, *, side_m
         aligned = aligned and cols % vec == 0 and all(t.row_stride % vec == 0 for t in tensors)
     n_chunks = -(-n // chunk_elems)
     n_pairs = -(-n_chunks // 2)
-    bits = [0, 0, 0, 0]
-    for smid, s in enumerate(sm_side):
-        if s == 1 and smid < 256:
-            bits[smid >> 6] |= 1 << (smid & 63)
+    bits = sm_side_bits(sm_side)
     common = dict(n=n, cols=cols, side_mask=0, drive=0, n_chunks=n_chunks, n_pairs=n_pairs, big_tickets=0,
                   big_pairs=1, small_pairs=1, n_tickets=0, counters=counters, mode=MODES[mode],
                   sm_side_bits=bits)

@@ -104,6 +104,9 @@ class ElementwiseKernel:
         self._source = None
         self._kernels: dict = {}
         self._op = None
+        self._fmt = None
+        self._recipes: dict = {}    # inputs -> how the outputs were allocated
+        self._launches: dict = {}   # all tensors + scalars + stream -> (kernel, grid, params, plan)
 
     # -- definition -----------------------------------------------------------------------------------
     @property
@@ -177,11 +180,10 @@ class ElementwiseKernel:
             raise TypeError(f"{s.name}() is missing {', '.join(repr(m) for m in missing)}")
         return bound
 
-    def _prepare(self, args, kwargs, mode, ctas_per_sm, allocate=True):
+    def _prepare(self, bound, allocate=True):
         import torch
         s = self.spec
         kname = f"l2side.elementwise '{s.name}'"
-        bound = self._bind(args, kwargs)
         for n, _ in s.inputs + s.group_inputs + s.outputs + s.group_outputs:
             t = bound.get(n)
             if t is not None and not isinstance(t, torch.Tensor):
@@ -292,33 +294,96 @@ class ElementwiseKernel:
 
     def plan(self, *args, mode: str = "near", ctas_per_sm: Optional[int] = None, **kwargs) -> Plan:
         """Which variant a call with these arguments would run, and why (nothing is launched)."""
-        _, device, _, n_elems, cols, infos, _ = self._prepare(args, kwargs, mode, ctas_per_sm)
+        _, device, _, n_elems, cols, infos, _ = self._prepare(self._bind(args, kwargs))
         index = device.index if device.index is not None else 0
         side_mask, num_sms, sm_side = device_info(index)
         return _codegen.plan(self.spec, infos, n_elems, cols, side_mask=side_mask, num_sms=num_sms,
                              sm_side=sm_side, mode=mode, ctas_per_sm=ctas_per_sm)
 
+    def _key(self, bound, names):
+        """Hashable identity of a call's tensors (address, shape, strides, dtype) and scalars; None if any
+        is missing or not a tensor."""
+        import torch
+        parts = []
+        for n in names:
+            t = bound.get(n)
+            if not isinstance(t, torch.Tensor):
+                return None
+            parts.append((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device))
+        return tuple(parts)
+
     def __call__(self, *args, mode: str = "near", ctas_per_sm: Optional[int] = None, **kwargs):
         import torch
+        global _last_plan
         if mode not in _codegen.MODES:
             raise ValueError(f"mode must be one of {sorted(_codegen.MODES)}, got {mode!r}")
-        bound, device, shape, n_elems, cols, infos, fields = self._prepare(args, kwargs, mode, ctas_per_sm)
         s = self.spec
-        outs = tuple(bound[n] for n, _ in s.outputs + s.group_outputs)
+        bound = self._bind(args, kwargs)
+        ins = [n for n, _ in s.inputs + s.group_inputs]
+        outs_names = [n for n, _ in s.outputs + s.group_outputs]
+        missing = [n for n in outs_names if bound.get(n) is None]
+        # Fast path: the same tensors (addresses, shapes, strides, dtypes) and scalars as an earlier call that
+        # was validated and planned: reuse its parameter buffer.
+        try:
+            in_key = self._key(bound, ins)
+            if in_key is not None:
+                in_key = (in_key, tuple(bound[n] for n, _ in s.scalars), mode, ctas_per_sm)
+                hash(in_key)
+        except Exception:   # unhashable scalars, tensors without storage (meta): the slow path explains
+            in_key = None
+        if in_key is not None and missing:
+            recipe = self._recipes.get(in_key)
+            if recipe is not None:
+                for n, shape, dtype, device, side_aware in recipe:
+                    if side_aware:
+                        from ..memory import empty as l2_empty
+                        bound[n] = l2_empty(shape, dtype, device)
+                    else:
+                        bound[n] = torch.empty(shape, dtype=dtype, device=device)
+        full_key = None
+        if in_key is not None and all(bound.get(n) is not None for n in outs_names):
+            try:
+                out_key = self._key(bound, outs_names)
+            except Exception:
+                out_key = None
+            if out_key is not None:
+                dev = bound[outs_names[0]].device
+                stream = torch.cuda.current_stream(dev).cuda_stream
+                full_key = (in_key, out_key, stream)
+                hit = self._launches.get(full_key)
+                if hit is not None:
+                    kernel, grid, params, p = hit
+                    _last_plan = p
+                    kernel.launch(grid, _codegen.THREADS, params, stream=stream)
+                    outs = tuple(bound[n] for n in outs_names)
+                    return outs[0] if len(outs) == 1 else outs
+        # Slow path: validate, allocate, plan, pack
+        bound, device, shape, n_elems, cols, infos, fields = self._prepare(bound)
+        outs = tuple(bound[n] for n in outs_names)
+        if in_key is not None and missing and in_key not in self._recipes:
+            if len(self._recipes) > 1024:
+                self._recipes.clear()
+            self._recipes[in_key] = [(n, tuple(bound[n].shape), bound[n].dtype, bound[n].device,
+                                      _owns(bound[n])) for n in missing]
         if n_elems > 0:
             index = device.index if device.index is not None else torch.cuda.current_device()
             side_mask, num_sms, sm_side = device_info(index)
             p = _codegen.plan(s, infos, n_elems, cols, side_mask=side_mask, num_sms=num_sms, sm_side=sm_side,
                               mode=mode, ctas_per_sm=ctas_per_sm)
             kernel = self.compile(index, p.entry)
-            global _last_plan
             _last_plan = p
             stream = torch.cuda.current_stream(index).cuda_stream
             if p.path == "side":
                 p.common["counters"] = _counter_buffer(index, stream).data_ptr()
-            params = _codegen.pack_common(p.common) + struct.pack("<" + "".join(
-                fmt for _, fmt in _codegen._fields(s)), *fields)
-            kernel.launch(p.grid, _codegen.THREADS, _jit().Params().raw(params, 8).buffer, stream=stream)
+            if self._fmt is None:
+                self._fmt = "<" + "".join(fmt for _, fmt in _codegen._fields(s))
+            params = _jit().Params().raw(_codegen.pack_common(p.common) + struct.pack(self._fmt, *fields), 8).buffer
+            kernel.launch(p.grid, _codegen.THREADS, params, stream=stream)
+            if in_key is not None:
+                key = (in_key, self._key(bound, outs_names), stream)
+                if len(self._launches) > 1024:
+                    self._launches.clear()
+                self._launches[key] = (kernel, p.grid, params, p)
         return outs[0] if len(outs) == 1 else outs
 
     # -- torch.library --------------------------------------------------------------------------------
