@@ -13,9 +13,10 @@ side-aware too, as in ANCHORS.md's copy measurement).
 Timing: each variant is captured in a CUDA graph of `reps` back-to-back calls (>= ~2 ms per replay, so launch
 overhead is out of the picture), replayed after warm-up; time per call = median over replays of CUDA-event
 time / reps. GB/s counts the bytes the op must move (reads + writes). Energy: NVML's total-energy counter
-(nvmlDeviceGetTotalEnergyConsumption, mJ) around a window of back-to-back replays (--energy-seconds), done in
---rounds rounds that alternate the variants; reported as mJ per GB moved (median over rounds) and the mean
-board power. Prints a markdown table; --csv writes every row.
+(nvmlDeviceGetTotalEnergyConsumption, mJ) read at two of its own updates inside a stretch of continuous replays
+(--energy-seconds apart), giving the steady board power; mJ per GB moved = power / GB/s. Done in --rounds rounds
+that alternate the variants (median mJ/GB, mean W). torch.compile runs at 1 GiB only unless --compile-32mib
+(the 32 MiB part is the side ablation). Prints a markdown table; --csv writes every row.
 """
 from __future__ import annotations
 
@@ -136,6 +137,40 @@ def build_op(name, size_kind, torch, ew, l2side):
     return desc, moved, fns
 
 
+def steady_power(torch, energy, graph, replay_ms, seconds):
+    """Board power (W) while `graph` replays back to back: NVML's energy counter is read at two of its own
+    updates (it ticks every few tens of ms), both inside a stretch of continuous work, so neither idle
+    edges nor the counter's granularity enter; energy per GB = power / (GB/s from the timing)."""
+    from collections import deque
+    depth = max(2, math.ceil(20.0 / max(replay_ms, 1e-3)))   # ~20 ms of replays queued ahead
+    pending = deque()
+
+    def enqueue():
+        graph.replay()
+        ev = torch.cuda.Event()
+        ev.record()
+        pending.append(ev)
+        while len(pending) > depth:
+            pending.popleft().synchronize()
+
+    def next_tick(previous):
+        while True:
+            enqueue()
+            e = energy.read()
+            if e != previous:
+                return e, time.perf_counter()
+
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.05:     # reach steady state (clocks, queue) first
+        enqueue()
+    e0, t0 = next_tick(energy.read())
+    while time.perf_counter() - t0 < seconds:
+        enqueue()
+    e1, t1 = next_tick(energy.read())
+    torch.cuda.synchronize()
+    return (e1 - e0) / 1e3 / (t1 - t0)
+
+
 def capture(torch, fn, reps, stream):
     """A CUDA graph of `reps` calls of fn (warmed up on `stream` first)."""
     with torch.cuda.stream(stream):
@@ -155,7 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     ap.add_argument("--sizes", default="1gib,32mib", help="comma-separated subset of 1gib,32mib")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    ap.add_argument("--energy-seconds", type=float, default=0.35, help="energy window per variant and round")
+    ap.add_argument("--energy-seconds", type=float, default=0.3, help="energy window per variant and round")
+    ap.add_argument("--compile-32mib", action="store_true", help="also torch.compile at 32 MiB (slower start)")
     ap.add_argument("--rounds", type=int, default=2, help="energy rounds (variants alternate inside a round)")
     ap.add_argument("--replays", type=int, default=15, help="timed graph replays per variant")
     ap.add_argument("--quick", action="store_true", help="fewer replays and shorter energy windows")
@@ -189,7 +225,8 @@ def main(argv=None) -> int:
             graphs, reps_of, paths = {}, {}, {}
             for variant in VARIANTS:
                 fn = fns.get(variant)
-                if fn is None or (variant == "torch.compile" and args.no_compile):
+                if fn is None or (variant == "torch.compile" and (args.no_compile or
+                                                                   (size_kind == "32mib" and not args.compile_32mib))):
                     continue
                 if isinstance(fn, tuple):          # torch.compile: compile now, outside the timed part
                     _, f, f_args = fn
@@ -245,17 +282,11 @@ def main(argv=None) -> int:
                 if energy.handle is not None:
                     for _ in range(args.rounds):
                         for variant, g in graphs.items():
-                            replay_ms = times[variant] * reps_of[variant]
-                            n_rep = max(3, math.ceil(args.energy_seconds * 1000 / max(replay_ms, 1e-3)))
-                            torch.cuda.synchronize()
-                            e0, w0 = energy.read(), time.perf_counter()
-                            for _ in range(n_rep):
-                                g.replay()
-                            torch.cuda.synchronize()
-                            e1, w1 = energy.read(), time.perf_counter()
-                            gb = moved * reps_of[variant] * n_rep / 1e9
-                            mj_per_gb[variant].append((e1 - e0) / gb)
-                            watts[variant].append((e1 - e0) / 1e3 / (w1 - w0))
+                            w = steady_power(torch, energy, g, times[variant] * reps_of[variant],
+                                             args.energy_seconds)
+                            gbps = moved / (times[variant] * 1e-3) / 1e9
+                            watts[variant].append(w)
+                            mj_per_gb[variant].append(w * 1e3 / gbps)
             for variant in graphs:
                 ms = times[variant]
                 gbps = moved / (ms * 1e-3) / 1e9
@@ -276,15 +307,18 @@ def main(argv=None) -> int:
         roof = by.get((r["size"], "copy", "torch eager"))
         r["x_eager"] = round(r["gbps"] / eager["gbps"], 3) if eager else ""
         r["pct_copy_roofline"] = round(100 * r["gbps"] / roof["gbps"], 1) if roof else ""
-        r["energy_vs_off_pct"] = (round(100 * (r["mj_per_gb"] / off["mj_per_gb"] - 1), 1)
-                                  if off and r["mj_per_gb"] != "" and off["mj_per_gb"] not in ("", 0) else "")
+        for key, ref in (("energy_vs_off_pct", off), ("energy_vs_eager_pct", eager)):
+            r[key] = (round(100 * (r["mj_per_gb"] / ref["mj_per_gb"] - 1), 1)
+                      if ref and r["mj_per_gb"] != "" and ref["mj_per_gb"] not in ("", 0) else "")
     cols = ["size", "op", "variant", "time_us", "gbps", "x_eager", "pct_copy_roofline", "mj_per_gb",
-            "energy_vs_off_pct", "watts", "path", "reps", "bytes_moved", "shape"]
+            "energy_vs_off_pct", "energy_vs_eager_pct", "watts", "path", "reps", "bytes_moved", "shape"]
     print()
-    print("| size | op | variant | path | µs/call | GB/s | × eager | % copy roofline | mJ/GB | energy vs off | W |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| size | op | variant | path | µs/call | GB/s | × eager | % copy roofline | mJ/GB | energy vs off | "
+          "energy vs eager | W |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        ev = f"{r['energy_vs_off_pct']:+.1f}%" if r["energy_vs_off_pct"] != "" else ""
+        pct = lambda v: f"{v:+.1f}%" if v != "" else ""
+        ev = f"{pct(r['energy_vs_off_pct'])} | {pct(r['energy_vs_eager_pct'])}"
         print(f"| {r['size']} | {r['op']} | {r['variant']} | {r['path']} | {r['time_us']} | {r['gbps']} | {r['x_eager']} | "
               f"{r['pct_copy_roofline']} | {r['mj_per_gb']} | {ev} | {r['watts']} |")
     print()
