@@ -59,10 +59,12 @@ float amax = 0.f;
 #pragma unroll
 for (int i = 0; i < VEC; ++i) amax = fmaxf(amax, fabsf(x[i]));
 amax = fmaxf(group_max(amax), {AMAX_FLOOR!r}f);
-const float inv = {FP8_MAX!r}f / amax;     // x * (448 / amax), as DeepGEMM's per_token_cast_to_fp8
+// DeepGEMM's reference computes x * (448.0 / amax) and amax / 448.0; torch evaluates them as
+// x * (reciprocal(amax) * 448) and amax * (1 / 448): the same roundings here give bit-identical results.
+const float inv = (1.0f / amax) * {FP8_MAX!r}f;
 #pragma unroll
 for (int i = 0; i < VEC; ++i) q[i] = x[i] * inv;
-scale = amax / {FP8_MAX!r}f;
+scale = amax * (1.0f / {FP8_MAX!r}f);
 """
     return kernel(f"fp8_quant_{dtype}_g{group}", {"x": dtype}, {"q": "e4m3"}, body, group=group,
                   group_outputs={"scale": "f32"})
