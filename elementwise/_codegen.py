@@ -53,7 +53,7 @@ SCALARS = {
 }
 _SCALAR_CANON = {"f32": "float", "f64": "double", "i32": "int", "i64": "int64", "u64": "uint64"}
 RESERVED = {"args", "index", "cols", "VEC", "GROUP", "TPG", "Op", "Args", "Regs", "u64", "i64", "body",
-            "load", "compute_store", "group_max", "group_min", "group_sum", "c", "l2side_ew", "policy",
+            "load", "compute_store", "group_max", "group_min", "group_sum", "l2side_ew", "policy",
             "true", "false", "int", "float", "double", "char", "short", "long", "bool", "void", "auto",
             "const", "unsigned", "signed", "return", "if", "else", "for", "while", "do", "struct", "class",
             "template", "typename", "static", "inline", "asm", "new", "delete", "this", "switch", "case",
@@ -177,6 +177,11 @@ def make_spec(name, inputs, outputs, body, scalars=None, group=None, group_input
             raise DefinitionError(f"scalar {sname!r}: unsupported type {kind!r}; supported: "
                                   "float, double, int, int64, uint64")
         sc.append((sname, _SCALAR_CANON.get(kind, kind)))
+    derived = {f"{n}{suffix}" for n, _ in ins + outs for suffix in ("_rs",)}
+    derived |= {f"{n}{suffix}" for n, _ in g_ins + g_outs for suffix in ("_sr", "_sc")}
+    if derived & seen:
+        raise DefinitionError(f"kernel '{name}': name(s) {sorted(derived & seen)} clash with generated fields "
+                              "(<tensor>_rs / _sr / _sc); pick others")
     if compute not in ("float", "native"):
         raise DefinitionError(f"compute must be 'float' or 'native', got {compute!r}")
     if not isinstance(unroll, int) or not 1 <= unroll <= 16:
@@ -254,7 +259,7 @@ def generate(spec: Spec) -> str:
     w(f"  static constexpr int GROUP = {g};")
     w(f"  static constexpr int TPG = {spec.tpg};")
     w("  struct Args {")
-    w("    l2side_ew::Common c;")
+    w("    l2side_ew::Common _l2_c;")
     for decl, _ in _fields(spec):
         w(f"    {decl}")
     w("  };")
@@ -276,10 +281,10 @@ def generate(spec: Spec) -> str:
     w("    (void)policy; (void)a; (void)r;")
     stream = "true" if spec.stream_inputs else "false"
     for n, d in spec.inputs:
-        w(f"    r.{n} = l2side_ew::load_vec<{spec.ctype(d)}, VEC, ROWS, FAST, {stream}>(a.{n}, a.{n}_rs, a.c, e, "
+        w(f"    r.{n} = l2side_ew::load_vec<{spec.ctype(d)}, VEC, ROWS, FAST, {stream}>(a.{n}, a.{n}_rs, a._l2_c, e, "
           "count, policy);")
     for n, d in spec.group_inputs:
-        w(f"    r.{n} = count > 0 ? a.{n}[l2side_ew::group_offset(a.c, e / GROUP, a._l2_groups_per_row, a.{n}_sr, "
+        w(f"    r.{n} = count > 0 ? a.{n}[l2side_ew::group_offset(a._l2_c, e / GROUP, a._l2_groups_per_row, a.{n}_sr, "
           f"a.{n}_sc)] : {spec.ctype(d)}{{}};")
     w("  }")
     # body
@@ -293,7 +298,7 @@ def generate(spec: Spec) -> str:
         params += [f"const {spec.value_type(d)} {n}" for n, d in spec.inputs]
         params += [f"{spec.value_type(d)}& {n}" for n, d in spec.outputs]
     w(f"  __device__ __forceinline__ static void body({', '.join(params)}) {{")
-    w("    const u64 cols = args.c.cols;")
+    w("    const u64 cols = args._l2_c.cols;")
     w("    (void)cols; (void)index;")
     for n, kind in spec.scalars:
         w(f"    const {SCALARS[kind][0]} {n} = args.{n}; (void){n};")
@@ -336,12 +341,12 @@ def generate(spec: Spec) -> str:
         w("    }")
     w("    if (count <= 0) return;")
     for n, d in spec.outputs:
-        w(f"    l2side_ew::store_vec<{spec.ctype(d)}, VEC, ROWS, FAST>(a.{n}, a.{n}_rs, a.c, e, count, _l2_v_{n});")
+        w(f"    l2side_ew::store_vec<{spec.ctype(d)}, VEC, ROWS, FAST>(a.{n}, a.{n}_rs, a._l2_c, e, count, _l2_v_{n});")
     if spec.group_outputs:
         w("    if ((threadIdx.x & (TPG - 1)) == 0) {")
         w("      const u64 _l2_g = e / GROUP;")
         for n, d in spec.group_outputs:
-            w(f"      a.{n}[l2side_ew::group_offset(a.c, _l2_g, a._l2_groups_per_row, a.{n}_sr, a.{n}_sc)] = "
+            w(f"      a.{n}[l2side_ew::group_offset(a._l2_c, _l2_g, a._l2_groups_per_row, a.{n}_sr, a.{n}_sc)] = "
               f"{spec.conv(d)}::store(_l2_{n});")
         w("    }")
     w("  }")

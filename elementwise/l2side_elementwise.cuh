@@ -3,7 +3,7 @@
 // A kernel is a generated `struct Op` (see l2side/elementwise/_codegen.py) with
 //   VEC            elements per thread per 4 KiB chunk (16 bytes of the widest tensor)
 //   CHUNK_ELEMS    elements per chunk = kThreads * VEC (4 KiB of the widest tensor)
-//   Args           the by-value kernel argument: `Common c` first, then tensors and scalars
+//   Args           the by-value kernel argument: `Common _l2_c` first, then tensors and scalars
 //   Regs           one thread's loaded vector of every input
 //   load<ROWS, ALIGNED>(args, e, count, regs, policy)   loads elements [e, e + count)
 //   compute_store<ROWS, ALIGNED>(args, e, count, regs)  runs the body and stores the outputs
@@ -266,7 +266,7 @@ __device__ __forceinline__ void ticket_range(const Common& c, u64 t, u64& p0, u6
 template <class Op, bool ROWS>
 __device__ __forceinline__ void tail(const typename Op::Args& a) {
   if constexpr (Op::GROUP == 0) {
-    const u64 n = a.c.n;
+    const u64 n = a._l2_c.n;
     const u64 e = n / Op::VEC * Op::VEC;
     if (e < n && blockIdx.x == gridDim.x - 1 && threadIdx.x == 0) {
       typename Op::Regs r;
@@ -278,7 +278,7 @@ __device__ __forceinline__ void tail(const typename Op::Args& a) {
 
 template <class Op, bool ROWS, int UNROLL>
 __device__ __forceinline__ void side_walk(const typename Op::Args& a) {
-  const Common& c = a.c;
+  const Common& c = a._l2_c;
   const int mode = static_cast<int>(c.mode);
   const int side = my_side(c);
   const int first = mode == kFar ? side ^ 1 : side;
@@ -335,7 +335,7 @@ __device__ __forceinline__ void side_walk(const typename Op::Args& a) {
 
 template <class Op, bool ROWS, bool ALIGNED, int UNROLL>
 __device__ __forceinline__ void stride_walk(const typename Op::Args& a) {
-  const Common& c = a.c;
+  const Common& c = a._l2_c;
   const u64 policy = evict_first_policy();
   const u64 n_tiles = c.n_chunks;
   if constexpr (ALIGNED) tail<Op, ROWS>(a);

@@ -71,6 +71,7 @@ def test_body_line_numbers_point_at_the_body():
     (dict(group_outputs={"s": "f32"}), "need group"),
     (dict(compute="fast"), "compute must be"),
     (dict(name="has space"), "kernel name"),
+    (dict(inputs={"x": "f32", "x_rs": "f32"}), "clash"),
 ])
 def test_definition_errors_name_the_problem(kwargs, match):
     args = dict(name="k", inputs={"x": "f32"}, outputs={"out": "f32"}, body="out = x;")
@@ -256,6 +257,27 @@ def test_every_builtin_compiles_for_sm90a_without_spills():
         assert sorted(entries) == sorted(cg.ENTRY_POINTS), name
         spills = re.findall(r"(\d+) bytes spill stores", r.stderr)
         assert spills and all(s == "0" for s in spills), f"{name} spills:\n{r.stderr}"
+
+
+@requires_nvcc
+def test_group_inputs_mixed_dtypes_scalars_and_preamble_compile(tmp_path, monkeypatch):
+    monkeypatch.setenv("L2SIDE_CACHE_DIR", str(tmp_path))
+    ks = [
+        ew.kernel("t_dequant", {"q": "e4m3"}, {"y": "bf16"}, "for (int i = 0; i < VEC; ++i) y[i] = q[i] * s;",
+                  group=128, group_inputs={"s": "f32"}),
+        ew.kernel("t_mixed", {"a": "f64", "b": "i64", "c": "e5m2"}, {"o": "f32", "p": "u8"},
+                  "o = a * b + c * d + k + u; p = (unsigned char)(b & 255);",
+                  scalars={"k": "int64", "u": "uint64", "d": "double"}),
+        ew.kernel("t_rms", {"x": "f16"}, {"y": "f16"},
+                  "float ss = 0.f;\nfor (int i = 0; i < VEC; ++i) ss += x[i] * x[i];\n"
+                  "const float r = rsqrtf(group_sum(ss) / GROUP + eps);\nfor (int i = 0; i < VEC; ++i) y[i] = x[i] * r;",
+                  group=256, scalars={"eps": "float"}),
+        ew.kernel("t_native", {"x": "bf16"}, {"y": "bf16"}, "y = square(x);", compute="native",
+                  preamble="__device__ inline __nv_bfloat16 square(__nv_bfloat16 v) { return __hmul(v, v); }"),
+    ]
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        for cubin in ex.map(lambda k: k.build("sm_90a"), ks):
+            assert cubin[:4] == b"\x7fELF"
 
 
 @requires_nvcc
