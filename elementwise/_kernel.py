@@ -404,9 +404,15 @@ class ElementwiseKernel:
         lib.define(f"{opname}({', '.join(schema_args)}) -> {ret}")
         n_in = len(s.inputs) + len(s.group_inputs)
 
-        def impl(*args):
-            *rest, mode = args
-            return self(*rest, mode=mode)
+        scalar_names = [n for n, _ in s.scalars]
+
+        def impl(*args, **kwargs):
+            # torch passes the schema's arguments positionally, the defaulted `mode` only when given
+            tensors, rest = args[:n_in], list(args[n_in:])
+            scalars = dict(zip(scalar_names, rest))
+            mode = rest[len(scalar_names)] if len(rest) > len(scalar_names) else kwargs.pop("mode", "near")
+            scalars.update(kwargs)
+            return self(*tensors, mode=mode, **scalars)
 
         def fake(*args):
             ins = args[:n_in]
