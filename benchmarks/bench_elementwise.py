@@ -295,6 +295,9 @@ def main(argv=None) -> int:
                                  mj_per_gb=round(statistics.median(mj_per_gb[variant]), 1) if mj_per_gb[variant] else "",
                                  watts=round(statistics.mean(watts[variant]), 0) if watts[variant] else "",
                                  reps=reps_of[variant], path=paths.get(variant, "")))
+                r = rows[-1]       # progress (a run cut short still leaves every finished row in the log)
+                print(f"# {size_kind} {op} {variant}: {r['time_us']} us, {r['gbps']} GB/s, {r['mj_per_gb']} mJ/GB, "
+                      f"{r['watts']} W, path {r['path'] or '-'}", flush=True)
             del graphs, fns
             torch.cuda.synchronize()
             torch.cuda.empty_cache()

@@ -13,7 +13,10 @@
 #   tests.log      pytest
 #   bench.log      every benchmark's output
 #   allocator.csv / allocator.json (bench_allocator.py), gemm.csv, elementwise.csv (when those benchmarks exist)
-# Environment: PYTEST_OPTS (default "-x -q -rA"), BENCH_ALLOCATOR_ARGS (extra args), SKIP_INSTALL=1.
+# Environment: PYTEST_OPTS (default "-x -q -rA"), BENCH_ALLOCATOR_ARGS / BENCH_ELEMENTWISE_ARGS (extra args),
+#   SKIP_INSTALL=1, SKIP_GEMM=1 (no bench_gemm.py), BENCHES (default "allocator,gemm,elementwise": which
+#   benchmarks run), DEADLINE_S (every part is killed once this many seconds have passed since the start, so
+#   the parts after it still report; default none).
 # Every part runs even when an earlier one failed; the exit code is non-zero when any part failed.
 set -x
 set -o pipefail
@@ -30,6 +33,8 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PYTHON=${PYTHON:-python3}
 PYTEST_OPTS=${PYTEST_OPTS:--x -q -rA}
+BENCHES=${BENCHES:-allocator,gemm,elementwise}
+T_START=$(date +%s)
 
 case "$WHAT" in
   all|tests|bench|install|info) ;;
@@ -46,8 +51,18 @@ run_part() {  # run_part NAME LOGFILE command...: output to the terminal and app
   local name=$1 log=$2 t0 rc
   shift 2
   t0=$(date +%s)
+  local -a guard=()
+  if [ -n "${DEADLINE_S:-}" ]; then
+    local left=$(( T_START + DEADLINE_S - t0 ))
+    if [ "$left" -lt 5 ]; then
+      echo "===== $name: skipped, DEADLINE_S=$DEADLINE_S reached" | tee -a "$log"
+      record "$name (no time)" 1 0
+      return 0
+    fi
+    guard=(timeout --signal=TERM --kill-after=10 "$left")
+  fi
   echo "===== $name: $* ($(date -u +%FT%TZ))" | tee -a "$log"
-  "$@" 2>&1 | tee -a "$log"
+  "${guard[@]}" "$@" 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
   echo "===== $name: exit code $rc after $(( $(date +%s) - t0 )) s" | tee -a "$log"
   record "$name" "$rc" "$(( $(date +%s) - t0 ))"
@@ -83,15 +98,22 @@ fi
 # ---- benchmarks
 if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   : > "$OUT/bench.log"
-  # shellcheck disable=SC2086
-  run_part bench_allocator "$OUT/bench.log" "$PYTHON" benchmarks/bench_allocator.py --out "$OUT" ${BENCH_ALLOCATOR_ARGS:-}
-  if [ -f benchmarks/bench_gemm.py ]; then
+  if [[ ",$BENCHES," == *,allocator,* ]]; then
+    # shellcheck disable=SC2086
+    run_part bench_allocator "$OUT/bench.log" "$PYTHON" benchmarks/bench_allocator.py --out "$OUT" ${BENCH_ALLOCATOR_ARGS:-}
+  fi
+  if [ "${SKIP_GEMM:-0}" = 1 ] || [[ ",$BENCHES," != *,gemm,* ]]; then
+    echo "bench_gemm skipped (SKIP_GEMM / BENCHES)" | tee -a "$OUT/bench.log"
+  elif [ -f benchmarks/bench_gemm.py ]; then
     run_part bench_gemm "$OUT/bench.log" "$PYTHON" benchmarks/bench_gemm.py --csv "$OUT/gemm.csv"
   else
     echo "benchmarks/bench_gemm.py not there yet: skipped" | tee -a "$OUT/bench.log"
   fi
-  if [ -f benchmarks/bench_elementwise.py ]; then
-    run_part bench_elementwise "$OUT/bench.log" "$PYTHON" benchmarks/bench_elementwise.py --csv "$OUT/elementwise.csv"
+  if [[ ",$BENCHES," != *,elementwise,* ]]; then
+    echo "bench_elementwise skipped (BENCHES)" | tee -a "$OUT/bench.log"
+  elif [ -f benchmarks/bench_elementwise.py ]; then
+    # shellcheck disable=SC2086
+    run_part bench_elementwise "$OUT/bench.log" "$PYTHON" benchmarks/bench_elementwise.py --csv "$OUT/elementwise.csv" ${BENCH_ELEMENTWISE_ARGS:-}
   else
     echo "benchmarks/bench_elementwise.py not there yet: skipped" | tee -a "$OUT/bench.log"
   fi
