@@ -1,0 +1,286 @@
+"""FP8 e4m3 GEMM with fine-grained scaling (the DeepGEMM recipe) on Hopper: `gemm(a, a_scales, b, b_scales)`.
+
+    D[M,N] (bf16) = (a * a_scales) @ (b * b_scales)^T
+    a        [M, K] float8_e4m3fn, rows contiguous (row stride a multiple of 16 bytes)
+    a_scales [M, ceil(K/128)] float32, one per row per 128 of K.  Native layout: MN-major, i.e. strides
+             (1, S) with S >= M and S % 4 == 0 (DeepGEMM's `get_col_major_tma_aligned_tensor`, and what
+             `l2side.elementwise.per_token_cast_to_fp8(x, scale_layout="mn")` returns); any other layout
+             (e.g. row-major) is accepted and copied into it (one small extra kernel per call).
+    b        [N, K] float8_e4m3fn, rows contiguous (the weight, K-major: computes a @ b.T)
+    b_scales [ceil(N/128), ceil(K/128)] float32, any strides
+    out      [M, N] bfloat16, contiguous (allocated when not given)
+
+The kernel (kernels/fp8_gemm/fp8_gemm.cuh) is compiled per (N, K, block config) — M is a run-time
+argument — with nvcc for sm_90a and cached on disk (l2side.jit).
+
+Block configuration (`gemm_config`): BLOCK_K = 128 (the scale granularity); BLOCK_M = 64 (one math
+warpgroup) when M <= 64, else 128 (two). BLOCK_N (multiple of 8, 16..128) minimises the estimated time
+waves * (BLOCK_N + 16), where waves = ceil(tiles / SMs): the kernel is persistent, so the last wave's
+idle SMs are the cost that smaller tiles buy back, and the +16 stands for the per-tile cost that does
+not shrink with BLOCK_N (the A tile, the promotion and epilogue). Stages: as many as fit in shared memory,
+at most 12.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+
+from . import jit
+
+BLOCK_K = 128
+MAX_SMEM = 232448            # bytes of dynamic shared memory per block on sm_90
+MAX_STAGES = 12
+GROUP_N = 16                 # N-blocks per raster group (scheduler.cuh)
+KERNEL_NAME = "l2side_fp8_gemm"
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    stages: int
+    group_n: int = GROUP_N
+
+    @property
+    def num_math_warpgroups(self) -> int:
+        return self.block_m // 64
+
+    @property
+    def threads(self) -> int:
+        return (self.num_math_warpgroups + 1) * 128
+
+    @property
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory asked at launch (the layout of SmemLayout + 1024 for the base alignment)."""
+        return smem_layout_bytes(self.block_m, self.block_n, self.stages) + 1024
+
+
+def smem_layout_bytes(block_m: int, block_n: int, stages: int) -> int:
+    per_stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4
+    barriers_at = -(-stages * per_stage // 8) * 8
+    return barriers_at + 2 * stages * 8
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
+    """The block configuration for a shape (see the module docstring for the rule)."""
+    if m < 1 or n < 1 or k < 1:
+        raise ValueError(f"gemm_config needs positive sizes, got m={m}, n={n}, k={k}")
+    block_m = 64 if m <= 64 else 128
+    num_m_blocks = _ceil_div(m, block_m)
+    best = None
+    for block_n in range(16, 129, 8):
+        tiles = num_m_blocks * _ceil_div(n, block_n)
+        waves = _ceil_div(tiles, num_sms)
+        cost = waves * (block_n + 16)
+        key = (cost, -block_n)
+        if best is None or key < best[0]:
+            best = (key, block_n)
+    block_n = best[1]
+    per_stage = smem_layout_bytes(block_m, block_n, 1) - 16
+    stages = min(MAX_STAGES, (MAX_SMEM - 1024 - 64) // (per_stage + 16))
+    return GemmConfig(block_m=block_m, block_n=block_n, stages=stages)
+
+
+def grid_size(m: int, n: int, config: GemmConfig, num_sms: int) -> int:
+    tiles = _ceil_div(m, config.block_m) * _ceil_div(n, config.block_n)
+    return max(1, min(num_sms, tiles))
+
+
+# ---------------------------------------------------------------------------------------------- source
+def mma_source(block_n: int) -> str:
+    """The wgmma m64nNk32 e4m3 x e4m3 -> f32 wrapper for one N (operands from shared-memory descriptors)."""
+    if block_n % 8 or not 8 <= block_n <= 256:
+        raise ValueError(f"wgmma N must be a multiple of 8 in [8, 256], got {block_n}")
+    n_acc = block_n // 2
+    regs = ", ".join(f"%{i}" for i in range(n_acc))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(n_acc))
+    return (
+        "struct Mma {\n"
+        f"  static constexpr uint32_t kN = {block_n};\n"
+        "  __device__ __forceinline__ static void run(float* d, uint64_t desc_a, uint64_t desc_b, bool accumulate) {\n"
+        "    asm volatile(\n"
+        f'        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{n_acc + 2}, 0;\\n"\n'
+        f'        "wgmma.mma_async.sync.aligned.m64n{block_n}k32.f32.e4m3.e4m3 "\n'
+        f'        "{{{regs}}}, %{n_acc}, %{n_acc + 1}, p, 1, 1;\\n}}\\n"\n'
+        f"        : {outs}\n"
+        '        : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)));\n'
+        "  }\n"
+        "};\n")
+
+
+def gemm_source(n: int, k: int, config: GemmConfig) -> str:
+    """The CUDA source of the kernel for one (N, K, config): the header, the wgmma wrapper, the entry."""
+    if k % 16:
+        raise ValueError(f"K must be a multiple of 16 (TMA rows of 16 bytes), got {k}")
+    return (
+        f"// l2side FP8 GEMM: N={n} K={k} {config}\n"
+        '#include "fp8_gemm/fp8_gemm.cuh"\n\n'
+        + mma_source(config.block_n) +
+        f"\nextern \"C\" __global__ void __launch_bounds__({config.threads}, 1) {KERNEL_NAME}(\n"
+        "    __nv_bfloat16* d, const float* scales_b, uint32_t sb_stride_n, uint32_t sb_stride_k, uint32_t shape_m,\n"
+        "    const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,\n"
+        "    const __grid_constant__ CUtensorMap tmap_sa) {\n"
+        f"  l2side::fp8_gemm::gemm_body<{n}, {k}, {config.block_m}, {config.block_n}, {config.stages}, "
+        f"{config.group_n}, Mma>(\n"
+        "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa);\n"
+        "}\n")
+
+
+def build(n: int, k: int, config: GemmConfig, arch: str = "sm_90a", options=()) -> bytes:
+    """Compiles (cached on disk) the kernel for (N, K, config); needs nvcc, not a GPU."""
+    return jit.compile(gemm_source(n, k, config), name=f"fp8_gemm_n{n}_k{k}", options=tuple(options), arch=arch)
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _fail(msg: str):
+    raise ValueError(msg)
+
+
+def _describe(t) -> str:
+    return f"{tuple(t.shape)} {t.dtype} on {t.device} with strides {tuple(t.stride())}"
+
+
+def check_arguments(a, a_scales, b, b_scales, out=None):
+    """Validates the arguments (no CUDA call); returns (M, N, K). Every error names the argument."""
+    import torch
+    for name, t in (("a", a), ("a_scales", a_scales), ("b", b), ("b_scales", b_scales)):
+        if not isinstance(t, torch.Tensor):
+            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if out is not None and not isinstance(out, torch.Tensor):
+        _fail(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    for name, t in (("a", a), ("b", b)):
+        if t.dtype != torch.float8_e4m3fn:
+            _fail(f"{name} must be float8_e4m3fn, got {t.dtype}")
+        if t.dim() != 2:
+            _fail(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    m, k = a.shape
+    n, kb_ = b.shape
+    if kb_ != k:
+        _fail(f"b must be [N, K] with the K of a ({k}), got shape {tuple(b.shape)} (D = a @ b.T)")
+    if k == 0 or k % 16:
+        _fail(f"K (a.shape[1] = {k}) must be a positive multiple of 16: TMA needs 16-byte rows")
+    if n == 0:
+        _fail(f"N (b.shape[0]) must be positive, got {n}")
+    for name, t, rows in (("a", a, m), ("b", b, n)):
+        if t.stride(1) != 1 or (rows > 1 and (t.stride(0) < k or t.stride(0) % 16)):
+            _fail(f"{name} must have contiguous rows with a row stride that is a multiple of 16 elements "
+                  f"(>= K); got {_describe(t)}; call .contiguous()")
+    for name, t in (("a_scales", a_scales), ("b_scales", b_scales)):
+        if t.dtype != torch.float32:
+            _fail(f"{name} must be float32, got {t.dtype}")
+    kb = _ceil_div(k, BLOCK_K)
+    if tuple(a_scales.shape) != (m, kb):
+        _fail(f"a_scales must have shape [M, ceil(K/128)] = [{m}, {kb}], got {tuple(a_scales.shape)}")
+    if tuple(b_scales.shape) != (_ceil_div(n, BLOCK_K), kb):
+        _fail(f"b_scales must have shape [ceil(N/128), ceil(K/128)] = [{_ceil_div(n, BLOCK_K)}, {kb}], "
+              f"got {tuple(b_scales.shape)}")
+    if any(s < 0 for s in b_scales.stride()):
+        _fail(f"b_scales must have non-negative strides, got {tuple(b_scales.stride())}")
+    if out is not None:
+        if out.dtype != torch.bfloat16:
+            _fail(f"out must be bfloat16, got {out.dtype}")
+        if tuple(out.shape) != (m, n):
+            _fail(f"out must have shape [M, N] = [{m}, {n}], got {tuple(out.shape)}")
+        if not out.is_contiguous():
+            _fail(f"out must be contiguous, got strides {tuple(out.stride())}")
+    tensors = [("a", a), ("a_scales", a_scales), ("b", b), ("b_scales", b_scales)]
+    if out is not None:
+        tensors.append(("out", out))
+    for name, t in tensors:
+        if t.device.type != "cuda":
+            _fail(f"{name} must be a CUDA tensor, got device {t.device}")
+    for name, t in tensors[1:]:
+        if t.device != a.device:
+            _fail(f"{name} is on {t.device} but a is on {a.device}: all tensors must be on one device")
+    for name, t in (("a", a), ("b", b)):
+        if t.data_ptr() % 16:
+            _fail(f"{name} must start at a 16-byte-aligned address (TMA), got {t.data_ptr():#x}")
+    return m, n, k
+
+
+def _scales_are_native(sa, m: int) -> bool:
+    """MN-major with a TMA-able column stride: used as is."""
+    s0, s1 = sa.stride()
+    return (s0 == 1 or m == 1) and s1 % 4 == 0 and s1 >= m and sa.data_ptr() % 16 == 0
+
+
+def to_native_a_scales(a_scales):
+    """a_scales [M, KB] in the kernel's layout: strides (1, ceil4(M)) (a copy unless already so)."""
+    import torch
+    m, kb = a_scales.shape
+    if _scales_are_native(a_scales, m):
+        return a_scales
+    padded = torch.empty((kb, _ceil_div(m, 4) * 4), dtype=torch.float32, device=a_scales.device)
+    view = padded[:, :m].t()
+    view.copy_(a_scales)
+    return view
+
+
+# ------------------------------------------------------------------------------------------ launching
+class _Device:
+    """Per-device state: the GPU's properties and the kernels loaded on it."""
+
+    def __init__(self, index: int):
+        import torch
+        props = torch.cuda.get_device_properties(index)
+        if (props.major, props.minor) != (9, 0):
+            raise RuntimeError(f"l2side.gemm needs a Hopper GPU (sm_90: H100/H200); device {index} is "
+                               f"{props.name} (sm_{props.major}{props.minor})")
+        self.index = index
+        self.num_sms = props.multi_processor_count
+        self.kernels: dict = {}
+
+
+_devices: dict = {}
+_lock = threading.Lock()
+
+
+def _device(index: int) -> _Device:
+    dev = _devices.get(index)
+    if dev is None:
+        with _lock:
+            dev = _devices.get(index) or _Device(index)
+            _devices[index] = dev
+    return dev
+
+
+def _kernel(dev: _Device, n: int, k: int, config: GemmConfig) -> jit.Kernel:
+    key = (n, k, config)
+    kernel = dev.kernels.get(key)
+    if kernel is None:
+        kernel = jit.load_kernel(gemm_source(n, k, config), KERNEL_NAME, name=f"fp8_gemm_n{n}_k{k}",
+                                 device=dev.index)
+        kernel.set_max_dynamic_smem(config.smem_bytes)
+        dev.kernels[key] = kernel
+    return kernel
+
+
+def gemm(a, a_scales, b, b_scales, out=None, *, config: GemmConfig | None = None):
+    """D = (a * a_scales) @ (b * b_scales)^T in bfloat16, on torch's current stream (see the module doc)."""
+    import torch
+    m, n, k = check_arguments(a, a_scales, b, b_scales, out)
+    if out is None:
+        out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)
+    if m == 0:
+        return out
+    dev = _device(a.device.index if a.device.index is not None else torch.cuda.current_device())
+    if config is None:
+        config = gemm_config(m, n, k, dev.num_sms)
+    kernel = _kernel(dev, n, k, config)
+    sa = to_native_a_scales(a_scales)
+    kb = _ceil_div(k, BLOCK_K)
+    tmap_a = jit.tensor_map(a.data_ptr(), "e4m3", (k, m), (a.stride(0) if m > 1 else k,),
+                            (BLOCK_K, config.block_m), swizzle=128)
+    tmap_b = jit.tensor_map(b.data_ptr(), "e4m3", (k, n), (b.stride(0) if n > 1 else k,),
+                            (BLOCK_K, config.block_n), swizzle=128)
+    tmap_sa = jit.tensor_map(sa.data_ptr(), "f32", (m, kb), (sa.stride(1) * 4,), (config.block_m, 1), swizzle=0)
+    params = (jit.Params().ptr(out).ptr(b_scales).u32(b_scales.stride(0)).u32(b_scales.stride(1)).u32(m)
+              .tensor_map(tmap_a).tensor_map(tmap_b).tensor_map(tmap_sa))
+    kernel.launch(grid_size(m, n, config, dev.num_sms), config.threads, params.buffer, smem=config.smem_bytes,
+                  stream=torch.cuda.current_stream(dev.index).cuda_stream)
+    return out

@@ -1,0 +1,138 @@
+"""Developer check of l2side.gemm on a GPU: correctness on a few shapes, then a quick timing against
+cuBLAS's blockwise torch._scaled_mm (CUDA events, L2 flushed). The full benchmark is
+benchmarks/bench_gemm.py; this one is for kernel work.
+
+    python scripts/gemm_dev.py [--shapes M,N,K;M,N,K...] [--no-time] [--config BM,BN,STAGES]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+DEEPSEEK = [(m, n, k) for m in (64, 128, 4096)
+            for (n, k) in ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))]
+EDGE = [(1, 16, 16), (7, 2112, 7168), (129, 200, 272), (300, 1000, 4112), (65, 129, 144), (257, 2111, 1040)]
+
+
+def quant_rows(x):  # per row per 128 of K
+    m, k = x.shape
+    kb = -(-k // 128)
+    xp = torch.nn.functional.pad(x, (0, kb * 128 - k)).view(m, kb, 128)
+    amax = xp.abs().amax(-1).clamp(min=1e-4)
+    q = (xp * (448.0 / amax)[..., None]).to(torch.float8_e4m3fn).view(m, kb * 128)[:, :k].contiguous()
+    return q, (amax / 448.0)
+
+
+def quant_blocks(w):  # per 128x128 block
+    n, k = w.shape
+    nb, kb = -(-n // 128), -(-k // 128)
+    wp = torch.nn.functional.pad(w, (0, kb * 128 - k, 0, nb * 128 - n)).view(nb, 128, kb, 128)
+    amax = wp.abs().amax((1, 3)).clamp(min=1e-4)
+    q = (wp * (448.0 / amax)[:, None, :, None]).to(torch.float8_e4m3fn).view(nb * 128, kb * 128)[:n, :k]
+    return q.contiguous(), amax / 448.0
+
+
+def reference(a, sa, b, sb):
+    m, k = a.shape
+    n = b.shape[0]
+    ad = a.float() * sa.repeat_interleave(128, 1)[:, :k]
+    bd = b.float() * sb.repeat_interleave(128, 0).repeat_interleave(128, 1)[:n, :k]
+    return ad @ bd.t()
+
+
+def diff(x, y):
+    x, y = x.double(), y.double()
+    return (1 - 2 * (x * y).sum() / (x * x + y * y).sum()).item()
+
+
+def make(m, n, k):
+    a, sa = quant_rows(torch.randn(m, k, device="cuda"))
+    b, sb = quant_blocks(torch.randn(n, k, device="cuda"))
+    return a, sa, b, sb
+
+
+def cublas_fn(a, sa, b, sb):
+    """torch._scaled_mm with blockwise scales (1x128 for A, 128x128 for B), or None when refused."""
+    m, k = a.shape
+    sa_t = sa.t().contiguous().t()  # outer-dim-major, as cuBLAS wants it
+    attempts = [lambda: torch._scaled_mm(a, b.t(), sa_t, sb, out_dtype=torch.bfloat16),
+                lambda: torch._scaled_mm(a, b.t(), sa_t, sb.t(), out_dtype=torch.bfloat16)]
+    ref = reference(a, sa, b, sb)
+    for f in attempts:
+        try:
+            out = f()
+            torch.cuda.synchronize()
+            if diff(out, ref) < 1e-3:
+                return f
+        except Exception as e:  # noqa: BLE001
+            last = e
+    print(f"   cuBLAS blockwise refused: {str(last).splitlines()[0][:150]}" if 'last' in dir() else
+          "   cuBLAS blockwise: wrong result", flush=True)
+    return None
+
+
+def time_fn(fn, flush, reps=30):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3)
+    return statistics.median(times)
+
+
+def main():
+    import l2side
+    from l2side import fp8_gemm
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="")
+    p.add_argument("--no-time", action="store_true")
+    p.add_argument("--config", default="")
+    args = p.parse_args()
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes else EDGE + DEEPSEEK
+    torch.manual_seed(0)
+    flush = torch.empty(256 << 20, dtype=torch.int32, device="cuda")
+    bad = 0
+    for (m, n, k) in shapes:
+        a, sa, b, sb = make(m, n, k)
+        cfg = None
+        if args.config:
+            bm, bn, st = (int(v) for v in args.config.split(","))
+            cfg = fp8_gemm.GemmConfig(bm, bn, st)
+        cfg = cfg or fp8_gemm.gemm_config(m, n, k)
+        t0 = time.time()
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        l2side.gemm(a, sa, b, sb, out=out, **({"config": cfg} if args.config else {}))
+        torch.cuda.synchronize()
+        build_s = time.time() - t0
+        ref = reference(a, sa, b, sb)
+        d = diff(out, ref)
+        nan = torch.isnan(out).any().item()
+        ok = d < 1e-3 and not nan
+        bad += not ok
+        line = f"{m:5d} {n:6d} {k:6d} {str(cfg):60s} diff={d:.2e} nan={nan} {'OK' if ok else 'BAD'} (first call {build_s:.1f}s)"
+        if not args.no_time and ok:
+            t = time_fn(lambda: l2side.gemm(a, sa, b, sb, out=out), flush)
+            tf = 2 * m * n * k / t / 1e6
+            gbs = (m * k + n * k + 2 * m * n) / t / 1e3
+            line += f" | l2side {t:8.1f} us {tf:7.1f} TFLOPS {gbs:6.0f} GB/s"
+            f = cublas_fn(a, sa, b, sb)
+            if f is not None:
+                tc = time_fn(f, flush)
+                line += f" | cuBLAS {tc:8.1f} us {2 * m * n * k / tc / 1e6:7.1f} TFLOPS | x{tc / t:.2f}"
+        print(line, flush=True)
+    print(f"{bad} bad shapes")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
