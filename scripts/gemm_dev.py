@@ -101,6 +101,14 @@ def main():
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes else EDGE + DEEPSEEK
     torch.manual_seed(0)
     flush = torch.empty(256 << 20, dtype=torch.int32, device="cuda")
+    # compile every kernel in parallel first (nvcc takes seconds per kernel)
+    from concurrent.futures import ThreadPoolExecutor
+    fixed = fp8_gemm.GemmConfig(*(int(v) for v in args.config.split(","))) if args.config else None
+    jobs = {(n, k, fixed or fp8_gemm.gemm_config(m, n, k)) for (m, n, k) in shapes}
+    t0 = time.time()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda j: fp8_gemm.build(*j), jobs))
+    print(f"built {len(jobs)} kernels in {time.time() - t0:.1f} s", flush=True)
     bad = 0
     for (m, n, k) in shapes:
         a, sa, b, sb = make(m, n, k)
