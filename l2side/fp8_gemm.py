@@ -23,8 +23,10 @@ at most 12.
 from __future__ import annotations
 
 import dataclasses
-import math
+import struct
 import threading
+
+import torch
 
 from . import jit
 
@@ -147,7 +149,6 @@ def _describe(t) -> str:
 
 def check_arguments(a, a_scales, b, b_scales, out=None):
     """Validates the arguments (no CUDA call); returns (M, N, K). Every error names the argument."""
-    import torch
     for name, t in (("a", a), ("a_scales", a_scales), ("b", b), ("b_scales", b_scales)):
         if not isinstance(t, torch.Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -211,7 +212,6 @@ def _scales_are_native(sa, m: int) -> bool:
 
 def to_native_a_scales(a_scales):
     """a_scales [M, KB] in the kernel's layout: strides (1, ceil4(M)) (a copy unless already so)."""
-    import torch
     m, kb = a_scales.shape
     if _scales_are_native(a_scales, m):
         return a_scales
@@ -226,7 +226,6 @@ class _Device:
     """Per-device state: the GPU's properties and the kernels loaded on it."""
 
     def __init__(self, index: int):
-        import torch
         props = torch.cuda.get_device_properties(index)
         if (props.major, props.minor) != (9, 0):
             raise RuntimeError(f"l2side.gemm needs a Hopper GPU (sm_90: H100/H200); device {index} is "
@@ -260,27 +259,87 @@ def _kernel(dev: _Device, n: int, k: int, config: GemmConfig) -> jit.Kernel:
     return kernel
 
 
+_launch_cache: dict = {}   # (pointers, shapes, strides, device, config) -> (kernel, grid, block, smem, params tail)
+_LAUNCH_CACHE_MAX = 4096
+
+
+def _launch(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmConfig | None) -> None:
+    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    key = (index, a.data_ptr(), a.stride(0), a_scales.data_ptr(), a_scales.stride(), b.data_ptr(), b.stride(0),
+           b_scales.data_ptr(), b_scales.stride(), m, n, k, config)
+    hit = _launch_cache.get(key)
+    if hit is None or not _scales_are_native(a_scales, m):
+        dev = _device(index)
+        cfg = config or gemm_config(m, n, k, dev.num_sms)
+        kernel = _kernel(dev, n, k, cfg)
+        sa = to_native_a_scales(a_scales)
+        kb = _ceil_div(k, BLOCK_K)
+        tmap_a = jit.tensor_map(a.data_ptr(), "e4m3", (k, m), (a.stride(0) if m > 1 else k,),
+                                (BLOCK_K, cfg.block_m), swizzle=128)
+        tmap_b = jit.tensor_map(b.data_ptr(), "e4m3", (k, n), (b.stride(0) if n > 1 else k,),
+                                (BLOCK_K, cfg.block_n), swizzle=128)
+        tmap_sa = jit.tensor_map(sa.data_ptr(), "f32", (m, kb), (sa.stride(1) * 4,), (cfg.block_m, 1), swizzle=0)
+        tail = (jit.Params().u64(0).ptr(b_scales).u32(b_scales.stride(0)).u32(b_scales.stride(1)).u32(m)
+                .tensor_map(tmap_a).tensor_map(tmap_b).tensor_map(tmap_sa)).buffer[8:]
+        hit = (kernel, grid_size(m, n, cfg, dev.num_sms), cfg.threads, cfg.smem_bytes, tail)
+        if sa is a_scales:  # a converted copy lives only for this call: never cached
+            if len(_launch_cache) >= _LAUNCH_CACHE_MAX:
+                _launch_cache.clear()
+            _launch_cache[key] = hit
+    kernel, grid, block, smem, tail = hit
+    kernel.launch(grid, block, _U64.pack(out.data_ptr()) + tail, smem=smem,
+                  stream=torch.cuda.current_stream(kernel.device).cuda_stream)
+
+
+_U64 = struct.Struct("<Q")
+
+
 def gemm(a, a_scales, b, b_scales, out=None, *, config: GemmConfig | None = None):
-    """D = (a * a_scales) @ (b * b_scales)^T in bfloat16, on torch's current stream (see the module doc)."""
-    import torch
+    """D = (a * a_scales) @ (b * b_scales)^T in bfloat16, on torch's current stream (see the module doc).
+
+    Under torch.compile this goes through the custom ops torch.ops.l2side.fp8_gemm / fp8_gemm_out (which
+    have fake implementations), so `torch.compile(fullgraph=True)` traces it.
+    """
+    if torch.compiler.is_compiling():
+        if config is not None:
+            raise ValueError("config cannot be passed under torch.compile")
+        if out is None:
+            return torch.ops.l2side.fp8_gemm(a, a_scales, b, b_scales)
+        torch.ops.l2side.fp8_gemm_out(a, a_scales, b, b_scales, out)
+        return out
     m, n, k = check_arguments(a, a_scales, b, b_scales, out)
     if out is None:
         out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)
-    if m == 0:
-        return out
-    dev = _device(a.device.index if a.device.index is not None else torch.cuda.current_device())
-    if config is None:
-        config = gemm_config(m, n, k, dev.num_sms)
-    kernel = _kernel(dev, n, k, config)
-    sa = to_native_a_scales(a_scales)
-    kb = _ceil_div(k, BLOCK_K)
-    tmap_a = jit.tensor_map(a.data_ptr(), "e4m3", (k, m), (a.stride(0) if m > 1 else k,),
-                            (BLOCK_K, config.block_m), swizzle=128)
-    tmap_b = jit.tensor_map(b.data_ptr(), "e4m3", (k, n), (b.stride(0) if n > 1 else k,),
-                            (BLOCK_K, config.block_n), swizzle=128)
-    tmap_sa = jit.tensor_map(sa.data_ptr(), "f32", (m, kb), (sa.stride(1) * 4,), (config.block_m, 1), swizzle=0)
-    params = (jit.Params().ptr(out).ptr(b_scales).u32(b_scales.stride(0)).u32(b_scales.stride(1)).u32(m)
-              .tensor_map(tmap_a).tensor_map(tmap_b).tensor_map(tmap_sa))
-    kernel.launch(grid_size(m, n, config, dev.num_sms), config.threads, params.buffer, smem=config.smem_bytes,
-                  stream=torch.cuda.current_stream(dev.index).cuda_stream)
+    if m:
+        _launch(a, a_scales, b, b_scales, out, m, n, k, config)
     return out
+
+
+def _register_ops() -> None:
+
+    @torch.library.custom_op("l2side::fp8_gemm", mutates_args=())
+    def fp8_gemm_op(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor,
+                    b_scales: torch.Tensor) -> torch.Tensor:
+        m, n, k = check_arguments(a, a_scales, b, b_scales)
+        out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)
+        if m:
+            _launch(a, a_scales, b, b_scales, out, m, n, k, None)
+        return out
+
+    @fp8_gemm_op.register_fake
+    def _(a, a_scales, b, b_scales):
+        return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.bfloat16)
+
+    @torch.library.custom_op("l2side::fp8_gemm_out", mutates_args=("out",))
+    def fp8_gemm_out_op(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
+                        out: torch.Tensor) -> None:
+        m, n, k = check_arguments(a, a_scales, b, b_scales, out)
+        if m:
+            _launch(a, a_scales, b, b_scales, out, m, n, k, None)
+
+    @fp8_gemm_out_op.register_fake
+    def _(a, a_scales, b, b_scales, out):
+        return None
+
+
+_register_ops()
