@@ -1,0 +1,365 @@
+"""l2side.gemm (FP8 e4m3, 1x128 / 128x128 scales, bf16 out).
+
+CPU: argument validation (every error a ValueError naming the argument, raised before any CUDA call), the
+block-size heuristic, the generated source, sm_90a compiles without register spills.
+GPU (Hopper): correctness vs l2side.quantize.gemm_reference on the DeepSeek-V3 shapes and unaligned ones, with
+poisoned outputs; scale layouts; torch.compile(fullgraph=True); CUDA graphs; non-default streams."""
+import concurrent.futures
+import os
+import random
+import re
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+import l2side
+from conftest import hopper_available, requires_hopper, requires_nvcc
+from l2side.quantize import gemm_reference, quantize_activation, quantize_weight
+
+try:
+    from l2side import fp8_gemm
+except ImportError as e:                              # the launcher not there yet: its tests skip, others run
+    fp8_gemm = None
+    _missing = f"l2side.fp8_gemm is missing ({e})"
+else:
+    _missing = ""
+
+needs_module = pytest.mark.skipif(fp8_gemm is None, reason=_missing or "-")
+gpu = [pytest.mark.gpu, requires_hopper, needs_module]
+
+MAX_SMEM = 232448                                     # dynamic shared memory per block on sm_90 (227 KiB)
+DEEPSEEK_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+DEEPSEEK = [(m, n, k) for m in (64, 128, 4096) for (n, k) in DEEPSEEK_NK]
+_rng = random.Random(1234)
+UNALIGNED = [(1, 16, 16), (7, 2112, 7168), (129, 200, 272), (300, 1000, 4112), (65, 129, 144), (257, 2111, 1040),
+             (1, 24576, 1536), (4095, 7167, 2064)] + \
+            [(_rng.randrange(1, 700), _rng.randrange(1, 3000), 16 * _rng.randrange(1, 400)) for _ in range(4)]
+
+
+def ceil_div(a, b):
+    return -(-a // b)
+
+
+# ------------------------------------------------------------------------------------ argument checks
+def _cpu_args(m=8, n=40, k=256):
+    kb = ceil_div(k, 128)
+    a = torch.zeros(m, k, dtype=torch.float8_e4m3fn)
+    b = torch.zeros(n, k, dtype=torch.float8_e4m3fn)
+    sa = torch.ones(kb, ceil_div(m, 4) * 4)[:, :m].t()
+    sb = torch.ones(ceil_div(n, 128), kb)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    return dict(a=a, a_scales=sa, b=b, b_scales=sb, out=out)
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """Any CUDA call during argument checking fails the test with a non-ValueError."""
+    def touched(*args, **kwargs):
+        raise AssertionError("a CUDA call was made before the arguments were checked")
+    for name in ("current_stream", "current_device", "get_device_properties", "get_device_capability",
+                 "synchronize", "set_device"):
+        monkeypatch.setattr(torch.cuda, name, touched)
+
+
+def _bad(**changes):
+    args = _cpu_args()
+    args.update(changes)
+    return args
+
+
+BAD_ARGS = [
+    ("a", "a must be a torch.Tensor", lambda: _bad(a=[[1.0]])),
+    ("a", "a must be float8_e4m3fn", lambda: _bad(a=torch.zeros(8, 256, dtype=torch.bfloat16))),
+    ("b", "b must be float8_e4m3fn", lambda: _bad(b=torch.zeros(40, 256, dtype=torch.float8_e5m2))),
+    ("a", "a must be 2-D", lambda: _bad(a=torch.zeros(1, 8, 256, dtype=torch.float8_e4m3fn))),
+    ("b", r"\bb must be \[N, K\]", lambda: _bad(b=torch.zeros(40, 384, dtype=torch.float8_e4m3fn))),
+    ("K", "multiple of 16", lambda: _cpu_args(k=200)),
+    ("a", r"\ba must have contiguous rows", lambda: _bad(a=torch.zeros(256, 8, dtype=torch.float8_e4m3fn).t())),
+    ("b", r"\bb must have contiguous rows",
+     lambda: _bad(b=torch.zeros(40, 264, dtype=torch.float8_e4m3fn)[:, :256])),    # row stride 264: not 16-aligned
+    ("a_scales", "a_scales must be float32", lambda: _bad(a_scales=torch.ones(8, 2, dtype=torch.float64))),
+    ("a_scales", r"a_scales must have shape", lambda: _bad(a_scales=torch.ones(8, 3))),
+    ("a_scales", r"a_scales must have shape", lambda: _bad(a_scales=torch.ones(2, 8))),
+    ("b_scales", "b_scales must be float32", lambda: _bad(b_scales=torch.ones(1, 2, dtype=torch.bfloat16))),
+    ("b_scales", r"b_scales must have shape", lambda: _bad(b_scales=torch.ones(40, 2))),
+    ("out", "out must be bfloat16", lambda: _bad(out=torch.empty(8, 40))),
+    ("out", r"out must have shape", lambda: _bad(out=torch.empty(40, 8, dtype=torch.bfloat16))),
+    ("out", "out must be contiguous", lambda: _bad(out=torch.empty(40, 8, dtype=torch.bfloat16).t())),
+    ("a", "a must be a CUDA tensor", lambda: _cpu_args()),        # everything right but the device
+]
+
+
+@needs_module
+@pytest.mark.parametrize("name,match,make", BAD_ARGS, ids=[f"{i}-{b[0]}" for i, b in enumerate(BAD_ARGS)])
+def test_bad_arguments_raise_value_error_naming_them(name, match, make, no_cuda):
+    with pytest.raises(ValueError, match=match) as err:
+        l2side.gemm(**make())
+    assert name in str(err.value)
+
+
+@needs_module
+def test_k_must_be_a_multiple_of_16_in_source_too():
+    with pytest.raises(ValueError, match="16"):
+        fp8_gemm.gemm_source(256, 200, fp8_gemm.gemm_config(64, 256, 208))
+
+
+# ---------------------------------------------------------------------------------- block configuration
+def _waves(m, n, bm, bn, sms):
+    return ceil_div(ceil_div(m, bm) * ceil_div(n, bn), sms)
+
+
+CONFIG_SHAPES = DEEPSEEK + UNALIGNED + [(8192, 8192, 8192), (1, 1, 16), (64, 7, 4096), (100000, 256, 256)]
+
+
+@needs_module
+@pytest.mark.parametrize("num_sms", [132, 114, 78])
+def test_gemm_config_is_valid_for_every_shape(num_sms):
+    for m, n, k in CONFIG_SHAPES:
+        c = fp8_gemm.gemm_config(m, n, k, num_sms=num_sms)
+        what = f"{(m, n, k)} sms={num_sms}: {c}"
+        assert c.block_m in (64, 128), what
+        assert c.block_n % 8 == 0 and 8 <= c.block_n <= 256, what
+        assert c.stages >= 3, what
+        assert 0 < c.smem_bytes <= MAX_SMEM, what
+        assert c.num_math_warpgroups == c.block_m // 64, what
+        if m <= 64:
+            assert c.block_m == 64, what              # no half-empty 128-row tiles for small M
+        tiles = ceil_div(m, c.block_m) * ceil_div(n, c.block_n)
+        grid = fp8_gemm.grid_size(m, n, c, num_sms)
+        assert grid == min(num_sms, tiles), what      # persistent: every SM busy when there is work for it
+        # near-minimal waves over the block_n range the kernel supports, for the chosen block_m
+        best = min(_waves(m, n, c.block_m, bn, num_sms) for bn in range(16, 129, 8))
+        assert _waves(m, n, c.block_m, c.block_n, num_sms) <= best + 1, what
+
+
+@needs_module
+@pytest.mark.parametrize("m,n,k", [s for s in DEEPSEEK if s[0] <= 128])
+def test_memory_bound_shapes_use_the_fewest_waves(m, n, k):
+    c = fp8_gemm.gemm_config(m, n, k, 132)
+    best = min(_waves(m, n, c.block_m, bn, 132) for bn in range(16, 129, 8))
+    assert _waves(m, n, c.block_m, c.block_n, 132) == best
+
+
+@needs_module
+def test_gemm_config_rejects_empty_shapes():
+    with pytest.raises(ValueError):
+        fp8_gemm.gemm_config(0, 128, 128)
+
+
+# ------------------------------------------------------------------------------------------- source + nvcc
+@needs_module
+def test_source_carries_the_shape_constants():
+    c = fp8_gemm.gemm_config(64, 2112, 7168)
+    src = fp8_gemm.gemm_source(2112, 7168, c)
+    for v in (2112, 7168, c.block_m, c.block_n, c.stages):
+        assert re.search(rf"\b{v}\b", src), v
+    assert fp8_gemm.KERNEL_NAME in src and 'extern "C"' in src
+    other = fp8_gemm.gemm_source(2112, 7184, c)
+    assert other != src and re.search(r"\b7184\b", other)
+
+
+def _compile_cases():
+    cases = {}
+    for m, n, k in [(64, 2112, 7168), (128, 24576, 1536), (4096, 7168, 16384), (300, 1000, 4112), (7, 200, 272),
+                    (4096, 2112, 7168), (64, 32768, 512)]:
+        c = fp8_gemm.gemm_config(m, n, k)
+        cases[(n, k, c)] = (m, n, k)
+    return list(cases)
+
+
+@requires_nvcc
+@needs_module
+def test_kernels_compile_for_sm90a_without_spills(tmp_path, monkeypatch):
+    """build() for several configs; the same nvcc command (recorded from jit.compile) rerun with -Xptxas -v
+    must report 0 spill bytes and no stack frame."""
+    from l2side import jit
+    monkeypatch.setenv("L2SIDE_CACHE_DIR", str(tmp_path))
+    calls = []
+    real = jit.compile
+
+    def spy(source, *, name, options=(), arch, output="cubin"):
+        calls.append((source, name, tuple(options), arch))
+        return real(source, name=name, options=options, arch=arch, output=output)
+
+    monkeypatch.setattr(jit, "compile", spy)
+    cases = _compile_cases()
+
+    def build(case):
+        n, k, c = case
+        return fp8_gemm.build(n, k, c, arch="sm_90a")
+
+    with concurrent.futures.ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2))) as ex:
+        cubins = list(ex.map(build, cases))
+    assert all(c[:4] == b"\x7fELF" for c in cubins)
+    assert len(calls) == len(cases), "build() compiles through l2side.jit.compile"
+
+    def ptxas_report(call):
+        source, name, options, arch = call
+        flags = list(jit.DEFAULT_OPTIONS) + [f"-I{jit.KERNELS_DIR}", f"-I{jit.ELEMENTWISE_DIR}"] + list(options)
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "k.cu")
+            with open(src, "w") as f:
+                f.write(source)
+            r = subprocess.run([jit.nvcc_path(), "--cubin", *flags, *jit._target_flags(arch, "cubin"),
+                                "-Xptxas", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                               capture_output=True, text=True)
+        return name, r
+
+    with concurrent.futures.ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2))) as ex:
+        reports = list(ex.map(ptxas_report, calls))
+    for name, r in reports:
+        assert r.returncode == 0, f"{name}:\n{r.stderr[-3000:]}"
+        assert fp8_gemm.KERNEL_NAME in r.stderr, r.stderr[-2000:]
+        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+        assert spills and all(s == ("0", "0") for s in spills), f"{name} spills:\n{r.stderr}"
+        frames = re.findall(r"(\d+) bytes stack frame", r.stderr)
+        assert all(f == "0" for f in frames), f"{name} uses a stack frame:\n{r.stderr}"
+
+
+# ================================================================================================ GPU
+def _diff(x, y):
+    """DeepGEMM's calc_diff: 1 - cosine-like similarity; ~1e-5 for a correct bf16 GEMM."""
+    x, y = x.double(), y.double()
+    denom = (x * x + y * y).sum()
+    return (1 - 2 * (x * y).sum() / denom).item() if denom > 0 else 0.0
+
+
+def _inputs(m, n, k, seed=0, scale_layout="mn"):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.float32)
+    w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.float32)
+    a, sa = quantize_activation(x, scale_layout=scale_layout)
+    b, sb = quantize_weight(w)
+    return a, sa, b, sb
+
+
+def _check(out, ref, what):
+    assert not torch.isnan(out).any(), f"{what}: NaN in the output (poison left unwritten?)"
+    d = _diff(out.float(), ref)
+    assert d < 1e-3, f"{what}: diff {d:.3g}"
+    # bf16 rounding of the result (2^-9 relative) plus fp32 accumulation-order noise
+    atol = 2 ** -7 * ref.abs().mean().item()
+    torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=atol, msg=lambda s: f"{what}: {s}")
+
+
+@pytest.fixture(scope="module")
+def prebuilt():
+    """Compile every kernel the GPU tests use in parallel (nvcc: seconds each), before the first launch."""
+    if fp8_gemm is None or not hopper_available():
+        return
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    jobs = {(n, k, fp8_gemm.gemm_config(m, n, k, num_sms)) for m, n, k in DEEPSEEK + UNALIGNED + [(256, 512, 1024)]}
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:
+        list(ex.map(lambda j: fp8_gemm.build(*j), jobs))
+
+
+@pytest.mark.parametrize("m,n,k", DEEPSEEK + UNALIGNED, ids=[f"{m}x{n}x{k}" for m, n, k in DEEPSEEK + UNALIGNED])
+@pytest.mark.gpu
+@requires_hopper
+@needs_module
+def test_gemm_matches_reference(m, n, k, prebuilt):
+    a, sa, b, sb = _inputs(m, n, k, seed=m + n + k)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    res = l2side.gemm(a, sa, b, sb, out=out)
+    assert res.data_ptr() == out.data_ptr() and res.shape == (m, n) and res.dtype == torch.bfloat16
+    torch.cuda.synchronize()
+    _check(out, gemm_reference(a, sa, b, sb), f"{(m, n, k)}")
+
+
+@pytest.mark.gpu
+@requires_hopper
+@needs_module
+def test_out_is_allocated_when_not_given(prebuilt):
+    a, sa, b, sb = _inputs(300, 1000, 4112)
+    out = l2side.gemm(a, sa, b, sb)
+    assert out.shape == (300, 1000) and out.dtype == torch.bfloat16 and out.is_contiguous()
+    _check(out, gemm_reference(a, sa, b, sb), "out=None")
+
+
+@pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (129, 200, 272), (7, 4096, 512), (1, 16, 16)])
+@pytest.mark.gpu
+@requires_hopper
+@needs_module
+def test_row_major_and_mn_major_a_scales_give_identical_output(m, n, k, prebuilt):
+    a, sa, b, sb = _inputs(m, n, k, seed=3, scale_layout="mn")
+    sa_row = sa.contiguous()
+    assert sa_row.stride() == (sa.shape[1], 1)
+    sb_col = sb.t().contiguous().t()                  # b_scales: any strides
+    o1 = l2side.gemm(a, sa, b, sb)
+    o2 = l2side.gemm(a, sa_row, b, sb)
+    o3 = l2side.gemm(a, sa, b, sb_col)
+    assert torch.equal(o1, o2) and torch.equal(o1, o3)
+    _check(o1, gemm_reference(a, sa, b, sb), f"{(m, n, k)}")
+
+
+@pytest.mark.gpu
+@requires_hopper
+@needs_module
+def test_torch_compile_fullgraph(prebuilt):
+    a, sa, b, sb = _inputs(128, 4096, 7168, seed=5)
+
+    def f(a, sa, b, sb):
+        return l2side.gemm(a, sa, b, sb).float() * 2.0 + 1.0
+
+    eager = f(a, sa, b, sb)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    got = compiled(a, sa, b, sb)
+    assert torch.equal(got, eager)
+    a2, sa2, b2, sb2 = _inputs(128, 4096, 7168, seed=6)  # same shapes, new data: no recompile needed, new result
+    assert torch.equal(compiled(a2, sa2, b2, sb2), f(a2, sa2, b2, sb2))
+
+
+@pytest.mark.gpu
+@requires_hopper
+@needs_module
+def test_cuda_graph_capture_and_replay(prebuilt):
+    m, n, k = 256, 512, 1024
+    a, sa, b, sb = _inputs(m, n, k, seed=7)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):                        # warm-up (compile, load) outside the capture
+        l2side.gemm(a, sa, b, sb, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    out.fill_(float("nan"))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        l2side.gemm(a, sa, b, sb, out=out)
+    g.replay()
+    torch.cuda.synchronize()
+    expected = l2side.gemm(a, sa, b, sb)
+    assert torch.equal(out, expected)
+    # the graph reads the live buffers: new data in place, replay, new result
+    a2, sa2, b2, sb2 = _inputs(m, n, k, seed=8)
+    a.copy_(a2)
+    sa.copy_(sa2)
+    b.copy_(b2)
+    sb.copy_(sb2)
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, l2side.gemm(a2, sa2, b2, sb2))
+    _check(out, gemm_reference(a2, sa2, b2, sb2), "graph replay")
+
+
+@pytest.mark.gpu
+@requires_hopper
+@needs_module
+def test_runs_on_the_current_non_default_stream(prebuilt):
+    m, n, k = 64, 2112, 7168
+    a, sa, b, sb = _inputs(m, n, k, seed=9)
+    expected = l2side.gemm(a, sa, b, sb)
+    torch.cuda.synchronize()
+    a_late = torch.zeros_like(a)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(100_000_000)                # ~50 ms of GPU time on s before a_late gets its data
+        a_late.copy_(a)
+        l2side.gemm(a_late, sa, b, sb, out=out)       # must be ordered after the copy: it runs on s
+    s.synchronize()
+    assert torch.equal(out, expected)
