@@ -1,5 +1,6 @@
 """python -m l2side info   -- the GPU's L2 topology, the allocator's state and a side-aware read benchmark
-python -m l2side bench  -- the repository's benchmarks (benchmarks/bench_*.py), when run from a checkout"""
+python -m l2side bench  -- the repository's benchmarks (benchmarks/bench_*.py), when run from a checkout;
+                           bench gemm -- --shapes small: only bench_gemm.py, with those arguments"""
 from __future__ import annotations
 
 import argparse
@@ -92,11 +93,15 @@ def info(args) -> int:
     return 0
 
 
-def bench(args) -> int:
+def bench(args, extra=()) -> int:
     root = Path(args.root or os.getcwd())
     scripts = sorted((root / "benchmarks").glob("bench_*.py"))
+    if args.names:   # e.g. "gemm" -> benchmarks/bench_gemm.py
+        wanted = {n if n.startswith("bench_") else f"bench_{n}" for n in args.names}
+        scripts = [s for s in scripts if s.stem in wanted]
     if not scripts:
-        print(f"l2side bench: no benchmarks/bench_*.py under {root} (run it from a checkout of the repository)")
+        which = ", ".join(f"bench_{n.removeprefix('bench_')}.py" for n in args.names) or "bench_*.py"
+        print(f"l2side bench: no benchmarks/{which} under {root} (run it from a checkout of the repository)")
         return 2
     reason = _no_gpu_reason()
     if reason:
@@ -105,7 +110,7 @@ def bench(args) -> int:
     status = 0
     for script in scripts:
         print(f"\n== {script.name}", flush=True)
-        status |= subprocess.call([sys.executable, str(script)], cwd=root)
+        status |= subprocess.call([sys.executable, str(script), *extra], cwd=root)
     return status
 
 
@@ -117,9 +122,13 @@ def main(argv=None) -> int:
     p_info.add_argument("--all-devices", action="store_true", help="probe every visible GPU")
     p_bench = sub.add_parser("bench", help="run benchmarks/bench_*.py")
     p_bench.add_argument("--root", help="repository root (default: the current folder)")
-    args = parser.parse_args(argv)
+    p_bench.add_argument("names", nargs="*", help="only these benchmarks (gemm = benchmarks/bench_gemm.py); "
+                         "arguments after -- go to each script, e.g. bench gemm -- --shapes small --quick")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if args.command == "bench":
-        return bench(args)
+        return bench(args, extra)
     return info(args) if args.command == "info" else (parser.print_help() or 0)
 
 
