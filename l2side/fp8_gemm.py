@@ -23,6 +23,7 @@ at most 12.
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
 import threading
 
@@ -35,6 +36,8 @@ MAX_SMEM = 232448            # bytes of dynamic shared memory per block on sm_90
 MAX_STAGES = 12
 GROUP_N = 16                 # N-blocks per raster group (scheduler.cuh)
 KERNEL_NAME = "l2side_fp8_gemm"
+# extra nvcc options for every GEMM kernel (for kernel work: e.g. "-DL2SIDE_NO_SETMAXNREG")
+EXTRA_OPTIONS = tuple(os.environ.get("L2SIDE_GEMM_NVCC_OPTIONS", "").split())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +138,8 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
 
 def build(n: int, k: int, config: GemmConfig, arch: str = "sm_90a", options=()) -> bytes:
     """Compiles (cached on disk) the kernel for (N, K, config); needs nvcc, not a GPU."""
-    return jit.compile(gemm_source(n, k, config), name=f"fp8_gemm_n{n}_k{k}", options=tuple(options), arch=arch)
+    return jit.compile(gemm_source(n, k, config), name=f"fp8_gemm_n{n}_k{k}", options=EXTRA_OPTIONS + tuple(options),
+                       arch=arch)
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -253,7 +257,7 @@ def _kernel(dev: _Device, n: int, k: int, config: GemmConfig) -> jit.Kernel:
     kernel = dev.kernels.get(key)
     if kernel is None:
         kernel = jit.load_kernel(gemm_source(n, k, config), KERNEL_NAME, name=f"fp8_gemm_n{n}_k{k}",
-                                 device=dev.index)
+                                 options=EXTRA_OPTIONS, device=dev.index)
         kernel.set_max_dynamic_smem(config.smem_bytes)
         dev.kernels[key] = kernel
     return kernel

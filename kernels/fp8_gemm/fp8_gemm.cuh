@@ -94,7 +94,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
 
   if (threadIdx.x >= kMathThreads) {
     // ---------------- producer warpgroup: one thread issues every TMA load
+#ifndef L2SIDE_NO_SETMAXNREG
     ptx::setmaxnreg_dec<kProducerRegisters>();
+#endif
     if (threadIdx.x == kMathThreads) {
       uint32_t stage = 0, phase = 0;
       while (scheduler.next(m_block, n_block)) {
@@ -114,7 +116,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
     }
   } else {
     // ---------------- math warpgroups
+#ifndef L2SIDE_NO_SETMAXNREG
     ptx::setmaxnreg_inc<kMathRegisters>();
+#endif
     const uint32_t wg = __shfl_sync(0xffffffffu, threadIdx.x / kWarpgroupThreads, 0);
     const uint32_t row = wg * 64 + (threadIdx.x / 32 % 4) * 16 + lane / 4;  // this thread's rows: row, row + 8
     uint32_t stage = 0, phase = 0;
