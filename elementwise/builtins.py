@@ -49,7 +49,7 @@ def cast_kernel(src: str, dst: str) -> ElementwiseKernel:
 def silu_and_mul_kernel(dtype: str) -> ElementwiseKernel:
     # gate and up are the two halves of the last dim of one input: row-strided views (rows form)
     return kernel(f"silu_and_mul_{dtype}", {"gate": dtype, "up": dtype}, {"out": dtype},
-                  "out = gate / (1.0f + expf(-gate)) * up;")
+                  "out = __fdividef(gate, 1.0f + __expf(-gate)) * up;")   # vLLM's fast-math form
 
 
 @functools.lru_cache(maxsize=None)

@@ -151,12 +151,29 @@ __device__ __forceinline__ To bit_cast(const From& f) {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// a / d for a < 2^52, d >= 1 (element indices): a double multiply by 1/d (hoisted out of the loops, d is a
+// kernel parameter) and one correction each way, ~10 instructions; a u64 division is a ~60-instruction
+// routine, and it ran per vector in the rows-form and group kernels. It costs a few registers, so kernels
+// capped at 64 registers (L2SIDE_EW_MIN_CTAS 4, defined before this header) keep the plain division.
+__device__ __forceinline__ u64 div_u64(u64 a, u64 d) {
+#if defined(L2SIDE_EW_MIN_CTAS) && L2SIDE_EW_MIN_CTAS >= 3
+  return a / d;
+#else
+  const double inv = 1.0 / static_cast<double>(d);
+  u64 q = static_cast<u64>(static_cast<double>(a) * inv);   // within 1 of a / d: |error of a * inv| < 1
+  const i64 rem = static_cast<i64>(a) - static_cast<i64>(q * d);
+  if (rem < 0) --q;
+  else if (rem >= static_cast<i64>(d)) ++q;
+  return q;
+#endif
+}
+
 // Index arithmetic. Flat form: every tensor is contiguous and element e is at offset e. Rows form: the
 // logical shape is [rows, cols]; tensor t's element (r, k) is at r * rs_t + k (last dim contiguous).
 template <bool ROWS>
 __device__ __forceinline__ i64 offset_of(const Common& c, u64 e, i64 row_stride) {
   if constexpr (ROWS) {
-    const u64 row = e / c.cols;
+    const u64 row = div_u64(e, c.cols);
     return static_cast<i64>(row) * row_stride + static_cast<i64>(e - row * c.cols);
   } else {
     return static_cast<i64>(e);
@@ -200,7 +217,7 @@ __device__ __forceinline__ void store_vec(T* base, i64 rs, const Common& c, u64 
 // element (r, k) at r * stride_row + k * stride_col.
 __device__ __forceinline__ i64 group_offset(const Common& c, u64 group, u64 groups_per_row, i64 stride_row,
                                             i64 stride_col) {
-  const u64 r = group / groups_per_row;
+  const u64 r = div_u64(group, groups_per_row);
   return static_cast<i64>(r) * stride_row + static_cast<i64>(group - r * groups_per_row) * stride_col;
 }
 
