@@ -270,11 +270,12 @@ PYBIND11_MODULE(_native, m) {
   m.def("get_function", &get_function);
   m.def("set_max_dynamic_smem", &set_max_dynamic_smem);
   m.def("launch", [](int device, uintptr_t fn, py::object grid, py::object block, unsigned smem, uintptr_t stream,
-                     py::bytes params, py::object cluster) {
+                     py::bytes params, py::object cluster, std::vector<size_t> offsets) {
     std::string p(params);
-    launch(device, fn, dim3_of(grid), dim3_of(block), smem, stream, p, dim3_of(cluster));
+    launch(device, fn, dim3_of(grid), dim3_of(block), smem, stream, p, dim3_of(cluster), offsets);
   }, py::arg("device"), py::arg("function"), py::arg("grid"), py::arg("block"), py::arg("smem"),
-     py::arg("stream"), py::arg("params"), py::arg("cluster") = 1);
+     py::arg("stream"), py::arg("params"), py::arg("cluster") = 1, py::arg("offsets") = std::vector<size_t>{});
+  m.def("param_layout", &param_layout);
   m.def("encode_tensor_map", [](int dtype, uintptr_t address, std::vector<uint64_t> dims,
                                 std::vector<uint64_t> strides, std::vector<uint32_t> box, int swizzle,
                                 int l2_promotion, bool oob_nan) {

@@ -29,8 +29,14 @@ void set_max_dynamic_smem(uintptr_t function, int bytes) {
 }
 
 void launch(int device, uintptr_t function, std::array<unsigned, 3> grid, std::array<unsigned, 3> block,
-            unsigned smem, uintptr_t stream, const std::string& params, std::array<unsigned, 3> cluster) {
+            unsigned smem, uintptr_t stream, const std::string& params, std::array<unsigned, 3> cluster,
+            const std::vector<size_t>& offsets) {
   ScopedContext ctx(device);
+  std::vector<void*> args;
+  for (size_t offset : offsets) {
+    if (offset >= params.size()) throw std::invalid_argument("launch: a parameter offset lies past the buffer");
+    args.push_back(const_cast<char*>(params.data()) + offset);
+  }
   size_t size = params.size();
   void* buffer = const_cast<char*>(params.data());
   void* extra[] = {CU_LAUNCH_PARAM_BUFFER_POINTER, buffer, CU_LAUNCH_PARAM_BUFFER_SIZE, &size,
@@ -53,8 +59,20 @@ void launch(int device, uintptr_t function, std::array<unsigned, 3> grid, std::a
     config.attrs = &attribute;
     config.numAttrs = 1;
   }
-  check(driver().cuLaunchKernelEx(&config, reinterpret_cast<CUfunction>(function), nullptr, extra),
+  check(driver().cuLaunchKernelEx(&config, reinterpret_cast<CUfunction>(function),
+                                  offsets.empty() ? nullptr : args.data(), offsets.empty() ? extra : nullptr),
         "cuLaunchKernelEx");
+}
+
+std::vector<std::pair<size_t, size_t>> param_layout(uintptr_t function) {
+  std::vector<std::pair<size_t, size_t>> layout;
+  for (size_t i = 0;; ++i) {
+    size_t offset = 0, size = 0;
+    if (driver().cuFuncGetParamInfo(reinterpret_cast<CUfunction>(function), i, &offset, &size) != CUDA_SUCCESS)
+      break;
+    layout.emplace_back(offset, size);
+  }
+  return layout;
 }
 
 std::string encode_tensor_map(int dtype, uintptr_t address, const std::vector<uint64_t>& dims,

@@ -13,8 +13,14 @@ uintptr_t load_module(int device, const std::string& image);  // cubin or PTX by
 uintptr_t get_function(uintptr_t module, const std::string& name);
 void set_max_dynamic_smem(uintptr_t function, int bytes);
 // params: the kernel's parameter buffer laid out by the C ABI (see l2side.jit.Params).
+// With `offsets` (each parameter's offset in the buffer, e.g. from param_layout) the parameters are handed
+// over one by one (kernelParams), so the driver places each where the kernel expects it; without, the buffer
+// is passed whole (CU_LAUNCH_PARAM_BUFFER_POINTER).
 void launch(int device, uintptr_t function, std::array<unsigned, 3> grid, std::array<unsigned, 3> block,
-            unsigned smem, uintptr_t stream, const std::string& params, std::array<unsigned, 3> cluster);
+            unsigned smem, uintptr_t stream, const std::string& params, std::array<unsigned, 3> cluster,
+            const std::vector<size_t>& offsets = {});
+// (offset, size) of each kernel parameter, as the compiler laid them out (cuFuncGetParamInfo).
+std::vector<std::pair<size_t, size_t>> param_layout(uintptr_t function);
 // cuTensorMapEncodeTiled; returns the 128-byte CUtensorMap.
 std::string encode_tensor_map(int dtype, uintptr_t address, const std::vector<uint64_t>& dims,
                               const std::vector<uint64_t>& strides_bytes, const std::vector<uint32_t>& box,

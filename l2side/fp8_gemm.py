@@ -283,8 +283,10 @@ def _launch(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmC
         tmap_b = jit.tensor_map(b.data_ptr(), "e4m3", (k, n), (b.stride(0) if n > 1 else k,),
                                 (BLOCK_K, cfg.block_n), swizzle=128)
         tmap_sa = jit.tensor_map(sa.data_ptr(), "f32", (m, kb), (sa.stride(1) * 4,), (cfg.block_m, 1), swizzle=0)
-        tail = (jit.Params().u64(0).ptr(b_scales).u32(b_scales.stride(0)).u32(b_scales.stride(1)).u32(m)
-                .tensor_map(tmap_a).tensor_map(tmap_b).tensor_map(tmap_sa)).buffer[8:]
+        params = (jit.Params().u64(0).ptr(b_scales).u32(b_scales.stride(0)).u32(b_scales.stride(1)).u32(m)
+                  .tensor_map(tmap_a).tensor_map(tmap_b).tensor_map(tmap_sa))
+        kernel.check_params(params)
+        tail = params.buffer[8:]
         hit = (kernel, grid_size(m, n, cfg, dev.num_sms), cfg.threads, cfg.smem_bytes, tail)
         if sa is a_scales:  # a converted copy lives only for this call: never cached
             if len(_launch_cache) >= _LAUNCH_CACHE_MAX:

@@ -129,6 +129,17 @@ class Kernel:
     def __init__(self, device: int, module: int, function: int, name: str):
         self.device, self.module, self.function, self.name = device, module, function, name
         self._smem_limit = 0
+        try:  # (offset, size) of each parameter as compiled; None where the driver cannot tell
+            self.param_layout = tuple(tuple(p) for p in _native.param_layout(function)) or None
+        except Exception:  # noqa: BLE001 - an old driver or the CPU double
+            self.param_layout = None
+        self._offsets = [o for o, _ in self.param_layout] if self.param_layout else []
+
+    def check_params(self, params: "Params") -> None:
+        """Raises when a parameter buffer's layout differs from the kernel's (known only on a GPU)."""
+        if self.param_layout and list(params.offsets) != self._offsets:
+            raise RuntimeError(f"kernel {self.name}: parameter offsets {list(params.offsets)} built on the host "
+                               f"differ from the compiled layout {list(self.param_layout)}")
 
     def set_max_dynamic_smem(self, nbytes: int) -> None:
         if nbytes > self._smem_limit:
@@ -141,7 +152,8 @@ class Kernel:
             stream = torch.cuda.current_stream(self.device).cuda_stream
         if smem > 48 * 1024:
             self.set_max_dynamic_smem(smem)
-        _native.launch(self.device, self.function, grid, block, smem, stream, bytes(params), cluster)
+        # parameter by parameter when the layout is known: the driver then places each where the kernel reads it
+        _native.launch(self.device, self.function, grid, block, smem, stream, bytes(params), cluster, self._offsets)
 
 
 _kernels: dict = {}
@@ -183,9 +195,11 @@ class Params:
 
     def __init__(self):
         self._buf = bytearray()
+        self.offsets: list[int] = []   # where each parameter starts
 
     def _put(self, data: bytes, align: int) -> "Params":
         self._buf += b"\0" * (-len(self._buf) % align)
+        self.offsets.append(len(self._buf))
         self._buf += data
         return self
 
