@@ -46,14 +46,16 @@ def cast_kernel(src: str, dst: str) -> ElementwiseKernel:
 
 
 @functools.lru_cache(maxsize=None)
-def silu_and_mul_kernel(dtype: str) -> ElementwiseKernel:
+def silu_and_mul_kernel(dtype: str, unroll: int = 4, min_ctas=None) -> ElementwiseKernel:
     # gate and up are the two halves of the last dim of one input: row-strided views (rows form)
-    return kernel(f"silu_and_mul_{dtype}", {"gate": dtype, "up": dtype}, {"out": dtype},
-                  "out = __fdividef(gate, 1.0f + __expf(-gate)) * up;")   # vLLM's fast-math form
+    suffix = "" if (unroll, min_ctas) == (4, None) else f"_u{unroll}c{min_ctas}"
+    return kernel(f"silu_and_mul_{dtype}{suffix}", {"gate": dtype, "up": dtype}, {"out": dtype},
+                  "out = __fdividef(gate, 1.0f + __expf(-gate)) * up;",   # vLLM's fast-math form
+                  unroll=unroll, min_ctas=min_ctas)
 
 
 @functools.lru_cache(maxsize=None)
-def fp8_quant_kernel(dtype: str, group: int = 128) -> ElementwiseKernel:
+def fp8_quant_kernel(dtype: str, group: int = 128, unroll: int = 4, min_ctas=None) -> ElementwiseKernel:
     body = f"""
 float amax = 0.f;
 #pragma unroll
@@ -66,8 +68,9 @@ const float inv = (1.0f / amax) * {FP8_MAX!r}f;
 for (int i = 0; i < VEC; ++i) q[i] = x[i] * inv;
 scale = amax * (1.0f / {FP8_MAX!r}f);
 """
-    return kernel(f"fp8_quant_{dtype}_g{group}", {"x": dtype}, {"q": "e4m3"}, body, group=group,
-                  group_outputs={"scale": "f32"})
+    suffix = "" if (unroll, min_ctas) == (4, None) else f"_u{unroll}c{min_ctas}"
+    return kernel(f"fp8_quant_{dtype}_g{group}{suffix}", {"x": dtype}, {"q": "e4m3"}, body, group=group,
+                  group_outputs={"scale": "f32"}, unroll=unroll, min_ctas=min_ctas)
 
 
 def builtin_kernels() -> dict:

@@ -153,10 +153,10 @@ __device__ __forceinline__ To bit_cast(const From& f) {
 // ---------------------------------------------------------------------------------------------------
 // a / d for a < 2^52, d >= 1 (element indices): a double multiply by 1/d (hoisted out of the loops, d is a
 // kernel parameter) and one correction each way, ~10 instructions; a u64 division is a ~60-instruction
-// routine, and it ran per vector in the rows-form and group kernels. It costs a few registers, so kernels
-// capped at 64 registers (L2SIDE_EW_MIN_CTAS 4, defined before this header) keep the plain division.
+// routine, and it ran per vector in the rows-form and group kernels. It costs a few registers: the generator
+// sets L2SIDE_EW_FAST_DIV 0 where that would spill (>= 3 CTAs per SM with unroll >= 4).
 __device__ __forceinline__ u64 div_u64(u64 a, u64 d) {
-#if defined(L2SIDE_EW_MIN_CTAS) && L2SIDE_EW_MIN_CTAS >= 3
+#if defined(L2SIDE_EW_FAST_DIV) && !L2SIDE_EW_FAST_DIV
   return a / d;
 #else
   const double inv = 1.0 / static_cast<double>(d);

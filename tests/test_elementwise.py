@@ -454,6 +454,21 @@ def test_fp8_quantisation_matches_deepgemm_reference(kind, mk):
 
 
 @requires_gpu
+@pytest.mark.parametrize("unroll, min_ctas", [(2, 4), (1, 8), (8, 1)])
+def test_silu_and_fp8_other_unroll_and_ctas_match(unroll, min_ctas):
+    from l2side.elementwise.builtins import fp8_quant_kernel, silu_and_mul_kernel
+    for kind in ("side", "torch"):
+        x = _rand(kind, (300, 2 * 4096), torch.bfloat16, -6, 6)
+        out = _poisoned(kind, (300, 4096), torch.bfloat16)
+        silu_and_mul_kernel("bf16", unroll, min_ctas)(x[:, :4096], x[:, 4096:], out=out)
+        torch.testing.assert_close(out, _silu_mul_ref(x), rtol=2e-2, atol=1e-2)
+        x = _rand(kind, (129, 7168), torch.bfloat16, -20, 20)
+        q, s = fp8_quant_kernel("bf16", 128, unroll, min_ctas)(x)
+        q_ref, s_ref = per_token_cast_to_fp8_ref(x)
+        assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@requires_gpu
 def test_user_kernel_from_a_string_runs():
     k = ew.kernel("test_user_fma", {"x": "bf16", "y": "f32"}, {"out": "f32", "o16": "f16"},
                   "out = alpha * x + y + (float)(index % 3);\no16 = out;", scalars={"alpha": "float"})
