@@ -287,14 +287,14 @@ def _launch(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmC
                   .tensor_map(tmap_a).tensor_map(tmap_b).tensor_map(tmap_sa))
         kernel.check_params(params)
         tail = params.buffer[8:]
-        hit = (kernel, grid_size(m, n, cfg, dev.num_sms), cfg.threads, cfg.smem_bytes, tail)
+        hit = (kernel, grid_size(m, n, cfg, dev.num_sms), cfg.threads, cfg.smem_bytes, tail, params.offsets)
         if sa is a_scales:  # a converted copy lives only for this call: never cached
             if len(_launch_cache) >= _LAUNCH_CACHE_MAX:
                 _launch_cache.clear()
             _launch_cache[key] = hit
-    kernel, grid, block, smem, tail = hit
+    kernel, grid, block, smem, tail, offsets = hit
     kernel.launch(grid, block, _U64.pack(out.data_ptr()) + tail, smem=smem,
-                  stream=torch.cuda.current_stream(kernel.device).cuda_stream)
+                  stream=torch.cuda.current_stream(kernel.device).cuda_stream, offsets=offsets)
 
 
 _U64 = struct.Struct("<Q")

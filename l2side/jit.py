@@ -133,27 +133,35 @@ class Kernel:
             self.param_layout = tuple(tuple(p) for p in _native.param_layout(function)) or None
         except Exception:  # noqa: BLE001 - an old driver or the CPU double
             self.param_layout = None
-        self._offsets = [o for o, _ in self.param_layout] if self.param_layout else []
 
     def check_params(self, params: "Params") -> None:
-        """Raises when a parameter buffer's layout differs from the kernel's (known only on a GPU)."""
-        if self.param_layout and list(params.offsets) != self._offsets:
-            raise RuntimeError(f"kernel {self.name}: parameter offsets {list(params.offsets)} built on the host "
-                               f"differ from the compiled layout {list(self.param_layout)}")
+        """Raises when a parameter buffer does not hold the kernel's parameters (count and sizes; known only
+        on a GPU). Offsets may differ: the compiler aligns parameters to their absolute place in the
+        constant bank (a CUtensorMap after 28 bytes of other parameters sits at 112, not 64), which is why
+        launches pass parameters one by one (`offsets`) rather than as one buffer."""
+        if self.param_layout and list(params.sizes) != [s for _, s in self.param_layout]:
+            raise RuntimeError(f"kernel {self.name}: parameter sizes {list(params.sizes)} built on the host "
+                               f"differ from the compiled ones {[s for _, s in self.param_layout]}")
 
     def set_max_dynamic_smem(self, nbytes: int) -> None:
         if nbytes > self._smem_limit:
             _native.set_max_dynamic_smem(self.function, int(nbytes))
             self._smem_limit = nbytes
 
-    def launch(self, grid, block, params: bytes, *, smem: int = 0, stream: int | None = None, cluster=1) -> None:
+    def launch(self, grid, block, params, *, smem: int = 0, stream: int | None = None, cluster=1,
+               offsets=None) -> None:
+        """params: a Params (its offsets are used) or bytes (with `offsets`, else passed as one buffer,
+        which is only right when no parameter is aligned to more than 16 bytes)."""
         if stream is None:
             import torch
             stream = torch.cuda.current_stream(self.device).cuda_stream
         if smem > 48 * 1024:
             self.set_max_dynamic_smem(smem)
-        # parameter by parameter when the layout is known: the driver then places each where the kernel reads it
-        _native.launch(self.device, self.function, grid, block, smem, stream, bytes(params), cluster, self._offsets)
+        if isinstance(params, Params):
+            params, offsets = params.buffer, params.offsets
+        # parameter by parameter: the driver places each where the kernel reads it
+        _native.launch(self.device, self.function, grid, block, smem, stream, bytes(params), cluster,
+                       list(offsets) if offsets is not None else [])
 
 
 _kernels: dict = {}
@@ -195,11 +203,13 @@ class Params:
 
     def __init__(self):
         self._buf = bytearray()
-        self.offsets: list[int] = []   # where each parameter starts
+        self.offsets: list[int] = []   # where each parameter starts in the buffer
+        self.sizes: list[int] = []
 
     def _put(self, data: bytes, align: int) -> "Params":
         self._buf += b"\0" * (-len(self._buf) % align)
         self.offsets.append(len(self._buf))
+        self.sizes.append(len(data))
         self._buf += data
         return self
 
