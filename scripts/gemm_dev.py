@@ -90,6 +90,37 @@ def time_fn(fn, flush, reps=30):
     return statistics.median(times)
 
 
+def full_config(bm, bn, stages=0):
+    from l2side import fp8_gemm
+    if not stages:
+        per = fp8_gemm.smem_layout_bytes(bm, bn, 1)
+        stages = min(fp8_gemm.MAX_STAGES, (fp8_gemm.MAX_SMEM - 1024 - 64) // per)
+    return fp8_gemm.GemmConfig(bm, bn, stages)
+
+
+def sweep(shapes, spec):
+    import l2side
+    from l2side import fp8_gemm
+    from concurrent.futures import ThreadPoolExecutor
+    configs = [full_config(*(int(v) for v in c.split(","))) for c in spec.split(";")]
+    jobs = {(n, k, c) for (m, n, k) in shapes for c in configs}
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda j: fp8_gemm.build(*j), jobs))
+    flush = torch.empty(256 << 20, dtype=torch.int32, device="cuda")
+    for (m, n, k) in shapes:
+        a, sa, b, sb = make(m, n, k)
+        sa = fp8_gemm.to_native_a_scales(sa)
+        ref = reference(a, sa, b, sb)
+        out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+        for c in configs:
+            l2side.gemm(a, sa, b, sb, out=out, config=c)
+            d = diff(out, ref)
+            t = time_fn(lambda: l2side.gemm(a, sa, b, sb, out=out, config=c), flush)
+            print(f"{m:5d} {n:6d} {k:6d} {str(c):60s} diff={d:.1e} {t:8.1f} us {2 * m * n * k / t / 1e6:7.1f} TFLOPS",
+                  flush=True)
+    return 0
+
+
 def main():
     import l2side
     from l2side import fp8_gemm
@@ -97,9 +128,12 @@ def main():
     p.add_argument("--shapes", default="")
     p.add_argument("--no-time", action="store_true")
     p.add_argument("--config", default="")
+    p.add_argument("--sweep", default="", help="BM,BN[,STAGES];... : time each config on each shape (no cuBLAS)")
     args = p.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes else EDGE + DEEPSEEK
     torch.manual_seed(0)
+    if args.sweep:
+        return sweep(shapes, args.sweep)
     flush = torch.empty(256 << 20, dtype=torch.int32, device="cuda")
     # compile every kernel in parallel first (nvcc takes seconds per kernel)
     from concurrent.futures import ThreadPoolExecutor

@@ -285,7 +285,8 @@ def test_out_is_allocated_when_not_given(prebuilt):
 def test_row_major_and_mn_major_a_scales_give_identical_output(m, n, k, prebuilt):
     a, sa, b, sb = _inputs(m, n, k, seed=3, scale_layout="mn")
     sa_row = sa.contiguous()
-    assert sa_row.stride() == (sa.shape[1], 1)
+    if m > 1:  # (a size-1 dimension's stride is whatever torch keeps)
+        assert sa_row.stride() == (sa.shape[1], 1)
     sb_col = sb.t().contiguous().t()                  # b_scales: any strides
     o1 = l2side.gemm(a, sa, b, sb)
     o2 = l2side.gemm(a, sa_row, b, sb)
