@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import struct
 import threading
 
 import torch
@@ -46,6 +45,7 @@ class GemmConfig:
     block_n: int
     stages: int
     group_n: int = GROUP_N
+    tma_store: bool = True     # epilogue through shared memory + TMA store (needs N % 8 == 0)
 
     @property
     def num_math_warpgroups(self) -> int:
@@ -58,13 +58,26 @@ class GemmConfig:
     @property
     def smem_bytes(self) -> int:
         """Dynamic shared memory asked at launch (the layout of SmemLayout + 1024 for the base alignment)."""
-        return smem_layout_bytes(self.block_m, self.block_n, self.stages) + 1024
+        return smem_layout_bytes(self.block_m, self.block_n, self.stages, self.tma_store) + 1024
 
 
-def smem_layout_bytes(block_m: int, block_n: int, stages: int) -> int:
+def smem_layout_bytes(block_m: int, block_n: int, stages: int, tma_store: bool = True) -> int:
+    """Bytes of SmemLayout (fp8_gemm.cuh): [output tile] [A stages] [B stages] [A-scale stages] [barriers]."""
     per_stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4
-    barriers_at = -(-stages * per_stage // 8) * 8
+    barriers_at = -(-(block_m * block_n * 2 * tma_store + stages * per_stage) // 8) * 8
     return barriers_at + 2 * stages * 8
+
+
+def max_stages(block_m: int, block_n: int, tma_store: bool) -> int:
+    stages = MAX_STAGES
+    while stages > 1 and smem_layout_bytes(block_m, block_n, stages, tma_store) + 1024 > MAX_SMEM:
+        stages -= 1
+    return stages
+
+
+def d_chunk_cols(block_n: int) -> int:
+    """Columns per TMA store of the output tile (d_chunk_cols in fp8_gemm.cuh)."""
+    return 64 if block_n % 64 == 0 else block_n
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -86,9 +99,9 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
         if best is None or key < best[0]:
             best = (key, block_n)
     block_n = best[1]
-    per_stage = smem_layout_bytes(block_m, block_n, 1) - 16
-    stages = min(MAX_STAGES, (MAX_SMEM - 1024 - 64) // (per_stage + 16))
-    return GemmConfig(block_m=block_m, block_n=block_n, stages=stages)
+    tma_store = n % 8 == 0
+    return GemmConfig(block_m=block_m, block_n=block_n, stages=max_stages(block_m, block_n, tma_store),
+                      tma_store=tma_store)
 
 
 def grid_size(m: int, n: int, config: GemmConfig, num_sms: int) -> int:
@@ -122,6 +135,9 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
     """The CUDA source of the kernel for one (N, K, config): the header, the wgmma wrapper, the entry."""
     if k % 16:
         raise ValueError(f"K must be a multiple of 16 (TMA rows of 16 bytes), got {k}")
+    if config.tma_store and n % 8:
+        raise ValueError(f"the TMA-store epilogue needs N % 8 == 0 (16-byte output rows), got N={n}; "
+                         "use a config with tma_store=False")
     return (
         f"// l2side FP8 GEMM: N={n} K={k} {config}\n"
         '#include "fp8_gemm/fp8_gemm.cuh"\n\n'
@@ -129,10 +145,10 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
         f"\nextern \"C\" __global__ void __launch_bounds__({config.threads}, 1) {KERNEL_NAME}(\n"
         "    __nv_bfloat16* d, const float* scales_b, uint32_t sb_stride_n, uint32_t sb_stride_k, uint32_t shape_m,\n"
         "    const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,\n"
-        "    const __grid_constant__ CUtensorMap tmap_sa) {\n"
+        "    const __grid_constant__ CUtensorMap tmap_sa, const __grid_constant__ CUtensorMap tmap_d) {\n"
         f"  l2side::fp8_gemm::gemm_body<{n}, {k}, {config.block_m}, {config.block_n}, {config.stages}, "
-        f"{config.group_n}, Mma>(\n"
-        "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa);\n"
+        f"{config.group_n}, {'true' if config.tma_store else 'false'}, Mma>(\n"
+        "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa, tmap_d);\n"
         "}\n")
 
 
@@ -263,41 +279,49 @@ def _kernel(dev: _Device, n: int, k: int, config: GemmConfig) -> jit.Kernel:
     return kernel
 
 
-_launch_cache: dict = {}   # (pointers, shapes, strides, device, config) -> (kernel, grid, block, smem, params tail)
+_launch_cache: dict = {}   # (device, pointers, strides, shape, config) -> (kernel, grid, block, smem, params)
 _LAUNCH_CACHE_MAX = 4096
+
+
+def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmConfig | None, index: int):
+    """Everything a launch needs: the kernel, grid, block, shared memory and the parameter buffer."""
+    dev = _device(index)
+    cfg = config or gemm_config(m, n, k, dev.num_sms)
+    if cfg.tma_store and n % 8:
+        cfg = dataclasses.replace(cfg, tma_store=False)
+    kernel = _kernel(dev, n, k, cfg)
+    sa = to_native_a_scales(a_scales)
+    kb = _ceil_div(k, BLOCK_K)
+    tmap_a = jit.tensor_map(a.data_ptr(), "e4m3", (k, m), (a.stride(0) if m > 1 else k,),
+                            (BLOCK_K, cfg.block_m), swizzle=128)
+    tmap_b = jit.tensor_map(b.data_ptr(), "e4m3", (k, n), (b.stride(0) if n > 1 else k,),
+                            (BLOCK_K, cfg.block_n), swizzle=128)
+    tmap_sa = jit.tensor_map(sa.data_ptr(), "f32", (m, kb), (sa.stride(1) * 4,), (cfg.block_m, 1), swizzle=0)
+    if cfg.tma_store:
+        chunk = d_chunk_cols(cfg.block_n)
+        tmap_d = jit.tensor_map(out.data_ptr(), "bf16", (n, m), (n * 2,), (chunk, 64),
+                                swizzle=128 if chunk == 64 else 0)
+    else:
+        tmap_d = tmap_a  # unused by the kernel
+    params = (jit.Params().ptr(out).ptr(b_scales).u32(b_scales.stride(0)).u32(b_scales.stride(1)).u32(m)
+              .tensor_map(tmap_a).tensor_map(tmap_b).tensor_map(tmap_sa).tensor_map(tmap_d))
+    kernel.check_params(params)
+    return (kernel, grid_size(m, n, cfg, dev.num_sms), cfg.threads, cfg.smem_bytes, params), sa is a_scales
 
 
 def _launch(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmConfig | None) -> None:
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     key = (index, a.data_ptr(), a.stride(0), a_scales.data_ptr(), a_scales.stride(), b.data_ptr(), b.stride(0),
-           b_scales.data_ptr(), b_scales.stride(), m, n, k, config)
+           b_scales.data_ptr(), b_scales.stride(), out.data_ptr(), m, n, k, config)
     hit = _launch_cache.get(key)
-    if hit is None or not _scales_are_native(a_scales, m):
-        dev = _device(index)
-        cfg = config or gemm_config(m, n, k, dev.num_sms)
-        kernel = _kernel(dev, n, k, cfg)
-        sa = to_native_a_scales(a_scales)
-        kb = _ceil_div(k, BLOCK_K)
-        tmap_a = jit.tensor_map(a.data_ptr(), "e4m3", (k, m), (a.stride(0) if m > 1 else k,),
-                                (BLOCK_K, cfg.block_m), swizzle=128)
-        tmap_b = jit.tensor_map(b.data_ptr(), "e4m3", (k, n), (b.stride(0) if n > 1 else k,),
-                                (BLOCK_K, cfg.block_n), swizzle=128)
-        tmap_sa = jit.tensor_map(sa.data_ptr(), "f32", (m, kb), (sa.stride(1) * 4,), (cfg.block_m, 1), swizzle=0)
-        params = (jit.Params().u64(0).ptr(b_scales).u32(b_scales.stride(0)).u32(b_scales.stride(1)).u32(m)
-                  .tensor_map(tmap_a).tensor_map(tmap_b).tensor_map(tmap_sa))
-        kernel.check_params(params)
-        tail = params.buffer[8:]
-        hit = (kernel, grid_size(m, n, cfg, dev.num_sms), cfg.threads, cfg.smem_bytes, tail, params.offsets)
-        if sa is a_scales:  # a converted copy lives only for this call: never cached
+    if hit is None:
+        hit, cacheable = _prepare(a, a_scales, b, b_scales, out, m, n, k, config, index)
+        if cacheable:  # (a converted copy of a_scales lives only for this call)
             if len(_launch_cache) >= _LAUNCH_CACHE_MAX:
                 _launch_cache.clear()
             _launch_cache[key] = hit
-    kernel, grid, block, smem, tail, offsets = hit
-    kernel.launch(grid, block, _U64.pack(out.data_ptr()) + tail, smem=smem,
-                  stream=torch.cuda.current_stream(kernel.device).cuda_stream, offsets=offsets)
-
-
-_U64 = struct.Struct("<Q")
+    kernel, grid, block, smem, params = hit
+    kernel.launch(grid, block, params, smem=smem, stream=torch.cuda.current_stream(kernel.device).cuda_stream)
 
 
 def gemm(a, a_scales, b, b_scales, out=None, *, config: GemmConfig | None = None):
