@@ -28,7 +28,10 @@ import threading
 
 import torch
 
-from . import jit
+from . import _native, jit
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 BLOCK_K = 128
 MAX_SMEM = 232448            # bytes of dynamic shared memory per block on sm_90
@@ -306,7 +309,11 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
     params = (jit.Params().ptr(out).ptr(b_scales).u32(b_scales.stride(0)).u32(b_scales.stride(1)).u32(m)
               .tensor_map(tmap_a).tensor_map(tmap_b).tensor_map(tmap_sa).tensor_map(tmap_d))
     kernel.check_params(params)
-    return (kernel, grid_size(m, n, cfg, dev.num_sms), cfg.threads, cfg.smem_bytes, params), sa is a_scales
+    kernel.set_max_dynamic_smem(cfg.smem_bytes)
+    # what _native.launch takes, prepared once: (device, function, grid, block, smem, params, cluster, offsets)
+    launch_args = (kernel.device, kernel.function, grid_size(m, n, cfg, dev.num_sms), cfg.threads, cfg.smem_bytes,
+                   params.buffer, 1, list(params.offsets))
+    return launch_args, sa is a_scales
 
 
 def _launch(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmConfig | None) -> None:
@@ -320,8 +327,8 @@ def _launch(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmC
             if len(_launch_cache) >= _LAUNCH_CACHE_MAX:
                 _launch_cache.clear()
             _launch_cache[key] = hit
-    kernel, grid, block, smem, params = hit
-    kernel.launch(grid, block, params, smem=smem, stream=torch.cuda.current_stream(kernel.device).cuda_stream)
+    device, function, grid, block, smem, params, cluster, offsets = hit
+    _native.launch(device, function, grid, block, smem, _raw_stream(device), params, cluster, offsets)
 
 
 def gemm(a, a_scales, b, b_scales, out=None, *, config: GemmConfig | None = None):
