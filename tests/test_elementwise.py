@@ -454,7 +454,7 @@ def test_fp8_quantisation_matches_deepgemm_reference(kind, mk):
 
 
 @requires_gpu
-@pytest.mark.parametrize("unroll, min_ctas", [(2, 4), (1, 8), (8, 1)])
+@pytest.mark.parametrize("unroll, min_ctas", [(4, 2), (1, 8), (8, 1)])
 def test_silu_and_fp8_other_unroll_and_ctas_match(unroll, min_ctas):
     from l2side.elementwise.builtins import fp8_quant_kernel, silu_and_mul_kernel
     for kind in ("side", "torch"):
