@@ -49,6 +49,7 @@ class GemmConfig:
     stages: int
     group_n: int = GROUP_N
     tma_store: bool = True     # epilogue through shared memory + TMA store (needs N % 8 == 0)
+    cluster_n: int = 1         # 2: CTA pairs on N-blocks (2j, 2j+1) share the A tile by TMA multicast
 
     @property
     def num_math_warpgroups(self) -> int:
@@ -103,13 +104,16 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
             best = (key, block_n)
     block_n = best[1]
     tma_store = n % 8 == 0
+    cluster_n = 2 if _ceil_div(n, block_n) % 2 == 0 else 1
     return GemmConfig(block_m=block_m, block_n=block_n, stages=max_stages(block_m, block_n, tma_store),
-                      tma_store=tma_store)
+                      tma_store=tma_store, cluster_n=cluster_n)
 
 
 def grid_size(m: int, n: int, config: GemmConfig, num_sms: int) -> int:
-    tiles = _ceil_div(m, config.block_m) * _ceil_div(n, config.block_n)
-    return max(1, min(num_sms, tiles))
+    """CTAs of the persistent grid: one per SM at most, whole clusters, no more than there are tiles."""
+    c = config.cluster_n
+    units = _ceil_div(m, config.block_m) * (_ceil_div(n, config.block_n) // c)
+    return c * max(1, min(num_sms // c, units))
 
 
 # ---------------------------------------------------------------------------------------------- source
@@ -141,6 +145,11 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
     if config.tma_store and n % 8:
         raise ValueError(f"the TMA-store epilogue needs N % 8 == 0 (16-byte output rows), got N={n}; "
                          "use a config with tma_store=False")
+    if config.cluster_n not in (1, 2) or _ceil_div(n, config.block_n) % config.cluster_n:
+        raise ValueError(f"cluster_n must be 1 or 2 and divide the N-block count ({_ceil_div(n, config.block_n)}),"
+                         f" got {config.cluster_n}")
+    if config.block_n > BLOCK_K + (config.block_n & -config.block_n):
+        raise ValueError(f"block_n={config.block_n} lets a tile span three 128-wide B-scale blocks")
     return (
         f"// l2side FP8 GEMM: N={n} K={k} {config}\n"
         '#include "fp8_gemm/fp8_gemm.cuh"\n\n'
@@ -150,7 +159,7 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
         "    const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,\n"
         "    const __grid_constant__ CUtensorMap tmap_sa, const __grid_constant__ CUtensorMap tmap_d) {\n"
         f"  l2side::fp8_gemm::gemm_body<{n}, {k}, {config.block_m}, {config.block_n}, {config.stages}, "
-        f"{config.group_n}, {'true' if config.tma_store else 'false'}, Mma>(\n"
+        f"{config.group_n}, {'true' if config.tma_store else 'false'}, {config.cluster_n}, Mma>(\n"
         "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa, tmap_d);\n"
         "}\n")
 
@@ -297,7 +306,7 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
     sa = to_native_a_scales(a_scales)
     kb = _ceil_div(k, BLOCK_K)
     tmap_a = jit.tensor_map(a.data_ptr(), "e4m3", (k, m), (a.stride(0) if m > 1 else k,),
-                            (BLOCK_K, cfg.block_m), swizzle=128)
+                            (BLOCK_K, cfg.block_m // cfg.cluster_n), swizzle=128)  # (each CTA loads its half)
     tmap_b = jit.tensor_map(b.data_ptr(), "e4m3", (k, n), (b.stride(0) if n > 1 else k,),
                             (BLOCK_K, cfg.block_n), swizzle=128)
     tmap_sa = jit.tensor_map(sa.data_ptr(), "f32", (m, kb), (sa.stride(1) * 4,), (cfg.block_m, 1), swizzle=0)
@@ -313,7 +322,7 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
     kernel.set_max_dynamic_smem(cfg.smem_bytes)
     # what _native.launch takes, prepared once: (device, function, grid, block, smem, params, cluster, offsets)
     launch_args = (kernel.device, kernel.function, grid_size(m, n, cfg, dev.num_sms), cfg.threads, cfg.smem_bytes,
-                   params.buffer, 1, list(params.offsets))
+                   params.buffer, cfg.cluster_n, list(params.offsets))
     return launch_args, sa is a_scales
 
 

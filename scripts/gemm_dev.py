@@ -90,12 +90,9 @@ def time_fn(fn, flush, reps=30):
     return statistics.median(times)
 
 
-def full_config(bm, bn, stages=0):
+def full_config(bm, bn, cluster=1, stages=0):
     from l2side import fp8_gemm
-    if not stages:
-        per = fp8_gemm.smem_layout_bytes(bm, bn, 1)
-        stages = min(fp8_gemm.MAX_STAGES, (fp8_gemm.MAX_SMEM - 1024 - 64) // per)
-    return fp8_gemm.GemmConfig(bm, bn, stages)
+    return fp8_gemm.GemmConfig(bm, bn, stages or fp8_gemm.max_stages(bm, bn, True), cluster_n=cluster)
 
 
 def sweep(shapes, spec):
@@ -128,7 +125,7 @@ def main():
     p.add_argument("--shapes", default="")
     p.add_argument("--no-time", action="store_true")
     p.add_argument("--config", default="")
-    p.add_argument("--sweep", default="", help="BM,BN[,STAGES];... : time each config on each shape (no cuBLAS)")
+    p.add_argument("--sweep", default="", help="BM,BN[,CLUSTER[,STAGES]];... : time each config on each shape")
     args = p.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes else EDGE + DEEPSEEK
     torch.manual_seed(0)

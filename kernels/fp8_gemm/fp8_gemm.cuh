@@ -66,7 +66,7 @@ __host__ __device__ constexpr uint32_t d_chunk_cols() {
 }
 
 template <uint32_t SHAPE_N, uint32_t SHAPE_K, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kStages,
-          uint32_t kGroupN, bool kTmaStore, class Mma>
+          uint32_t kGroupN, bool kTmaStore, uint32_t kClusterN, class Mma>
 __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const float* __restrict__ scales_b,
                                           uint32_t sb_stride_n, uint32_t sb_stride_k, uint32_t shape_m,
                                           const CUtensorMap& tmap_a, const CUtensorMap& tmap_b,
@@ -75,6 +75,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M is 64 (one math warpgroup) or 128 (two)");
   static_assert(BLOCK_N % 8 == 0 && BLOCK_N >= 8 && BLOCK_N <= 256, "wgmma N is a multiple of 8 up to 256");
   static_assert(Mma::kN == BLOCK_N, "the wgmma wrapper must match BLOCK_N");
+  static_assert(BLOCK_N <= BLOCK_K || BLOCK_N <= BLOCK_K + (BLOCK_N & (~BLOCK_N + 1)),
+                "a tile may span at most two 128-wide B-scale blocks");
+  static_assert(kClusterN == 1 || kClusterN == 2, "clusters of 1 or 2 CTAs along N");
   constexpr uint32_t kMathWarpgroups = BLOCK_M / 64;
   constexpr uint32_t kMathThreads = kMathWarpgroups * kWarpgroupThreads;
   constexpr uint32_t kNumKBlocks = ceil_div(SHAPE_K, BLOCK_K);
@@ -99,13 +102,15 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
     if constexpr (kTmaStore) ptx::prefetch_tensor_map(&tmap_d);
     for (uint32_t s = 0; s < kStages; ++s) {
       ptx::mbar_init(full + s, 1);                         // the producer's arrive (+ TMA bytes)
-      ptx::mbar_init(empty + s, kMathWarpgroups * 4);      // one arrive per math warp
+      ptx::mbar_init(empty + s, kMathWarpgroups * 4 * kClusterN);  // each math warp of each CTA of the cluster
     }
     ptx::mbar_init_fence();
   }
-  __syncthreads();
+  // with clusters the peer multicasts into this CTA's stages and arrives on its barriers: all initialised first
+  if constexpr (kClusterN > 1) ptx::cluster_sync(); else __syncthreads();
 
-  GroupedScheduler<SHAPE_N, BLOCK_M, BLOCK_N, kGroupN> scheduler(shape_m);
+  const uint32_t cta_rank = kClusterN > 1 ? ptx::cluster_cta_rank() : 0;
+  GroupedScheduler<SHAPE_N, BLOCK_M, BLOCK_N, kGroupN, kClusterN> scheduler(shape_m, cta_rank);
   uint32_t m_block, n_block;
 
   if (threadIdx.x >= kMathThreads) {
@@ -123,7 +128,15 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           uint64_t* bar = full + stage;
           ptx::mbar_arrive_expect_tx(bar, Smem::kTxBytes);
           const int32_t k0 = static_cast<int32_t>(kb * BLOCK_K);
-          ptx::tma_load_2d(smem + Smem::kA + stage * Smem::kAStage, &tmap_a, bar, k0, m0);
+          if constexpr (kClusterN > 1) {
+            // this CTA's half of the shared A tile, written into both CTAs' stage (and counted on both barriers)
+            constexpr uint32_t kHalf = BLOCK_M / kClusterN;
+            ptx::tma_load_2d_multicast(smem + Smem::kA + stage * Smem::kAStage + cta_rank * kHalf * BLOCK_K, &tmap_a,
+                                       bar, k0, m0 + static_cast<int32_t>(cta_rank * kHalf),
+                                       static_cast<uint16_t>((1u << kClusterN) - 1));
+          } else {
+            ptx::tma_load_2d(smem + Smem::kA + stage * Smem::kAStage, &tmap_a, bar, k0, m0);
+          }
           ptx::tma_load_2d(smem + Smem::kSa + stage * Smem::kSaStage, &tmap_sa, bar, m0, static_cast<int32_t>(kb));
           ptx::tma_load_2d(smem + Smem::kB + stage * Smem::kBStage, &tmap_b, bar, k0, n0);
           if (++stage == kStages) { stage = 0; phase ^= 1; }
@@ -173,9 +186,13 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
 #pragma unroll
         for (uint32_t i = 0; i < kNumAccum; ++i) ptx::fence_operand(acc[i]);
 
-        // this warp is done with the stage (wgmma operands read, scales in registers)
+        // this warp is done with the stage (wgmma operands read, scales in registers); with clusters the
+        // peer's producer writes into this stage too, so its barrier hears from us as well
         __syncwarp();
         if (lane == 0) ptx::mbar_arrive(empty + stage);
+        if constexpr (kClusterN > 1) {
+          if (lane == 1) ptx::mbar_arrive_cluster(empty + stage, cta_rank ^ 1);
+        }
         if (++stage == kStages) { stage = 0; phase ^= 1; }
 
         // promotion: out += (sa * sb) * partial
@@ -255,6 +272,8 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       if (threadIdx.x % kWarpgroupThreads == 0) ptx::tma_store_wait_all();
     }
   }
+  // a CTA leaves only once its peer can no longer write into its shared memory or arrive on its barriers
+  if constexpr (kClusterN > 1) ptx::cluster_sync();
 #endif
 }
 

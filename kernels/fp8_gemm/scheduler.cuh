@@ -13,31 +13,39 @@ namespace l2side::fp8_gemm {
 
 __host__ __device__ constexpr uint32_t ceil_div(uint32_t a, uint32_t b) { return (a + b - 1) / b; }
 
-template <uint32_t SHAPE_N, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kGroupN>
+// kClusterN = 2: the two CTAs of a cluster take N-blocks 2j and 2j+1 of the same M-block (they share the A
+// tile, loaded half by each with TMA multicast); the scheduler then walks units of kClusterN N-blocks,
+// one unit per cluster at a time, so both CTAs of a cluster always run the same number of tiles.
+// (The launcher uses clusters only when the N-block count is a multiple of kClusterN.)
+template <uint32_t SHAPE_N, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kGroupN, uint32_t kClusterN = 1>
 struct GroupedScheduler {
   static constexpr uint32_t kNumNBlocks = ceil_div(SHAPE_N, BLOCK_N);
+  static constexpr uint32_t kNumNUnits = kNumNBlocks / kClusterN;
+  static constexpr uint32_t kGroupUnits = kGroupN / kClusterN > 0 ? kGroupN / kClusterN : 1;
+  static_assert(kNumNBlocks % kClusterN == 0, "the N-block count must be a multiple of the cluster size");
 
-  uint32_t num_m_blocks, num_tiles, tile;
+  uint32_t num_m_blocks, num_units, unit, rank;
 
-  __device__ __forceinline__ explicit GroupedScheduler(uint32_t shape_m)
-      : num_m_blocks(ceil_div(shape_m, BLOCK_M)), num_tiles(ceil_div(shape_m, BLOCK_M) * kNumNBlocks),
-        tile(blockIdx.x) {}
+  __device__ __forceinline__ GroupedScheduler(uint32_t shape_m, uint32_t cluster_rank)
+      : num_m_blocks(ceil_div(shape_m, BLOCK_M)), num_units(ceil_div(shape_m, BLOCK_M) * kNumNUnits),
+        unit(blockIdx.x / kClusterN), rank(cluster_rank) {}
 
-  // Tile t -> (m_block, n_block); exposed for tests of the order.
-  __device__ __forceinline__ static void tile_coords(uint32_t t, uint32_t num_m_blocks, uint32_t& m_block,
-                                                     uint32_t& n_block) {
-    const uint32_t per_group = num_m_blocks * kGroupN;
-    const uint32_t group = t / per_group;
-    const uint32_t first_n = group * kGroupN;
-    const uint32_t in_group = t - group * per_group;
-    m_block = in_group % num_m_blocks;  // (the last group may be narrower: t < num_tiles keeps it inside)
-    n_block = first_n + in_group / num_m_blocks;
+  // Unit u -> (m_block, first N-unit); exposed for tests of the order.
+  __device__ __forceinline__ static void unit_coords(uint32_t u, uint32_t num_m_blocks, uint32_t& m_block,
+                                                     uint32_t& n_unit) {
+    const uint32_t per_group = num_m_blocks * kGroupUnits;
+    const uint32_t group = u / per_group;
+    const uint32_t in_group = u - group * per_group;
+    m_block = in_group % num_m_blocks;  // (the last group may be narrower: u < num_units keeps it inside)
+    n_unit = group * kGroupUnits + in_group / num_m_blocks;
   }
 
   __device__ __forceinline__ bool next(uint32_t& m_block, uint32_t& n_block) {
-    if (tile >= num_tiles) return false;
-    tile_coords(tile, num_m_blocks, m_block, n_block);
-    tile += gridDim.x;
+    if (unit >= num_units) return false;
+    uint32_t n_unit;
+    unit_coords(unit, num_m_blocks, m_block, n_unit);
+    n_block = n_unit * kClusterN + rank;
+    unit += gridDim.x / kClusterN;
     return true;
   }
 };
