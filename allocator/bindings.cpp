@@ -276,6 +276,9 @@ PYBIND11_MODULE(_native, m) {
   }, py::arg("device"), py::arg("function"), py::arg("grid"), py::arg("block"), py::arg("smem"),
      py::arg("stream"), py::arg("params"), py::arg("cluster") = 1, py::arg("offsets") = std::vector<size_t>{});
   m.def("param_layout", &param_layout);
+  m.def("max_active_clusters", [](int device, uintptr_t fn, py::object block, unsigned smem, py::object cluster) {
+    return max_active_clusters(device, fn, dim3_of(block), smem, dim3_of(cluster));
+  });
   m.def("encode_tensor_map", [](int dtype, uintptr_t address, std::vector<uint64_t> dims,
                                 std::vector<uint64_t> strides, std::vector<uint32_t> box, int swizzle,
                                 int l2_promotion, bool oob_nan) {

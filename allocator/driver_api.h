@@ -25,7 +25,8 @@ namespace l2side {
   X(cuModuleLoadData, 2000) X(cuModuleUnload, 2000) X(cuModuleGetFunction, 2000) \
   X(cuFuncSetAttribute, 9000) X(cuLaunchKernel, 4000) X(cuLaunchKernelEx, 11060) \
   X(cuTensorMapEncodeTiled, 12000) X(cuThreadExchangeStreamCaptureMode, 10010) \
-  X(cuDeviceCanAccessPeer, 4000) X(cuFuncGetParamInfo, 12040)
+  X(cuDeviceCanAccessPeer, 4000) X(cuFuncGetParamInfo, 12040) \
+  X(cuOccupancyMaxActiveClusters, 11070)
 
 struct Driver {
 #define L2SIDE_DECLARE(name, version) PFN_##name##_v##version name = nullptr;

@@ -64,6 +64,30 @@ void launch(int device, uintptr_t function, std::array<unsigned, 3> grid, std::a
         "cuLaunchKernelEx");
 }
 
+int max_active_clusters(int device, uintptr_t function, std::array<unsigned, 3> block, unsigned smem,
+                        std::array<unsigned, 3> cluster) {
+  ScopedContext ctx(device);
+  CUlaunchConfig config = {};
+  config.gridDimX = cluster[0] * 1024;  // any multiple of the cluster shape
+  config.gridDimY = cluster[1];
+  config.gridDimZ = cluster[2];
+  config.blockDimX = block[0];
+  config.blockDimY = block[1];
+  config.blockDimZ = block[2];
+  config.sharedMemBytes = smem;
+  CUlaunchAttribute attribute = {};
+  attribute.id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+  attribute.value.clusterDim.x = cluster[0];
+  attribute.value.clusterDim.y = cluster[1];
+  attribute.value.clusterDim.z = cluster[2];
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  int n = 0;
+  check(driver().cuOccupancyMaxActiveClusters(&n, reinterpret_cast<CUfunction>(function), &config),
+        "cuOccupancyMaxActiveClusters");
+  return n;
+}
+
 std::vector<std::pair<size_t, size_t>> param_layout(uintptr_t function) {
   std::vector<std::pair<size_t, size_t>> layout;
   for (size_t i = 0;; ++i) {

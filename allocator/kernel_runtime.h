@@ -19,6 +19,9 @@ void set_max_dynamic_smem(uintptr_t function, int bytes);
 void launch(int device, uintptr_t function, std::array<unsigned, 3> grid, std::array<unsigned, 3> block,
             unsigned smem, uintptr_t stream, const std::string& params, std::array<unsigned, 3> cluster,
             const std::vector<size_t>& offsets = {});
+// How many clusters of `cluster` CTAs (each `block` threads, `smem` dynamic bytes) can be resident at once.
+int max_active_clusters(int device, uintptr_t function, std::array<unsigned, 3> block, unsigned smem,
+                        std::array<unsigned, 3> cluster);
 // (offset, size) of each kernel parameter, as the compiler laid them out (cuFuncGetParamInfo).
 std::vector<std::pair<size_t, size_t>> param_layout(uintptr_t function);
 // cuTensorMapEncodeTiled; returns the 128-byte CUtensorMap.

@@ -104,7 +104,7 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
             best = (key, block_n)
     block_n = best[1]
     tma_store = n % 8 == 0
-    cluster_n = 2 if _ceil_div(n, block_n) % 2 == 0 else 1
+    cluster_n = 1  # clusters of 2 (A multicast) measured 2x slower so far: see docs/perf-notes.md
     return GemmConfig(block_m=block_m, block_n=block_n, stages=max_stages(block_m, block_n, tma_store),
                       tma_store=tma_store, cluster_n=cluster_n)
 
@@ -320,8 +320,13 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
               .tensor_map(tmap_a).tensor_map(tmap_b).tensor_map(tmap_sa).tensor_map(tmap_d))
     kernel.check_params(params)
     kernel.set_max_dynamic_smem(cfg.smem_bytes)
+    grid = grid_size(m, n, cfg, dev.num_sms)
+    if cfg.cluster_n > 1:  # only as many clusters as can be resident at once (persistent grid)
+        resident = _native.max_active_clusters(kernel.device, kernel.function, cfg.threads, cfg.smem_bytes,
+                                               cfg.cluster_n)
+        grid = min(grid, max(1, resident) * cfg.cluster_n)
     # what _native.launch takes, prepared once: (device, function, grid, block, smem, params, cluster, offsets)
-    launch_args = (kernel.device, kernel.function, grid_size(m, n, cfg, dev.num_sms), cfg.threads, cfg.smem_bytes,
+    launch_args = (kernel.device, kernel.function, grid, cfg.threads, cfg.smem_bytes,
                    params.buffer, cfg.cluster_n, list(params.offsets))
     return launch_args, sa is a_scales
 

@@ -110,7 +110,14 @@ def sweep(shapes, spec):
         ref = reference(a, sa, b, sb)
         out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
         for c in configs:
+            if (-(-n // c.block_n)) % c.cluster_n:
+                continue
             l2side.gemm(a, sa, b, sb, out=out, config=c)
+            if c.cluster_n > 1:
+                dev = fp8_gemm._device(0)
+                kern = fp8_gemm._kernel(dev, n, k, c)
+                print("   resident clusters:", fp8_gemm._native.max_active_clusters(0, kern.function, c.threads,
+                                                                               c.smem_bytes, c.cluster_n))
             d = diff(out, ref)
             t = time_fn(lambda: l2side.gemm(a, sa, b, sb, out=out, config=c), flush)
             print(f"{m:5d} {n:6d} {k:6d} {str(c):60s} diff={d:.1e} {t:8.1f} us {2 * m * n * k / t / 1e6:7.1f} TFLOPS",
