@@ -100,7 +100,7 @@ def sweep(shapes, spec):
     from l2side import fp8_gemm
     from concurrent.futures import ThreadPoolExecutor
     configs = [full_config(*(int(v) for v in c.split(","))) for c in spec.split(";")]
-    jobs = {(n, k, c) for (m, n, k) in shapes for c in configs}
+    jobs = {(n, k, c) for (m, n, k) in shapes for c in configs if (-(-n // c.block_n)) % c.cluster_n == 0}
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda j: fp8_gemm.build(*j), jobs))
     flush = torch.empty(256 << 20, dtype=torch.int32, device="cuda")
