@@ -50,6 +50,7 @@ class GemmConfig:
     group_n: int = GROUP_N
     tma_store: bool = True     # epilogue through shared memory + TMA store (needs N % 8 == 0)
     cluster_n: int = 1         # 2: CTA pairs on N-blocks (2j, 2j+1) share the A tile by TMA multicast
+    double_acc: bool = False   # two wgmma accumulators: block k+1 runs on the tensor cores while k is promoted
 
     @property
     def num_math_warpgroups(self) -> int:
@@ -159,7 +160,8 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
         "    const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,\n"
         "    const __grid_constant__ CUtensorMap tmap_sa, const __grid_constant__ CUtensorMap tmap_d) {\n"
         f"  l2side::fp8_gemm::gemm_body<{n}, {k}, {config.block_m}, {config.block_n}, {config.stages}, "
-        f"{config.group_n}, {'true' if config.tma_store else 'false'}, {config.cluster_n}, Mma>(\n"
+        f"{config.group_n}, {'true' if config.tma_store else 'false'}, {config.cluster_n}, "
+        f"{'true' if config.double_acc else 'false'}, Mma>(\n"
         "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa, tmap_d);\n"
         "}\n")
 

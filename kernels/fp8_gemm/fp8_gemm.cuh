@@ -66,7 +66,7 @@ __host__ __device__ constexpr uint32_t d_chunk_cols() {
 }
 
 template <uint32_t SHAPE_N, uint32_t SHAPE_K, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kStages,
-          uint32_t kGroupN, bool kTmaStore, uint32_t kClusterN, class Mma>
+          uint32_t kGroupN, bool kTmaStore, uint32_t kClusterN, bool kDoubleAcc, class Mma>
 __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const float* __restrict__ scales_b,
                                           uint32_t sb_stride_n, uint32_t sb_stride_k, uint32_t shape_m,
                                           const CUtensorMap& tmap_a, const CUtensorMap& tmap_b,
@@ -151,7 +151,50 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
     const uint32_t wg = __shfl_sync(0xffffffffu, threadIdx.x / kWarpgroupThreads, 0);
     const uint32_t row = wg * 64 + (threadIdx.x / 32 % 4) * 16 + lane / 4;  // this thread's rows: row, row + 8
     uint32_t stage = 0, phase = 0;
-    float acc[kNumAccum], out[kNumAccum];
+    float out[kNumAccum];
+
+    // One 128-deep K block: wait for its stage, read this thread's A scales, issue the four wgmma into `acc`
+    // and commit them as one group. Returns the stage it used (released by `finish` once the group is done).
+    auto issue = [&](float (&acc)[kNumAccum], float& sa0, float& sa1) -> uint32_t {
+      const uint32_t s = stage;
+      ptx::mbar_wait(full + s, phase);
+      if (++stage == kStages) { stage = 0; phase ^= 1; }
+      const float* sa = reinterpret_cast<const float*>(smem + Smem::kSa + s * Smem::kSaStage);
+      sa0 = sa[row];
+      sa1 = sa[row + 8];
+      const uint64_t desc_a = ptx::kmajor_sw128_desc(smem + Smem::kA + s * Smem::kAStage + wg * 64 * BLOCK_K);
+      const uint64_t desc_b = ptx::kmajor_sw128_desc(smem + Smem::kB + s * Smem::kBStage);
+      // (the wgmma operands "+f"(acc) order it after the promotion that read acc; no extra register fence,
+      // which ptxas would take for a use of registers another in-flight group defines)
+      ptx::wgmma_fence();
+#pragma unroll
+      for (uint32_t k = 0; k < BLOCK_K / 32; ++k) Mma::run(acc, desc_a + 2 * k, desc_b + 2 * k, k > 0);
+      ptx::wgmma_commit();  // (no register fence after it: touching acc before the wait makes ptxas wait here)
+      return s;
+    };
+    // After the group of K block `kb` completed: release its stage (this warp has read it: wgmma operands,
+    // scales in registers; with clusters the peer's producer writes into it too, so the peer hears as well)
+    // and promote: out += (sa * sb) * partial.
+    auto finish = [&](float (&acc)[kNumAccum], uint32_t s, float sa0, float sa1, float sb0, float sb1,
+                      uint32_t boundary) {
+#pragma unroll
+      for (uint32_t i = 0; i < kNumAccum; ++i) ptx::fence_operand(acc[i]);
+      __syncwarp();
+      if (lane == 0) ptx::mbar_arrive(empty + s);
+      if constexpr (kClusterN > 1) {
+        if (lane == 1) ptx::mbar_arrive_cluster(empty + s, cta_rank ^ 1);
+      }
+      const float s00 = sa0 * sb0, s10 = sa1 * sb0, s01 = sa0 * sb1, s11 = sa1 * sb1;
+#pragma unroll
+      for (uint32_t j = 0; j < BLOCK_N / 8; ++j) {
+        const bool first = kUniformScaleB || j * 8 < boundary;  // boundary is a multiple of 8
+        const float s0 = first ? s00 : s01, s1 = first ? s10 : s11;
+        out[4 * j + 0] = fmaf(s0, acc[4 * j + 0], out[4 * j + 0]);
+        out[4 * j + 1] = fmaf(s0, acc[4 * j + 1], out[4 * j + 1]);
+        out[4 * j + 2] = fmaf(s1, acc[4 * j + 2], out[4 * j + 2]);
+        out[4 * j + 3] = fmaf(s1, acc[4 * j + 3], out[4 * j + 3]);
+      }
+    };
 
     while (scheduler.next(m_block, n_block)) {
       const uint32_t n0 = n_block * BLOCK_N;
@@ -160,51 +203,49 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           kUniformScaleB ? sb_first : scales_b + (min(n0 + BLOCK_N, SHAPE_N) - 1) / BLOCK_K * sb_stride_n;
       // columns [0, boundary) of the tile take the first scale block, the rest the second
       const uint32_t boundary = kUniformScaleB ? BLOCK_N : BLOCK_K - n0 % BLOCK_K;
+      auto sb_of = [&](uint32_t kb, float& sb0, float& sb1) {
+        sb0 = __ldg(sb_first + kb * sb_stride_k);
+        sb1 = kUniformScaleB ? sb0 : __ldg(sb_second + kb * sb_stride_k);
+      };
 
 #pragma unroll
       for (uint32_t i = 0; i < kNumAccum; ++i) out[i] = 0.0f;
 
+      if constexpr (kDoubleAcc) {
+        // two accumulators: block kb+1's wgmma run on the tensor cores while block kb is promoted
+        float acc0[kNumAccum], acc1[kNumAccum];
+        float sa0_0, sa1_0, sa0_1, sa1_1, sb0, sb1;
+        uint32_t s0 = issue(acc0, sa0_0, sa1_0), s1 = 0;
 #pragma unroll 1
-      for (uint32_t kb = 0; kb < kNumKBlocks; ++kb) {
-        const float sb0 = __ldg(sb_first + kb * sb_stride_k);
-        const float sb1 = kUniformScaleB ? sb0 : __ldg(sb_second + kb * sb_stride_k);
-        ptx::mbar_wait(full + stage, phase);
-        const float* sa = reinterpret_cast<const float*>(smem + Smem::kSa + stage * Smem::kSaStage);
-        const float sa0 = sa[row], sa1 = sa[row + 8];
-        const uint64_t desc_a = ptx::kmajor_sw128_desc(smem + Smem::kA + stage * Smem::kAStage + wg * 64 * BLOCK_K);
-        const uint64_t desc_b = ptx::kmajor_sw128_desc(smem + Smem::kB + stage * Smem::kBStage);
-
-#pragma unroll
-        for (uint32_t i = 0; i < kNumAccum; ++i) ptx::fence_operand(acc[i]);
-        ptx::wgmma_fence();
-#pragma unroll
-        for (uint32_t k = 0; k < BLOCK_K / 32; ++k) Mma::run(acc, desc_a + 2 * k, desc_b + 2 * k, k > 0);
-        ptx::wgmma_commit();
-#pragma unroll
-        for (uint32_t i = 0; i < kNumAccum; ++i) ptx::fence_operand(acc[i]);
-        ptx::wgmma_wait<0>();
-#pragma unroll
-        for (uint32_t i = 0; i < kNumAccum; ++i) ptx::fence_operand(acc[i]);
-
-        // this warp is done with the stage (wgmma operands read, scales in registers); with clusters the
-        // peer's producer writes into this stage too, so its barrier hears from us as well
-        __syncwarp();
-        if (lane == 0) ptx::mbar_arrive(empty + stage);
-        if constexpr (kClusterN > 1) {
-          if (lane == 1) ptx::mbar_arrive_cluster(empty + stage, cta_rank ^ 1);
+        for (uint32_t kb = 0; kb < kNumKBlocks; kb += 2) {
+          sb_of(kb, sb0, sb1);
+          if (kb + 1 < kNumKBlocks) {
+            s1 = issue(acc1, sa0_1, sa1_1);
+            ptx::wgmma_wait<1>();
+          } else {
+            ptx::wgmma_wait<0>();
+          }
+          finish(acc0, s0, sa0_0, sa1_0, sb0, sb1, boundary);
+          if (kb + 1 < kNumKBlocks) {
+            sb_of(kb + 1, sb0, sb1);
+            if (kb + 2 < kNumKBlocks) {
+              s0 = issue(acc0, sa0_0, sa1_0);
+              ptx::wgmma_wait<1>();
+            } else {
+              ptx::wgmma_wait<0>();
+            }
+            finish(acc1, s1, sa0_1, sa1_1, sb0, sb1, boundary);
+          }
         }
-        if (++stage == kStages) { stage = 0; phase ^= 1; }
-
-        // promotion: out += (sa * sb) * partial
-        const float s00 = sa0 * sb0, s10 = sa1 * sb0, s01 = sa0 * sb1, s11 = sa1 * sb1;
-#pragma unroll
-        for (uint32_t j = 0; j < BLOCK_N / 8; ++j) {
-          const bool first = kUniformScaleB || j * 8 < boundary;  // boundary is a multiple of 8
-          const float s0 = first ? s00 : s01, s1 = first ? s10 : s11;
-          out[4 * j + 0] = fmaf(s0, acc[4 * j + 0], out[4 * j + 0]);
-          out[4 * j + 1] = fmaf(s0, acc[4 * j + 1], out[4 * j + 1]);
-          out[4 * j + 2] = fmaf(s1, acc[4 * j + 2], out[4 * j + 2]);
-          out[4 * j + 3] = fmaf(s1, acc[4 * j + 3], out[4 * j + 3]);
+      } else {
+        float acc[kNumAccum];
+#pragma unroll 1
+        for (uint32_t kb = 0; kb < kNumKBlocks; ++kb) {
+          float sa0, sa1, sb0, sb1;
+          sb_of(kb, sb0, sb1);
+          const uint32_t s = issue(acc, sa0, sa1);
+          ptx::wgmma_wait<0>();
+          finish(acc, s, sa0, sa1, sb0, sb1, boundary);
         }
       }
 
