@@ -14,10 +14,11 @@ The kernel (kernels/fp8_gemm/fp8_gemm.cuh) is compiled per (N, K, block config) 
 argument — with nvcc for sm_90a and cached on disk (l2side.jit).
 
 Block configuration (`gemm_config`): BLOCK_K = 128 (the scale granularity); BLOCK_M = 64 (one math
-warpgroup) when M <= 64, else 128 (two). BLOCK_N (multiple of 8, 16..128) minimises the estimated time
-waves * (BLOCK_N + 16), where waves = ceil(tiles / SMs): the kernel is persistent, so the last wave's
-idle SMs are the cost that smaller tiles buy back, and the +16 stands for the per-tile cost that does
-not shrink with BLOCK_N (the A tile, the promotion and epilogue). Stages: as many as fit in shared memory,
+warpgroup) when M <= 64, else 128 (two). BLOCK_N minimises the estimated time
+waves * (BLOCK_N * cost_per_column + 16), where waves = ceil(tiles / SMs): the kernel is persistent, so the
+last wave's idle SMs are the cost that smaller tiles buy back, and the +16 stands for the per-tile cost
+that does not shrink with BLOCK_N. For M < 512 (memory-bound) BLOCK_N is any multiple of 8 in 16..128;
+for larger M only 64, 128 and 192, weighted by their measured efficiency (see `_block_n_candidates`). Stages: as many as fit in shared memory,
 at most 12.
 """
 from __future__ import annotations
@@ -89,6 +90,18 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+COMPUTE_BOUND_M = 512
+
+
+def _block_n_candidates(m: int):
+    """(BLOCK_N, relative time per column of a tile). Memory-bound (small M): any multiple of 8 up to 128, all
+    alike. Compute-bound: only 64, 128, 192 (on the H100, 128 x 112 / 96 tiles ran 0.78x / 0.75x the TFLOPS of
+    128 x 128, and 192 about 0.9-1.05x: docs/perf-notes.md)."""
+    if m < COMPUTE_BOUND_M:
+        return [(bn, 1.0) for bn in range(16, 129, 8)]
+    return [(64, 1.4), (128, 1.0), (192, 1.05)]
+
+
 def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     """The block configuration for a shape (see the module docstring for the rule)."""
     if m < 1 or n < 1 or k < 1:
@@ -96,10 +109,10 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     block_m = 64 if m <= 64 else 128
     num_m_blocks = _ceil_div(m, block_m)
     best = None
-    for block_n in range(16, 129, 8):
+    for block_n, cost_per_column in _block_n_candidates(m):
         tiles = num_m_blocks * _ceil_div(n, block_n)
         waves = _ceil_div(tiles, num_sms)
-        cost = waves * (block_n + 16)
+        cost = waves * block_n * cost_per_column + waves * 16
         key = (cost, -block_n)
         if best is None or key < best[0]:
             best = (key, block_n)
