@@ -50,7 +50,7 @@ class GemmConfig:
     stages: int
     group_n: int = GROUP_N
     tma_store: bool = True     # epilogue through shared memory + TMA store (needs N % 8 == 0)
-    cluster_n: int = 1         # 2: CTA pairs on N-blocks (2j, 2j+1) share the A tile by TMA multicast
+    cluster_n: int = 1         # 2 or 4: CTAs of a cluster on consecutive N-blocks share the A tile by TMA multicast
     double_acc: bool = False   # two wgmma accumulators: block k+1 runs on the tensor cores while k is promoted
 
     @property
@@ -159,8 +159,8 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
     if config.tma_store and n % 8:
         raise ValueError(f"the TMA-store epilogue needs N % 8 == 0 (16-byte output rows), got N={n}; "
                          "use a config with tma_store=False")
-    if config.cluster_n not in (1, 2) or _ceil_div(n, config.block_n) % config.cluster_n:
-        raise ValueError(f"cluster_n must be 1 or 2 and divide the N-block count ({_ceil_div(n, config.block_n)}),"
+    if config.cluster_n not in (1, 2, 4) or _ceil_div(n, config.block_n) % config.cluster_n:
+        raise ValueError(f"cluster_n must be 1, 2 or 4 and divide the N-block count ({_ceil_div(n, config.block_n)}),"
                          f" got {config.cluster_n}")
     if config.block_n > BLOCK_K + (config.block_n & -config.block_n):
         raise ValueError(f"block_n={config.block_n} lets a tile span three 128-wide B-scale blocks")

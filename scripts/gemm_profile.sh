@@ -3,7 +3,7 @@
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/gpu_check_out}; mkdir -p "$OUT"
 SHAPE=${1:-4096,7168,16384}; shift
-ncu --clock-control none -k regex:l2side_fp8_gemm -c 1 -s 2 \
+ncu --clock-control none -k regex:l2side_fp8_gemm -c 1 -s 0 \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     --section WarpStateStats --section SchedulerStats --section Occupancy \
     python3 scripts/gemm_dev.py --no-time --shapes "$SHAPE" "$@" > "$OUT/ncu_${SHAPE//,/_}.txt" 2>&1

@@ -77,7 +77,8 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   static_assert(Mma::kN == BLOCK_N, "the wgmma wrapper must match BLOCK_N");
   static_assert(BLOCK_N <= BLOCK_K || BLOCK_N <= BLOCK_K + (BLOCK_N & (~BLOCK_N + 1)),
                 "a tile may span at most two 128-wide B-scale blocks");
-  static_assert(kClusterN == 1 || kClusterN == 2, "clusters of 1 or 2 CTAs along N");
+  static_assert(kClusterN == 1 || kClusterN == 2 || kClusterN == 4, "clusters of 1, 2 or 4 CTAs along N");
+  static_assert(BLOCK_M / kClusterN >= 8, "each CTA multicasts at least 8 rows of A");
   constexpr uint32_t kMathWarpgroups = BLOCK_M / 64;
   constexpr uint32_t kMathThreads = kMathWarpgroups * kWarpgroupThreads;
   constexpr uint32_t kNumKBlocks = ceil_div(SHAPE_K, BLOCK_K);
@@ -129,10 +130,10 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           ptx::mbar_arrive_expect_tx(bar, Smem::kTxBytes);
           const int32_t k0 = static_cast<int32_t>(kb * BLOCK_K);
           if constexpr (kClusterN > 1) {
-            // this CTA's half of the shared A tile, written into both CTAs' stage (and counted on both barriers)
-            constexpr uint32_t kHalf = BLOCK_M / kClusterN;
-            ptx::tma_load_2d_multicast(smem + Smem::kA + stage * Smem::kAStage + cta_rank * kHalf * BLOCK_K, &tmap_a,
-                                       bar, k0, m0 + static_cast<int32_t>(cta_rank * kHalf),
+            // this CTA's share of the A tile, written into every CTA's stage (and counted on every barrier)
+            constexpr uint32_t kShare = BLOCK_M / kClusterN;
+            ptx::tma_load_2d_multicast(smem + Smem::kA + stage * Smem::kAStage + cta_rank * kShare * BLOCK_K, &tmap_a,
+                                       bar, k0, m0 + static_cast<int32_t>(cta_rank * kShare),
                                        static_cast<uint16_t>((1u << kClusterN) - 1));
           } else {
             ptx::tma_load_2d(smem + Smem::kA + stage * Smem::kAStage, &tmap_a, bar, k0, m0);
@@ -180,9 +181,10 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
 #pragma unroll
       for (uint32_t i = 0; i < kNumAccum; ++i) ptx::fence_operand(acc[i]);
       __syncwarp();
-      if (lane == 0) ptx::mbar_arrive(empty + s);
       if constexpr (kClusterN > 1) {
-        if (lane == 1) ptx::mbar_arrive_cluster(empty + s, cta_rank ^ 1);
+        if (lane < kClusterN) ptx::mbar_arrive_cluster(empty + s, lane);  // lane r tells CTA r
+      } else {
+        if (lane == 0) ptx::mbar_arrive(empty + s);
       }
       const float s00 = sa0 * sb0, s10 = sa1 * sb0, s01 = sa0 * sb1, s11 = sa1 * sb1;
 #pragma unroll

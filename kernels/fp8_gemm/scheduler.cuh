@@ -13,8 +13,8 @@ namespace l2side::fp8_gemm {
 
 __host__ __device__ constexpr uint32_t ceil_div(uint32_t a, uint32_t b) { return (a + b - 1) / b; }
 
-// kClusterN = 2: the two CTAs of a cluster take N-blocks 2j and 2j+1 of the same M-block (they share the A
-// tile, loaded half by each with TMA multicast); the scheduler then walks units of kClusterN N-blocks,
+// kClusterN > 1: the CTAs of a cluster take N-blocks c*j .. c*j + c-1 of the same M-block (they share the A
+// tile, each loading 1/c of it with TMA multicast); the scheduler then walks units of kClusterN N-blocks,
 // one unit per cluster at a time, so both CTAs of a cluster always run the same number of tiles.
 // (The launcher uses clusters only when the N-block count is a multiple of kClusterN.)
 template <uint32_t SHAPE_N, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kGroupN, uint32_t kClusterN = 1>
