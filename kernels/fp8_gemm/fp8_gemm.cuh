@@ -205,9 +205,15 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           kUniformScaleB ? sb_first : scales_b + (min(n0 + BLOCK_N, SHAPE_N) - 1) / BLOCK_K * sb_stride_n;
       // columns [0, boundary) of the tile take the first scale block, the rest the second
       const uint32_t boundary = kUniformScaleB ? BLOCK_N : BLOCK_K - n0 % BLOCK_K;
+      // B scales come from global memory (L2: hundreds of cycles), so block kb+1's are loaded while block
+      // kb is computed: `sb_of` hands out the prefetched pair and starts the next load.
+      float sb_next0 = __ldg(sb_first), sb_next1 = kUniformScaleB ? sb_next0 : __ldg(sb_second);
       auto sb_of = [&](uint32_t kb, float& sb0, float& sb1) {
-        sb0 = __ldg(sb_first + kb * sb_stride_k);
-        sb1 = kUniformScaleB ? sb0 : __ldg(sb_second + kb * sb_stride_k);
+        sb0 = sb_next0;
+        sb1 = sb_next1;
+        const uint32_t next = min(kb + 1, kNumKBlocks - 1);
+        sb_next0 = __ldg(sb_first + next * sb_stride_k);
+        sb_next1 = kUniformScaleB ? sb_next0 : __ldg(sb_second + next * sb_stride_k);
       };
 
 #pragma unroll
