@@ -37,7 +37,7 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
 BLOCK_K = 128
 MAX_SMEM = 232448            # bytes of dynamic shared memory per block on sm_90
 MAX_STAGES = 12
-GROUP_N = 16                 # N-blocks per raster group (scheduler.cuh)
+GROUP_M = 8                  # M-blocks per raster group (scheduler.cuh); 0 = all
 KERNEL_NAME = "l2side_fp8_gemm"
 # extra nvcc options for every GEMM kernel (for kernel work: e.g. "-DL2SIDE_NO_SETMAXNREG")
 EXTRA_OPTIONS = tuple(os.environ.get("L2SIDE_GEMM_NVCC_OPTIONS", "").split())
@@ -48,7 +48,7 @@ class GemmConfig:
     block_m: int
     block_n: int
     stages: int
-    group_n: int = GROUP_N
+    group_m: int = GROUP_M
     tma_store: bool = True     # epilogue through shared memory + TMA store (needs N % 8 == 0)
     cluster_n: int = 1         # 2 or 4: CTAs of a cluster on consecutive N-blocks share the A tile by TMA multicast
     double_acc: bool = False   # two wgmma accumulators: block k+1 runs on the tensor cores while k is promoted
@@ -173,7 +173,7 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
         "    const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,\n"
         "    const __grid_constant__ CUtensorMap tmap_sa, const __grid_constant__ CUtensorMap tmap_d) {\n"
         f"  l2side::fp8_gemm::gemm_body<{n}, {k}, {config.block_m}, {config.block_n}, {config.stages}, "
-        f"{config.group_n}, {'true' if config.tma_store else 'false'}, {config.cluster_n}, "
+        f"{config.group_m}, {'true' if config.tma_store else 'false'}, {config.cluster_n}, "
         f"{'true' if config.double_acc else 'false'}, Mma>(\n"
         "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa, tmap_d);\n"
         "}\n")

@@ -90,10 +90,10 @@ def time_fn(fn, flush, reps=30):
     return statistics.median(times)
 
 
-def full_config(bm, bn, cluster=1, double_acc=0, stages=0):
+def full_config(bm, bn, cluster=1, double_acc=0, group_m=8, stages=0):
     from l2side import fp8_gemm
     return fp8_gemm.GemmConfig(bm, bn, stages or fp8_gemm.max_stages(bm, bn, True), cluster_n=cluster,
-                               double_acc=bool(double_acc))
+                               double_acc=bool(double_acc), group_m=group_m)
 
 
 def sweep(shapes, spec):
@@ -133,7 +133,7 @@ def main():
     p.add_argument("--shapes", default="")
     p.add_argument("--no-time", action="store_true")
     p.add_argument("--config", default="")
-    p.add_argument("--sweep", default="", help="BM,BN[,CLUSTER[,DOUBLE_ACC[,STAGES]]];... : time each config on each shape")
+    p.add_argument("--sweep", default="", help="BM,BN[,CLUSTER[,DOUBLE_ACC[,GROUP_M[,STAGES]]]];... : time each config on each shape")
     args = p.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes else EDGE + DEEPSEEK
     torch.manual_seed(0)

@@ -66,7 +66,7 @@ __host__ __device__ constexpr uint32_t d_chunk_cols() {
 }
 
 template <uint32_t SHAPE_N, uint32_t SHAPE_K, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kStages,
-          uint32_t kGroupN, bool kTmaStore, uint32_t kClusterN, bool kDoubleAcc, class Mma>
+          uint32_t kGroupM, bool kTmaStore, uint32_t kClusterN, bool kDoubleAcc, class Mma>
 __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const float* __restrict__ scales_b,
                                           uint32_t sb_stride_n, uint32_t sb_stride_k, uint32_t shape_m,
                                           const CUtensorMap& tmap_a, const CUtensorMap& tmap_b,
@@ -111,7 +111,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   if constexpr (kClusterN > 1) ptx::cluster_sync(); else __syncthreads();
 
   const uint32_t cta_rank = kClusterN > 1 ? ptx::cluster_cta_rank() : 0;
-  GroupedScheduler<SHAPE_N, BLOCK_M, BLOCK_N, kGroupN, kClusterN> scheduler(shape_m, cta_rank);
+  GroupedScheduler<SHAPE_N, BLOCK_M, BLOCK_N, kGroupM, kClusterN> scheduler(shape_m, cta_rank);
   uint32_t m_block, n_block;
 
   if (threadIdx.x >= kMathThreads) {
