@@ -126,6 +126,44 @@ def sweep(shapes, spec):
     return 0
 
 
+def host_parts():
+    """µs per call of each part of l2side.gemm's host path at 128^3 (no sync; the GPU queue absorbs it)."""
+    import l2side
+    from l2side import fp8_gemm
+    a, sa, b, sb = make(128, 128, 128)
+    sa = fp8_gemm.to_native_a_scales(sa)
+    out = torch.empty((128, 128), dtype=torch.bfloat16, device="cuda")
+    l2side.gemm(a, sa, b, sb, out=out)
+    key = next(iter(fp8_gemm._launch_cache))
+    hit = fp8_gemm._launch_cache[key]
+    device, function, grid, block, smem, params, cluster, offsets = hit
+    stream = fp8_gemm._raw_stream(device)
+    parts = {
+        "l2side.gemm (whole call)": lambda: l2side.gemm(a, sa, b, sb, out=out),
+        "check_arguments": lambda: fp8_gemm.check_arguments(a, sa, b, sb, out),
+        "torch.compiler.is_compiling": torch.compiler.is_compiling,
+        "_launch (key + lookup + launch)": lambda: fp8_gemm._launch(a, sa, b, sb, out, 128, 128, 128, None),
+        "raw stream": lambda: fp8_gemm._raw_stream(device),
+        "_native.launch": lambda: fp8_gemm._native.launch(device, function, grid, block, smem, stream, params,
+                                                          cluster, offsets),
+        "_native.launch without offsets (one buffer)": lambda: fp8_gemm._native.launch(
+            device, function, grid, block, smem, stream, params, cluster, []),
+    }
+    for name, fn in parts.items():
+        for _ in range(200):
+            fn()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(500):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / 500 * 1e6)
+            torch.cuda.synchronize()
+        print(f"   {name:45s} {best:6.2f} us", flush=True)
+    return 0
+
+
 def main():
     import l2side
     from l2side import fp8_gemm
@@ -133,12 +171,15 @@ def main():
     p.add_argument("--shapes", default="")
     p.add_argument("--no-time", action="store_true")
     p.add_argument("--config", default="")
+    p.add_argument("--host", action="store_true", help="break the host overhead of a tiny call into its parts")
     p.add_argument("--sweep", default="", help="BM,BN[,CLUSTER[,DOUBLE_ACC[,GROUP_M[,STAGES]]]];... : time each config on each shape")
     args = p.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes else EDGE + DEEPSEEK
     torch.manual_seed(0)
     if args.sweep:
         return sweep(shapes, args.sweep)
+    if args.host:
+        return host_parts()
     flush = torch.empty(256 << 20, dtype=torch.int32, device="cuda")
     # compile every kernel in parallel first (nvcc takes seconds per kernel)
     from concurrent.futures import ThreadPoolExecutor
