@@ -146,8 +146,6 @@ def host_parts():
         "raw stream": lambda: fp8_gemm._raw_stream(device),
         "_native.launch": lambda: fp8_gemm._native.launch(device, function, grid, block, smem, stream, params,
                                                           cluster, offsets),
-        "_native.launch without offsets (one buffer)": lambda: fp8_gemm._native.launch(
-            device, function, grid, block, smem, stream, params, cluster, []),
     }
     for name, fn in parts.items():
         for _ in range(200):
