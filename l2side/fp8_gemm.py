@@ -346,10 +346,19 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
     return launch_args, sa is a_scales
 
 
+def _launch_key(a, a_scales, b, b_scales, out, config):
+    """Everything the validation and the prepared launch depend on: a hit means the same checks passed before
+    (dtype, shape, strides, device and address of every tensor), so a repeated call skips them."""
+    return (a.data_ptr(), a.shape, a.stride(), a.dtype, a.get_device(),
+            a_scales.data_ptr(), a_scales.shape, a_scales.stride(), a_scales.dtype, a_scales.get_device(),
+            b.data_ptr(), b.shape, b.stride(), b.dtype, b.get_device(),
+            b_scales.data_ptr(), b_scales.shape, b_scales.stride(), b_scales.dtype, b_scales.get_device(),
+            out.data_ptr(), out.shape, out.stride(), out.dtype, out.get_device(), config)
+
+
 def _launch(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmConfig | None) -> None:
-    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    key = (index, a.data_ptr(), a.stride(0), a_scales.data_ptr(), a_scales.stride(), b.data_ptr(), b.stride(0),
-           b_scales.data_ptr(), b_scales.stride(), out.data_ptr(), m, n, k, config)
+    index = a.get_device()
+    key = _launch_key(a, a_scales, b, b_scales, out, config)
     hit = _launch_cache.get(key)
     if hit is None:
         hit, cacheable = _prepare(a, a_scales, b, b_scales, out, m, n, k, config, index)
@@ -357,7 +366,12 @@ def _launch(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmC
             if len(_launch_cache) >= _LAUNCH_CACHE_MAX:
                 _launch_cache.clear()
             _launch_cache[key] = hit
-    device, function, grid, block, smem, params, cluster, offsets = hit
+    _fire(hit)
+
+
+def _fire(prepared) -> None:
+    """Launches a prepared call on the current stream of its device."""
+    device, function, grid, block, smem, params, cluster, offsets = prepared
     _native.launch(device, function, grid, block, smem, _raw_stream(device), params, cluster, offsets)
 
 
@@ -374,6 +388,14 @@ def gemm(a, a_scales, b, b_scales, out=None, *, config: GemmConfig | None = None
             return torch.ops.l2side.fp8_gemm(a, a_scales, b, b_scales)
         torch.ops.l2side.fp8_gemm_out(a, a_scales, b, b_scales, out)
         return out
+    if out is not None:  # fast path: the same tensors as an earlier, validated call
+        try:
+            hit = _launch_cache.get(_launch_key(a, a_scales, b, b_scales, out, config))
+        except (AttributeError, TypeError):  # not tensors: check_arguments says what is wrong
+            hit = None
+        if hit is not None:
+            _fire(hit)
+            return out
     m, n, k = check_arguments(a, a_scales, b, b_scales, out)
     if out is None:
         out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)

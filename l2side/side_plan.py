@@ -12,6 +12,11 @@ Packed layout: the side-s chunks (4 KiB) of a side-aware buffer, in order, hold 
 the other, each as its K-tiles in order, each K-tile as `chunks_per_tile` consecutive chunks. In a buffer
 that starts 4 MiB-aligned, the i-th side-s chunk is the one of chunk pair i (chunks 2i, 2i+1) that is on side
 s: chunk 2i + (side(base + 2i * 4 KiB) ^ s) -- one AND, one POPC, one XOR per chunk.
+
+Packing a weight (`l2side.pack_b`, docs/packed-b.md) does not know M: `packing_plan` stores plan_sides'
+exclusive N-blocks (which do not depend on M) on their side and every left-over N-block on both sides, so the
+plan of any M finds its tiles. A tile's bytes are the SWIZZLE_128B shared-memory image (`swizzle_128b`).
+A *plain* layout (no split, or asked for) keeps every N-block on side 0 with chunk i = i (`paired=False`).
 """
 from __future__ import annotations
 
@@ -107,35 +112,116 @@ def side_chunk_index(i: int, side: int, base: int, side_mask: int) -> int:
     return even + (parity ^ side)
 
 
-def packed_chunks_needed(plan: SidePlan, k_tiles: int, chunks_per_tile: int) -> int:
-    """Chunks of the packed buffer: both sides' chunk sequences interleave pairwise, so the larger wins."""
-    per_side = [len(plan.stored[s]) * k_tiles * chunks_per_tile for s in (0, 1)]
+def chunk_index(i: int, side: int, base: int, side_mask: int, paired: bool = True) -> int:
+    """Index of the i-th side-`side` chunk: side_chunk_index in the paired (side-aware) layout, i in the plain
+    one (paired=False: every N-block on side 0, chunks in order)."""
+    if not paired:
+        if side:
+            raise ValueError("the plain layout has only side 0")
+        return i
+    return side_chunk_index(i, side, base, side_mask)
+
+
+def _stored(plan) -> tuple:
+    """plan.stored of a SidePlan, or a (side 0, side 1) tuple of N-block lists as it is."""
+    return tuple(tuple(s) for s in getattr(plan, "stored", plan))
+
+
+def packing_plan(n_blocks: int, sms_per_side: tuple) -> tuple:
+    """stored[s] for a packed weight (M unknown): the exclusive N-blocks of plan_sides (the same for every
+    m_blocks) on their side, then every left-over N-block on both sides (each side that has SMs), in N order.
+
+    For every m_blocks, plan_sides(n_blocks, m_blocks, sms_per_side).stored[s] is a subset of the result's
+    stored[s] (and in the same relative order), so a GEMM of any M finds each (N-block, side) it uses."""
+    if n_blocks < 1:
+        raise ValueError(f"need at least one N-block, got {n_blocks}")
+    plan = plan_sides(n_blocks, 1, sms_per_side)  # validates sms_per_side
+    s0, s1 = sms_per_side
+    share0 = s0 / (s0 + s1)
+    whole0 = int(n_blocks * share0) if s0 else 0
+    whole1 = int(n_blocks * (1 - share0)) if s1 else 0
+    stored = ([], [])
+    left_over = []
+    for n, side in _interleave(n_blocks, whole0, whole1):
+        (stored[side] if side in (0, 1) else left_over).append(n)
+    for s, sms in ((0, s0), (1, s1)):
+        if sms:
+            stored[s].extend(left_over)
+    out = (tuple(stored[0]), tuple(stored[1]))
+    assert all(set(plan.stored[s]) <= set(out[s]) for s in (0, 1))
+    return out
+
+
+def packed_chunks_needed(plan, k_tiles: int, chunks_per_tile: int, paired: bool = True) -> int:
+    """Chunks of the packed buffer: both sides' chunk sequences interleave pairwise, so the larger wins
+    (plain layout: side 0's chunks). `plan`: a SidePlan or a stored tuple."""
+    stored = _stored(plan)
+    per_side = [len(stored[s]) * k_tiles * chunks_per_tile for s in (0, 1)]
+    if not paired:
+        if per_side[1]:
+            raise ValueError("the plain layout stores every N-block on side 0")
+        return per_side[0]
     return 2 * max(per_side)
 
 
-def pack_reference(tiles: np.ndarray, plan: SidePlan, base: int, side_mask: int) -> np.ndarray:
+BLOCK_K = 128        # bytes of K per tile (fp8: 128 elements) = one 128-byte swizzle row
+SWIZZLE_UNIT = 16    # SWIZZLE_128B permutes 16-byte units within each 128-byte row, by row % 8
+
+
+def swizzle_128b(rows: np.ndarray) -> np.ndarray:
+    """numpy reference of TMA's SWIZZLE_128B shared-memory image of a box of 128 bytes x R rows (R any):
+    row r at byte r * 128, its 16-byte unit u at unit position u ^ (r % 8). rows: uint8 [..., R, 128]."""
+    rows = np.asarray(rows)
+    if rows.shape[-1] != BLOCK_K:
+        raise ValueError(f"rows must be 128 bytes wide, got {rows.shape}")
+    r = rows.shape[-2]
+    units = rows.reshape(*rows.shape[:-1], 8, SWIZZLE_UNIT)
+    out = np.empty_like(units)
+    for row in range(r):
+        for u in range(8):
+            out[..., row, u ^ (row % 8), :] = units[..., row, u, :]
+    return out.reshape(rows.shape)
+
+
+def b_tiles(b: np.ndarray, block_n: int) -> np.ndarray:
+    """numpy reference of packed B's tile images: b uint8 [N, K] (fp8 bytes) -> [n_blocks, k_tiles,
+    block_n * 128], tile (nb, kb) = swizzle_128b of rows [nb*block_n, +block_n) x bytes [kb*128, +128),
+    zero-padded beyond N and K."""
+    b = np.asarray(b, dtype=np.uint8)
+    n, k = b.shape
+    n_blocks, k_tiles = -(-n // block_n), -(-k // BLOCK_K)
+    padded = np.zeros((n_blocks * block_n, k_tiles * BLOCK_K), dtype=np.uint8)
+    padded[:n, :k] = b
+    tiles = padded.reshape(n_blocks, block_n, k_tiles, BLOCK_K).transpose(0, 2, 1, 3)
+    return swizzle_128b(tiles).reshape(n_blocks, k_tiles, block_n * BLOCK_K)
+
+
+def pack_reference(tiles: np.ndarray, plan, base: int, side_mask: int, paired: bool = True) -> np.ndarray:
     """numpy reference of the packing permutation: tiles[n_block, k_tile] is one tile's bytes (already in
-    the layout the kernel's shared memory wants), returns the packed buffer's bytes."""
+    the layout the kernel's shared memory wants), returns the packed buffer's bytes (unused chunks zero).
+    plan: a SidePlan or a stored tuple; paired=False: the plain layout (chunk i = i, side 0 only)."""
     n_blocks, k_tiles, tile_bytes = tiles.shape
     if tile_bytes % CHUNK_BYTES:
         raise ValueError(f"a tile must be a whole number of 4 KiB chunks, got {tile_bytes} bytes")
     cpt = tile_bytes // CHUNK_BYTES
-    out = np.zeros(packed_chunks_needed(plan, k_tiles, cpt) * CHUNK_BYTES, dtype=np.uint8)
+    stored = _stored(plan)
+    out = np.zeros(packed_chunks_needed(stored, k_tiles, cpt, paired) * CHUNK_BYTES, dtype=np.uint8)
     for side in (0, 1):
-        for j, n in enumerate(plan.stored[side]):
+        for j, n in enumerate(stored[side]):
             for k in range(k_tiles):
                 for part in range(cpt):
                     i = (j * k_tiles + k) * cpt + part
-                    c = side_chunk_index(i, side, base, side_mask)
+                    c = chunk_index(i, side, base, side_mask, paired)
                     out[c * CHUNK_BYTES:(c + 1) * CHUNK_BYTES] = tiles[n, k, part * CHUNK_BYTES:(part + 1) * CHUNK_BYTES]
     return out
 
 
-def check_packed_sides(plan: SidePlan, k_tiles: int, cpt: int, base: int, side_mask: int) -> bool:
+def check_packed_sides(plan, k_tiles: int, cpt: int, base: int, side_mask: int) -> bool:
     """Every chunk that holds side s's tiles is on side s (the property the GEMM relies on)."""
-    sides_of = chunk_sides(base, packed_chunks_needed(plan, k_tiles, cpt) * CHUNK_BYTES, side_mask)
+    stored = _stored(plan)
+    sides_of = chunk_sides(base, packed_chunks_needed(stored, k_tiles, cpt) * CHUNK_BYTES, side_mask)
     for side in (0, 1):
-        for i in range(len(plan.stored[side]) * k_tiles * cpt):
+        for i in range(len(stored[side]) * k_tiles * cpt):
             if sides_of[side_chunk_index(i, side, base, side_mask)] != side:
                 return False
     return True
