@@ -15,6 +15,7 @@ from .memory import (check_sides, empty, empty_cache, enable, is_enabled, is_sid
                      memory_stats, owns, release_graph_memory, reset_peak_memory_stats, set_memory_fraction,
                      set_memory_limit, side_of)
 from .topology import Topology, topology
+from .packed_b import PackedB, pack_b
 from .quantize import gemm_reference, quantize_activation, quantize_weight
 
 __version__ = "0.1.0"
@@ -22,4 +23,4 @@ __version__ = "0.1.0"
 __all__ = ["Topology", "topology", "enable", "is_enabled", "memory_stats", "reset_peak_memory_stats",
            "empty_cache", "release_graph_memory", "set_memory_limit", "set_memory_fraction", "library_path",
            "owns", "empty", "is_side_aware", "side_of", "check_sides", "gemm", "elementwise", "jit", "__version__",
-           "quantize_activation", "quantize_weight", "gemm_reference"]
+           "quantize_activation", "quantize_weight", "gemm_reference", "pack_b", "PackedB"]

@@ -59,6 +59,55 @@ def _read_benchmark(device: int, nbytes: int, repeats: int = 20) -> dict:
     return results
 
 
+def _events_us(torch, fn, reps: int = 20) -> float:
+    """Median µs of one call (CUDA events) after warm-up."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _kernel_summary(torch, l2side) -> None:
+    """One line per kernel family: l2side against torch on device 0 (full tables: python -m l2side bench)."""
+    print("\n== kernels on device 0 (median of 20, CUDA events; full tables: python -m l2side bench)")
+    try:
+        x = torch.randn(1 << 28, device="cuda")  # 1 GiB
+        y = torch.empty_like(x)
+        t_l2 = _events_us(torch, lambda: l2side.elementwise.copy(x, out=y))
+        t_torch = _events_us(torch, lambda: y.copy_(x))
+        print(f"   copy 1 GiB (side-aware): l2side {2 * x.numel() * 4 / t_l2 / 1e3:.0f} GB/s, "
+              f"torch copy_ {2 * x.numel() * 4 / t_torch / 1e3:.0f} GB/s")
+        del x, y
+    except Exception as e:  # noqa: BLE001 - a summary line, not a test
+        print(f"   copy: not measured ({type(e).__name__}: {e})")
+    if torch.cuda.get_device_capability(0) != (9, 0):
+        print("   FP8 GEMM: needs a Hopper GPU (sm_90); skipped")
+        return
+    try:
+        m, n, k = 4096, 7168, 2048
+        a, sa = l2side.quantize_activation(torch.randn(m, k, device="cuda"))
+        b, sb = l2side.quantize_weight(torch.randn(n, k, device="cuda"))
+        out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+        t_l2 = _events_us(torch, lambda: l2side.gemm(a, sa, b, sb, out=out))
+        line = f"   FP8 GEMM {m}x{n}x{k}: l2side {2 * m * n * k / t_l2 / 1e6:.0f} TFLOPS"
+        try:  # cuBLAS blockwise scaling: scale_a outer-dim-major, scale_b [K/128, N/128]
+            sa_c, sb_c = sa.t().contiguous().t(), sb.contiguous().t()
+            t_cb = _events_us(torch, lambda: torch._scaled_mm(a, b.t(), sa_c, sb_c, out_dtype=torch.bfloat16))
+            line += f", cuBLAS blockwise {2 * m * n * k / t_cb / 1e6:.0f} TFLOPS"
+        except Exception as e:  # noqa: BLE001
+            line += f" (cuBLAS blockwise refused: {type(e).__name__})"
+        print(line + " (L2 not flushed)")
+    except Exception as e:  # noqa: BLE001
+        print(f"   FP8 GEMM: not measured ({type(e).__name__}: {e})")
+
+
 def info(args) -> int:
     reason = _no_gpu_reason()
     if reason:
@@ -83,6 +132,7 @@ def info(args) -> int:
         r = _read_benchmark(0, nbytes)
         cell = lambda k: f"{r[k]:.0f}" if k in r else "n/a"
         print(f"| {nbytes >> 20} MiB | {cell('naive')} | {cell('near')} | {cell('far')} |")
+    _kernel_summary(torch, l2side)
     torch.cuda.synchronize()
     stats = l2side.memory_stats(0)
     print("\n== allocator state on device 0")
