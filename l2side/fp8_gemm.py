@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import struct
 import threading
 
 import torch
@@ -52,6 +53,7 @@ class GemmConfig:
     tma_store: bool = True     # epilogue through shared memory + TMA store (needs N % 8 == 0)
     cluster_n: int = 1         # 2 or 4: CTAs of a cluster on consecutive N-blocks share the A tile by TMA multicast
     double_acc: bool = False   # two wgmma accumulators: block k+1 runs on the tensor cores while k is promoted
+    packed_b: bool = False     # B from l2side.pack_b's side-aware chunks, tiles from per-side queues
 
     @property
     def num_math_warpgroups(self) -> int:
@@ -68,10 +70,11 @@ class GemmConfig:
 
 
 def smem_layout_bytes(block_m: int, block_n: int, stages: int, tma_store: bool = True) -> int:
-    """Bytes of SmemLayout (fp8_gemm.cuh): [output tile] [A stages] [B stages] [A-scale stages] [barriers]."""
+    """Bytes of SmemLayout (fp8_gemm.cuh): [output tile] [A stages] [B stages] [A-scale stages] [barriers]
+    [tile ring: 4 barriers + 4 u32]."""
     per_stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4
     barriers_at = -(-(block_m * block_n * 2 * tma_store + stages * per_stage) // 8) * 8
-    return barriers_at + 2 * stages * 8
+    return barriers_at + 2 * stages * 8 + 4 * 8 + 4 * 4
 
 
 def max_stages(block_m: int, block_n: int, tma_store: bool) -> int:
@@ -162,6 +165,8 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
     if config.cluster_n not in (1, 2, 4) or _ceil_div(n, config.block_n) % config.cluster_n:
         raise ValueError(f"cluster_n must be 1, 2 or 4 and divide the N-block count ({_ceil_div(n, config.block_n)}),"
                          f" got {config.cluster_n}")
+    if config.packed_b and (config.cluster_n != 1 or config.block_n % 32):
+        raise ValueError("packed B needs cluster_n == 1 and block_n a multiple of 32")
     if config.block_n > BLOCK_K + (config.block_n & -config.block_n):
         raise ValueError(f"block_n={config.block_n} lets a tile span three 128-wide B-scale blocks")
     return (
@@ -171,11 +176,12 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
         f"\nextern \"C\" __global__ void __launch_bounds__({config.threads}, 1) {KERNEL_NAME}(\n"
         "    __nv_bfloat16* d, const float* scales_b, uint32_t sb_stride_n, uint32_t sb_stride_k, uint32_t shape_m,\n"
         "    const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,\n"
-        "    const __grid_constant__ CUtensorMap tmap_sa, const __grid_constant__ CUtensorMap tmap_d) {\n"
+        "    const __grid_constant__ CUtensorMap tmap_sa, const __grid_constant__ CUtensorMap tmap_d,\n"
+        "    const __grid_constant__ l2side::fp8_gemm::PackedBArgs packed) {\n"
         f"  l2side::fp8_gemm::gemm_body<{n}, {k}, {config.block_m}, {config.block_n}, {config.stages}, "
         f"{config.group_m}, {'true' if config.tma_store else 'false'}, {config.cluster_n}, "
-        f"{'true' if config.double_acc else 'false'}, Mma>(\n"
-        "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa, tmap_d);\n"
+        f"{'true' if config.double_acc else 'false'}, {'true' if config.packed_b else 'false'}, Mma>(\n"
+        "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa, tmap_d, packed);\n"
         "}\n")
 
 
@@ -311,7 +317,24 @@ _launch_cache: dict = {}   # (device, pointers, strides, shape, config) -> (kern
 _LAUNCH_CACHE_MAX = 4096
 
 
-def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmConfig | None, index: int):
+# struct PackedBArgs (fp8_gemm.cuh): 5 pointers, 4 x u64 SM-side bits, 6 x u32, padded to 8 bytes
+_PACKED_ARGS = struct.Struct("<QQQQQ4Q6I")
+NO_PACKED_B = _PACKED_ARGS.pack(*([0] * 15))
+
+
+def packed_b_args(base: int, side_mask: int, queue_blocks: int, block_first: int, workspace: int, sm_side,
+                  queue_width: int, queue_len: tuple, n_blocks: int, mode: int, paired: bool) -> bytes:
+    """The PackedBArgs struct the kernel takes by value (sm_side: side of each SM id, -1 for none)."""
+    bits = [0, 0, 0, 0]
+    for sm, side in enumerate(sm_side):
+        if side == 1:
+            bits[sm >> 6] |= 1 << (sm & 63)
+    return _PACKED_ARGS.pack(base, side_mask, queue_blocks, block_first, workspace, *bits, queue_width,
+                             queue_len[0], queue_len[1], n_blocks, mode, int(paired))
+
+
+def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmConfig | None, index: int,
+             packed_args: bytes | None = None):
     """Everything a launch needs: the kernel, grid, block, shared memory and the parameter buffer."""
     dev = _device(index)
     cfg = config or gemm_config(m, n, k, dev.num_sms)
@@ -322,8 +345,11 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
     kb = _ceil_div(k, BLOCK_K)
     tmap_a = jit.tensor_map(a.data_ptr(), "e4m3", (k, m), (a.stride(0) if m > 1 else k,),
                             (BLOCK_K, cfg.block_m // cfg.cluster_n), swizzle=128)  # (each CTA loads its half)
-    tmap_b = jit.tensor_map(b.data_ptr(), "e4m3", (k, n), (b.stride(0) if n > 1 else k,),
-                            (BLOCK_K, cfg.block_n), swizzle=128)
+    if cfg.packed_b:  # B comes by bulk copies from the packed chunks; the map is not read
+        tmap_b = tmap_a
+    else:
+        tmap_b = jit.tensor_map(b.data_ptr(), "e4m3", (k, n), (b.stride(0) if n > 1 else k,),
+                                (BLOCK_K, cfg.block_n), swizzle=128)
     tmap_sa = jit.tensor_map(sa.data_ptr(), "f32", (m, kb), (sa.stride(1) * 4,), (cfg.block_m, 1), swizzle=0)
     if cfg.tma_store:
         chunk = d_chunk_cols(cfg.block_n)
@@ -332,7 +358,8 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
     else:
         tmap_d = tmap_a  # unused by the kernel
     params = (jit.Params().ptr(out).ptr(b_scales).u32(b_scales.stride(0)).u32(b_scales.stride(1)).u32(m)
-              .tensor_map(tmap_a).tensor_map(tmap_b).tensor_map(tmap_sa).tensor_map(tmap_d))
+              .tensor_map(tmap_a).tensor_map(tmap_b).tensor_map(tmap_sa).tensor_map(tmap_d)
+              .raw(packed_args or NO_PACKED_B, 8))
     kernel.check_params(params)
     kernel.set_max_dynamic_smem(cfg.smem_bytes)
     grid = grid_size(m, n, cfg, dev.num_sms)

@@ -48,7 +48,9 @@ struct SmemLayout {
   static constexpr uint32_t kB = kA + kStages * kAStage;
   static constexpr uint32_t kSa = kB + kStages * kBStage;
   static constexpr uint32_t kBarriers = align_up(kSa + kStages * kSaStage, 8);
-  static constexpr uint32_t kBytes = kBarriers + 2 * kStages * sizeof(uint64_t);
+  // then the tile ring of the side-aware schedule: 2 full + 2 empty barriers and 2 x (m_block, n_block)
+  static constexpr uint32_t kRing = kBarriers + 2 * kStages * sizeof(uint64_t);
+  static constexpr uint32_t kBytes = kRing + 4 * sizeof(uint64_t) + 4 * sizeof(uint32_t);
   static constexpr uint32_t kTxBytes = kAStage + kBStage + kSaStage;  // what TMA delivers per stage
   static_assert(kAStage % 1024 == 0 && kBStage % 1024 == 0 && kDBytes % 1024 == 0,
                 "swizzled tiles must stay 1024-byte aligned");
@@ -59,6 +61,21 @@ __host__ __device__ constexpr uint32_t num_threads() {
   return (BLOCK_M / 64 + 1) * kWarpgroupThreads;
 }
 
+// Side-aware packed B (l2side.pack_b): B tiles stored as their swizzled shared-memory image in 4 KiB chunks,
+// every chunk of an N-block on the N-block's L2 side. Tiles are handed out by two queues (one per side) of
+// (N-block, M-block) pairs; a CTA takes from the queue of its SM's side, then helps the other one.
+struct PackedBArgs {
+  const uint8_t* base;            // the side-aware buffer (8 KiB-aligned: chunk pairs 2i, 2i+1 in one 8 KiB)
+  uint64_t side_mask;             // side(addr) = popc(addr & side_mask) & 1
+  const int32_t* queue_blocks;    // [2][queue_width]: the N-blocks of each queue, in order
+  const int32_t* block_first;     // [2][n_blocks]: side-s sequence index of each N-block's first chunk (-1: none)
+  uint32_t* workspace;            // [0], [1]: next tile of each queue; [2]: CTAs done (the last re-zeroes)
+  uint64_t sm_side_bits[4];       // bit i: side of SM i
+  uint32_t queue_width, queue_len0, queue_len1, n_blocks;
+  uint32_t mode;                  // 0: near (own side's queue first), 1: side ignored (CTA parity), 2: far
+  uint32_t paired;                // 1: side-aware chunk pairs; 0: plain layout (chunk i = i)
+};
+
 // Columns per TMA store of the output tile: 64 (128 bytes, swizzled) when they divide BLOCK_N, else all.
 template <uint32_t BLOCK_N>
 __host__ __device__ constexpr uint32_t d_chunk_cols() {
@@ -66,11 +83,12 @@ __host__ __device__ constexpr uint32_t d_chunk_cols() {
 }
 
 template <uint32_t SHAPE_N, uint32_t SHAPE_K, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kStages,
-          uint32_t kGroupM, bool kTmaStore, uint32_t kClusterN, bool kDoubleAcc, class Mma>
+          uint32_t kGroupM, bool kTmaStore, uint32_t kClusterN, bool kDoubleAcc, bool kPackedB, class Mma>
 __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const float* __restrict__ scales_b,
                                           uint32_t sb_stride_n, uint32_t sb_stride_k, uint32_t shape_m,
                                           const CUtensorMap& tmap_a, const CUtensorMap& tmap_b,
-                                          const CUtensorMap& tmap_sa, const CUtensorMap& tmap_d) {
+                                          const CUtensorMap& tmap_sa, const CUtensorMap& tmap_d,
+                                          const PackedBArgs& packed) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M is 64 (one math warpgroup) or 128 (two)");
   static_assert(BLOCK_N % 8 == 0 && BLOCK_N >= 8 && BLOCK_N <= 256, "wgmma N is a multiple of 8 up to 256");
@@ -79,6 +97,8 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
                 "a tile may span at most two 128-wide B-scale blocks");
   static_assert(kClusterN == 1 || kClusterN == 2 || kClusterN == 4, "clusters of 1, 2 or 4 CTAs along N");
   static_assert(BLOCK_M / kClusterN >= 8, "each CTA multicasts at least 8 rows of A");
+  static_assert(!kPackedB || (kClusterN == 1 && BLOCK_N % 32 == 0), "packed B: no clusters, whole 4 KiB chunks");
+  constexpr uint32_t kChunksPerTile = BLOCK_N * BLOCK_K / 4096;
   constexpr uint32_t kMathWarpgroups = BLOCK_M / 64;
   constexpr uint32_t kMathThreads = kMathWarpgroups * kWarpgroupThreads;
   constexpr uint32_t kNumKBlocks = ceil_div(SHAPE_K, BLOCK_K);
@@ -94,6 +114,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + Smem::kBarriers);
   uint64_t* empty = full + kStages;
+  uint64_t* tile_full = reinterpret_cast<uint64_t*>(smem + Smem::kRing);  // the packed-B schedule's tile ring
+  uint64_t* tile_empty = tile_full + 2;
+  uint32_t* tile_slots = reinterpret_cast<uint32_t*>(tile_empty + 2);     // [2][2]: m_block, n_block
 
   const uint32_t lane = threadIdx.x % 32;
   if (threadIdx.x == kMathThreads) {
@@ -104,6 +127,10 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
     for (uint32_t s = 0; s < kStages; ++s) {
       ptx::mbar_init(full + s, 1);                         // the producer's arrive (+ TMA bytes)
       ptx::mbar_init(empty + s, kMathWarpgroups * 4 * kClusterN);  // each math warp of each CTA of the cluster
+    }
+    for (uint32_t r = 0; r < 2; ++r) {
+      ptx::mbar_init(tile_full + r, 1);
+      ptx::mbar_init(tile_empty + r, kMathWarpgroups * 4);
     }
     ptx::mbar_init_fence();
   }
@@ -121,7 +148,44 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
 #endif
     if (threadIdx.x == kMathThreads) {
       uint32_t stage = 0, phase = 0;
-      while (scheduler.next(m_block, n_block)) {
+      // packed B: the side queues, and the ring that tells the math warpgroups which tile comes next
+      uint32_t queue = 0, ring = 0, ring_phase = 0, first_chunk = 0;
+      bool helping = false;
+      const uint32_t num_m_blocks = ceil_div(shape_m, BLOCK_M);
+      if constexpr (kPackedB) {
+        const uint32_t sm = ptx::smid();
+        const uint32_t my_side = static_cast<uint32_t>(packed.sm_side_bits[(sm >> 6) & 3] >> (sm & 63)) & 1u;
+        queue = packed.mode == 0 ? my_side : packed.mode == 2 ? my_side ^ 1u : (blockIdx.x & 1u);
+      }
+      auto publish = [&](uint32_t m, uint32_t n) {
+        ptx::mbar_wait(tile_empty + ring, ring_phase ^ 1);
+        tile_slots[2 * ring] = m;
+        tile_slots[2 * ring + 1] = n;
+        ptx::mbar_arrive(tile_full + ring);  // (release: the slot's writes are seen by whoever waits)
+        if (++ring == 2) { ring = 0; ring_phase ^= 1; }
+      };
+      auto next_tile = [&](uint32_t& m, uint32_t& n) -> bool {
+        if constexpr (!kPackedB) {
+          return scheduler.next(m, n);
+        } else {
+          while (true) {
+            const uint32_t total = (queue == 0 ? packed.queue_len0 : packed.queue_len1) * num_m_blocks;
+            const uint32_t t = atomicAdd(packed.workspace + queue, 1u);
+            if (t < total) {
+              const uint32_t j = t / num_m_blocks;  // M-block fastest: the CTAs on one N-block share its B tiles
+              m = t - j * num_m_blocks;
+              n = static_cast<uint32_t>(packed.queue_blocks[queue * packed.queue_width + j]);
+              first_chunk = static_cast<uint32_t>(packed.block_first[queue * packed.n_blocks + n]);
+              publish(m, n);
+              return true;
+            }
+            if (helping) return false;
+            helping = true;  // this queue is drained: help the other side's
+            queue ^= 1u;
+          }
+        }
+      };
+      while (next_tile(m_block, n_block)) {
         const int32_t m0 = static_cast<int32_t>(m_block * BLOCK_M), n0 = static_cast<int32_t>(n_block * BLOCK_N);
 #pragma unroll 1
         for (uint32_t kb = 0; kb < kNumKBlocks; ++kb) {
@@ -139,8 +203,33 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
             ptx::tma_load_2d(smem + Smem::kA + stage * Smem::kAStage, &tmap_a, bar, k0, m0);
           }
           ptx::tma_load_2d(smem + Smem::kSa + stage * Smem::kSaStage, &tmap_sa, bar, m0, static_cast<int32_t>(kb));
-          ptx::tma_load_2d(smem + Smem::kB + stage * Smem::kBStage, &tmap_b, bar, k0, n0);
+          if constexpr (kPackedB) {
+            // the tile's chunks: side-`queue` sequence indices first_chunk + kb * cpt + p (one AND + POPC each)
+#pragma unroll
+            for (uint32_t p = 0; p < kChunksPerTile; ++p) {
+              const uint64_t i = first_chunk + kb * kChunksPerTile + p;
+              uint64_t chunk = i;
+              if (packed.paired) {
+                const uint64_t even = 2 * i;
+                const uint64_t addr = reinterpret_cast<uint64_t>(packed.base) + even * 4096;
+                chunk = even + ((__popcll(addr & packed.side_mask) & 1u) ^ queue);
+              }
+              ptx::bulk_load(smem + Smem::kB + stage * Smem::kBStage + p * 4096, packed.base + chunk * 4096, 4096, bar);
+            }
+          } else {
+            ptx::tma_load_2d(smem + Smem::kB + stage * Smem::kBStage, &tmap_b, bar, k0, n0);
+          }
           if (++stage == kStages) { stage = 0; phase ^= 1; }
+        }
+      }
+      if constexpr (kPackedB) {
+        publish(0xFFFFFFFFu, 0);  // no more tiles
+        // the last CTA to finish fetching re-zeroes the queues for the next launch
+        if (atomicAdd(packed.workspace + 2, 1u) == gridDim.x - 1) {
+          packed.workspace[0] = 0;
+          packed.workspace[1] = 0;
+          packed.workspace[2] = 0;
+          __threadfence();
         }
       }
     }
@@ -198,7 +287,21 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       }
     };
 
-    while (scheduler.next(m_block, n_block)) {
+    uint32_t ring = 0, ring_phase = 0;
+    auto next_tile = [&](uint32_t& m, uint32_t& n) -> bool {
+      if constexpr (!kPackedB) {
+        return scheduler.next(m, n);
+      } else {  // the producer's choice, through the ring
+        ptx::mbar_wait(tile_full + ring, ring_phase);
+        m = tile_slots[2 * ring];
+        n = tile_slots[2 * ring + 1];
+        __syncwarp();
+        if (lane == 0) ptx::mbar_arrive(tile_empty + ring);
+        if (++ring == 2) { ring = 0; ring_phase ^= 1; }
+        return m != 0xFFFFFFFFu;
+      }
+    };
+    while (next_tile(m_block, n_block)) {
       const uint32_t n0 = n_block * BLOCK_N;
       const float* sb_first = scales_b + (n0 / BLOCK_K) * sb_stride_n;
       const float* sb_second =
