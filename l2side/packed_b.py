@@ -95,7 +95,8 @@ class PackedLayout:
         return self.total_chunks * sides.CHUNK_BYTES
 
     @property
-    def layout(self) -> str:
+    def kind(self) -> str:
+        """'sides' (side-aware pair layout) or 'plain'."""
         return "sides" if self.paired else "plain"
 
     def block_side(self) -> np.ndarray:
@@ -342,7 +343,7 @@ class PackedB:
         self.side_blocks = torch.from_numpy(layout.side_blocks()).to(self.device)
 
     # --- geometry -----------------------------------------------------------------------------------------
-    packed_layout = property(lambda self: self._layout)
+    layout = property(lambda self: self._layout, doc="the PackedLayout (stored, paired, side_mask, ...)")
     n = property(lambda self: self._layout.n)
     k = property(lambda self: self._layout.k)
     shape = property(lambda self: (self._layout.n, self._layout.k))
@@ -353,7 +354,7 @@ class PackedB:
     chunks_per_tile = property(lambda self: self._layout.chunks_per_tile)
     chunks_per_block = property(lambda self: self._layout.chunks_per_block)
     side_mask = property(lambda self: self._layout.side_mask)
-    layout = property(lambda self: self._layout.layout, doc="'sides' (side-aware) or 'plain'")
+    kind = property(lambda self: self._layout.kind, doc="'sides' (side-aware) or 'plain'")
     side_aware = property(lambda self: self._layout.paired)
     plan = property(lambda self: self._layout.stored, doc="stored[s]: the N-blocks side s holds, in order")
     used_chunks = property(lambda self: self._layout.used_chunks)
@@ -369,7 +370,7 @@ class PackedB:
         return self.data.data_ptr()
 
     def __repr__(self) -> str:
-        return (f"PackedB(n={self.n}, k={self.k}, block_n={self.block_n}, layout={self.layout!r}, "
+        return (f"PackedB(n={self.n}, k={self.k}, block_n={self.block_n}, kind={self.kind!r}, "
                 f"blocks per side={[len(s) for s in self.plan]}, {self.data.numel() >> 10} KiB on {self.device})")
 
     # --- host-side views of the layout ----------------------------------------------------------------------

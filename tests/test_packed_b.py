@@ -202,7 +202,7 @@ def test_tables():
     assert all(t.dtype == np.int32 for t in (lay.block_side(), lay.block_pos(), lay.block_first(),
                                              lay.side_blocks()))
     plain = PackedLayout.create(7 * 128, 300, 128, (66, 66), MASKS[0], False)
-    assert plain.layout == "plain" and plain.side_blocks().tolist() == [list(range(7)), [-1] * 7]
+    assert plain.kind == "plain" and plain.side_blocks().tolist() == [list(range(7)), [-1] * 7]
     assert plain.total_chunks == 7 * cpb
 
 
@@ -240,7 +240,7 @@ def test_pack_glue_with_the_kernel_model(monkeypatch, n, k, block_n, paired, col
     state = p.to_unpacked()
     assert set(state) == {"b", "b_scales", "block_n", "layout"} and state["block_n"] == block_n
     assert (p.n, p.k, p.n_blocks, p.k_tiles, p.chunks_per_tile) == (n, k, lay.n_blocks, lay.k_tiles, block_n // 32)
-    assert p.layout == ("sides" if paired else "plain") and "PackedB(" in repr(p)
+    assert p.kind == ("sides" if paired else "plain") and p.layout is lay and "PackedB(" in repr(p)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -309,9 +309,9 @@ def gpu_b(n, k, seed=0):
 
 def check_packed(p, b, scales, topo, expect_layout):
     import l2side
-    assert p.layout == expect_layout
+    assert p.kind == expect_layout and p.layout.paired == p.side_aware
     assert (p.n, p.k) == tuple(b.shape) and p.device == b.device
-    assert p.data.dtype == torch.uint8 and p.data.is_cuda and p.data.numel() == p.packed_layout.nbytes
+    assert p.data.dtype == torch.uint8 and p.data.is_cuda and p.data.numel() == p.layout.nbytes
     assert l2side.is_side_aware(p.data) and p.base % 8192 == 0
     assert p.scales.dtype == torch.float32 and p.scales.is_contiguous() and p.scales.device == b.device
     assert torch.equal(p.scales, scales.float())
@@ -399,7 +399,7 @@ def test_tile_image_is_the_swizzled_tile():
         image = torch.empty(block_n, 8, 16, dtype=torch.uint8, device="cuda")
         image[r.expand(-1, 8), pos] = rows.view(block_n, 8, 16)
         for side in (0, 1):
-            if p.packed_layout.block_pos()[side, nb] < 0:
+            if p.layout.block_pos()[side, nb] < 0:
                 continue
             chunks = torch.from_numpy(p.tile_chunks(nb, kb, side)).cuda()
             got = p.data.view(-1, 4096)[chunks].reshape(block_n, 8, 16)
@@ -458,7 +458,7 @@ def test_to_save_and_load(tmp_path):
     path = tmp_path / "packed.pt"
     torch.save({"w": p}, path)
     r = torch.load(path, weights_only=False)["w"]
-    assert isinstance(r, l2side.PackedB) and r.block_n == 64 and r.layout == p.layout
+    assert isinstance(r, l2side.PackedB) and r.block_n == 64 and r.kind == p.kind
     assert torch.equal(r.unpack()[0].view(torch.uint8), b.view(torch.uint8))
     assert torch.equal(r.scales, scales)
     if torch.cuda.device_count() > 1:
