@@ -200,30 +200,36 @@ def _describe(t) -> str:
     return f"{tuple(t.shape)} {t.dtype} on {t.device} with strides {tuple(t.stride())}"
 
 
-_NAMES = ("a", "a_scales", "b", "b_scales", "out")
-
-
-def check_arguments(a, a_scales, b, b_scales, out=None):
-    """Validates the arguments (no CUDA call); returns (M, N, K). Every error names the argument."""
-    # (kept lean: it runs on every call; the host overhead budget is a few microseconds)
-    tensors = (a, a_scales, b, b_scales) if out is None else (a, a_scales, b, b_scales, out)
-    for name, t in zip(_NAMES, tensors):
+def check_arguments(a, a_scales, b, b_scales, out=None, *, packed=None):
+    """Validates the arguments (no CUDA call); returns (M, N, K). Every error names the argument.
+    With `packed` (a PackedB standing for b, whose scales are b_scales) the checks of b are against it."""
+    # (kept lean: it runs on every call that is not a repeat; see gemm's fast path)
+    named = [("a", a), ("a_scales", a_scales)] + ([("b", b)] if packed is None else []) + [("b_scales", b_scales)]
+    if out is not None:
+        named.append(("out", out))
+    for name, t in named:
         if not isinstance(t, torch.Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, t in (("a", a), ("b", b)):
+    operands = (("a", a),) if packed is not None else (("a", a), ("b", b))
+    for name, t in operands:
         if t.dtype != torch.float8_e4m3fn:
             _fail(f"{name} must be float8_e4m3fn, got {t.dtype}")
         if t.dim() != 2:
             _fail(f"{name} must be 2-D, got shape {tuple(t.shape)}")
     m, k = a.shape
-    n, kb_ = b.shape
-    if kb_ != k:
-        _fail(f"b must be [N, K] with the K of a ({k}), got shape {tuple(b.shape)} (D = a @ b.T)")
+    if packed is not None:
+        n, kb_ = packed.n, packed.k
+        if kb_ != k:
+            _fail(f"a has K = {k} but the packed B was packed with K = {kb_}")
+    else:
+        n, kb_ = b.shape
+        if kb_ != k:
+            _fail(f"b must be [N, K] with the K of a ({k}), got shape {tuple(b.shape)} (D = a @ b.T)")
     if k == 0 or k % 16:
         _fail(f"K (a.shape[1] = {k}) must be a positive multiple of 16: TMA needs 16-byte rows")
     if n == 0:
         _fail(f"N (b.shape[0]) must be positive, got {n}")
-    for name, t, rows in (("a", a, m), ("b", b, n)):
+    for name, t, rows in tuple((nm, t, m if nm == "a" else n) for nm, t in operands):
         if t.stride(1) != 1 or (rows > 1 and (t.stride(0) < k or t.stride(0) % 16)):
             _fail(f"{name} must have contiguous rows with a row stride that is a multiple of 16 elements "
                   f"(>= K); got {_describe(t)}; call .contiguous()")
@@ -245,14 +251,16 @@ def check_arguments(a, a_scales, b, b_scales, out=None):
             _fail(f"out must have shape [M, N] = [{m}, {n}], got {tuple(out.shape)}")
         if not out.is_contiguous():
             _fail(f"out must be contiguous, got strides {tuple(out.stride())}")
-    for name, t in zip(_NAMES, tensors):
+    for name, t in named:
         if not t.is_cuda:
             _fail(f"{name} must be a CUDA tensor, got device {t.device}")
     index = a.get_device()
-    for name, t in zip(_NAMES[1:], tensors[1:]):
+    for name, t in named[1:]:
         if t.get_device() != index:
-            _fail(f"{name} is on {t.device} but a is on {a.device}: all tensors must be on one device")
-    for name, t in (("a", a), ("b", b)):
+            what = "the packed B's scales" if (packed is not None and name == "b_scales") else name
+            _fail(f"{what} is on {t.device} but a is on {a.device}: all tensors must be on one device"
+                  + (" (use packed_b.to(a.device))" if packed is not None else ""))
+    for name, t in operands:
         if t.data_ptr() % 16:
             _fail(f"{name} must start at a 16-byte-aligned address (TMA), got {t.data_ptr():#x}")
     return m, n, k
@@ -402,12 +410,96 @@ def _fire(prepared) -> None:
     _native.launch(device, function, grid, block, smem, _raw_stream(device), params, cluster, offsets)
 
 
-def gemm(a, a_scales, b, b_scales, out=None, *, config: GemmConfig | None = None):
+SIDE_MODES = {"near": 0, "ignore": 1, "far": 2}
+_workspaces: dict = {}
+
+
+def _workspace(index: int, stream: int):
+    """The packed-B schedule's tile counters, per (device, stream); the kernel's last CTA re-zeroes them."""
+    key = (index, stream)
+    ws = _workspaces.get(key)
+    if ws is None:
+        with _lock:
+            ws = _workspaces.get(key)
+            if ws is None:
+                ws = _workspaces[key] = torch.zeros(4, dtype=torch.int32, device=f"cuda:{index}")
+    return ws
+
+
+def _queues(packed):
+    """[2, width] int32 on the device: the N-blocks each side's queue hands out. An N-block stored on one side
+    is in that side's queue; one stored on both (left over by the balance) goes to the queue with fewer."""
+    cached = getattr(packed, "_gemm_queues", None)
+    if cached is None:
+        stored = packed.layout.stored
+        only = [[nb for nb in stored[s] if nb not in stored[1 - s]] for s in (0, 1)]
+        for nb in sorted(set(stored[0]) & set(stored[1])):
+            only[0 if len(only[0]) <= len(only[1]) else 1].append(nb)
+        width = max(1, len(only[0]), len(only[1]))
+        table = torch.full((2, width), -1, dtype=torch.int32)
+        for s in (0, 1):
+            table[s, :len(only[s])] = torch.tensor(only[s], dtype=torch.int32)
+        cached = (table.to(packed.device), width, (len(only[0]), len(only[1])))
+        packed._gemm_queues = cached
+    return cached
+
+
+def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
+    """l2side.gemm with B from l2side.pack_b: each SM takes the tiles of the N-blocks stored on its side."""
+    if side_mode not in SIDE_MODES:
+        _fail(f"side_mode must be one of {sorted(SIDE_MODES)}, got {side_mode!r}")
+    m, n, k = check_arguments(a, a_scales, None, packed.scales, out, packed=packed)
+    if out is None:
+        out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)
+    if not m:
+        return out
+    index = a.get_device()
+    stream = _raw_stream(index)
+    key = ("packed", _launch_key(a, a_scales, packed.data, packed.scales, out, config), side_mode, stream)
+    hit = _launch_cache.get(key)
+    if hit is None:
+        dev = _device(index)
+        cfg = config or gemm_config(m, n, k, dev.num_sms)
+        stages = max_stages(cfg.block_m, packed.block_n, cfg.tma_store and n % 8 == 0)
+        cfg = dataclasses.replace(cfg, block_n=packed.block_n, stages=min(cfg.stages, stages) if config else stages,
+                                  cluster_n=1, packed_b=True, tma_store=cfg.tma_store and n % 8 == 0)
+        table, width, lengths = _queues(packed)
+        lay = packed.layout
+        from .topology import topology
+        topo = topology(index)
+        args = packed_b_args(packed.base, lay.side_mask if lay.paired else 0, table.data_ptr(),
+                             packed.block_first.data_ptr(), _workspace(index, stream).data_ptr(),
+                             topo.sm_side, width, lengths, lay.n_blocks, SIDE_MODES[side_mode], lay.paired)
+        hit, cacheable = _prepare(a, a_scales, None, packed.scales, out, m, n, k, cfg, index, packed_args=args)
+        if cacheable:
+            if len(_launch_cache) >= _LAUNCH_CACHE_MAX:
+                _launch_cache.clear()
+            _launch_cache[key] = hit
+    _fire(hit)
+    return out
+
+
+def _is_packed(b) -> bool:
+    from .packed_b import PackedB
+    return isinstance(b, PackedB)
+
+
+def gemm(a, a_scales, b, b_scales=None, out=None, *, config: GemmConfig | None = None, side_mode: str = "near"):
     """D = (a * a_scales) @ (b * b_scales)^T in bfloat16, on torch's current stream (see the module doc).
 
+    b may be a PackedB from l2side.pack_b (then b_scales is omitted: the packed weight holds them): every SM
+    then computes the tiles of N-blocks stored on its own L2 side, reading B only from its near side.
+    side_mode ("near", "ignore": queue by CTA parity, "far": the other side first) exists for measurements.
+
     Under torch.compile this goes through the custom ops torch.ops.l2side.fp8_gemm / fp8_gemm_out (which
-    have fake implementations), so `torch.compile(fullgraph=True)` traces it.
+    have fake implementations), so `torch.compile(fullgraph=True)` traces it (unpacked B only).
     """
+    if not isinstance(b, torch.Tensor) and b is not None and _is_packed(b):
+        if b_scales is not None:
+            _fail("b_scales must be omitted with a packed B (l2side.pack_b keeps them)")
+        return _gemm_packed(a, a_scales, b, out, config, side_mode)
+    if b_scales is None:
+        _fail("b_scales is required (it may be omitted only with a packed B from l2side.pack_b)")
     if torch.compiler.is_compiling():
         if config is not None:
             raise ValueError("config cannot be passed under torch.compile")

@@ -126,6 +126,38 @@ def sweep(shapes, spec):
     return 0
 
 
+def packed_ablation(shapes, block_n):
+    """Per shape: the unpacked kernel with the packed kernel's blocks, then the packed one in each side mode;
+    outputs compared bitwise with the unpacked one's."""
+    import l2side
+    from l2side import fp8_gemm
+    flush = torch.empty(256 << 20, dtype=torch.int32, device="cuda")
+    print(l2side.topology())
+    bad = 0
+    for (m, n, k) in shapes:
+        a, sa, b, sb = make(m, n, k)
+        sa = fp8_gemm.to_native_a_scales(sa)
+        packed = l2side.pack_b(b, sb, block_n=block_n)
+        base = fp8_gemm.gemm_config(m, n, k)
+        cfg = fp8_gemm.GemmConfig(base.block_m, block_n, fp8_gemm.max_stages(base.block_m, block_n, n % 8 == 0),
+                                  tma_store=n % 8 == 0)
+        ref_out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+        l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg)
+        d = diff(ref_out, reference(a, sa, b, sb))
+        t_ref = time_fn(lambda: l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg), flush)
+        line = f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={block_n} {packed.kind:5s} diff={d:.1e} | unpacked {t_ref:7.1f} us"
+        for mode in ("near", "ignore", "far"):
+            out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            l2side.gemm(a, sa, packed, out=out, side_mode=mode)
+            same = torch.equal(out, ref_out)
+            bad += not same
+            t = time_fn(lambda: l2side.gemm(a, sa, packed, out=out, side_mode=mode), flush)
+            line += f" | {mode} {t:7.1f} us {2 * m * n * k / t / 1e6:6.0f} TF{'' if same else ' MISMATCH'}"
+        print(line, flush=True)
+    print(f"{bad} mismatches")
+    return 1 if bad else 0
+
+
 def host_parts():
     """µs per call of each part of l2side.gemm's host path at 128^3 (no sync; the GPU queue absorbs it)."""
     import l2side
@@ -170,6 +202,8 @@ def main():
     p.add_argument("--no-time", action="store_true")
     p.add_argument("--config", default="")
     p.add_argument("--host", action="store_true", help="break the host overhead of a tiny call into its parts")
+    p.add_argument("--packed", type=int, default=0, metavar="BLOCK_N",
+                   help="side-aware packed B (l2side.pack_b) ablation: near / ignore / far vs unpacked")
     p.add_argument("--sweep", default="", help="BM,BN[,CLUSTER[,DOUBLE_ACC[,GROUP_M[,STAGES]]]];... : time each config on each shape")
     args = p.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes else EDGE + DEEPSEEK
@@ -178,6 +212,8 @@ def main():
         return sweep(shapes, args.sweep)
     if args.host:
         return host_parts()
+    if args.packed:
+        return packed_ablation(shapes, args.packed)
     flush = torch.empty(256 << 20, dtype=torch.int32, device="cuda")
     # compile every kernel in parallel first (nvcc takes seconds per kernel)
     from concurrent.futures import ThreadPoolExecutor
