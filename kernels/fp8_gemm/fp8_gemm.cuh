@@ -169,11 +169,18 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           return scheduler.next(m, n);
         } else {
           while (true) {
-            const uint32_t total = (queue == 0 ? packed.queue_len0 : packed.queue_len1) * num_m_blocks;
+            const uint32_t len = queue == 0 ? packed.queue_len0 : packed.queue_len1;
             const uint32_t t = atomicAdd(packed.workspace + queue, 1u);
-            if (t < total) {
-              const uint32_t j = t / num_m_blocks;  // M-block fastest: the CTAs on one N-block share its B tiles
-              m = t - j * num_m_blocks;
+            if (t < len * num_m_blocks) {
+              // the grouped raster of GroupedScheduler over (M-block, queue position): groups of kGroupM
+              // M-blocks, M-block fastest, so the tiles in flight share a few A and B panels in L2
+              const uint32_t group_m = kGroupM == 0 ? num_m_blocks : kGroupM;
+              const uint32_t group = t / (group_m * len);
+              const uint32_t first_m = group * group_m;
+              const uint32_t width = min(group_m, num_m_blocks - first_m);
+              const uint32_t in_group = t - group * group_m * len;
+              m = first_m + in_group % width;
+              const uint32_t j = in_group / width;
               n = static_cast<uint32_t>(packed.queue_blocks[queue * packed.queue_width + j]);
               first_chunk = static_cast<uint32_t>(packed.block_first[queue * packed.n_blocks + n]);
               publish(m, n);
