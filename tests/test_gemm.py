@@ -364,3 +364,69 @@ def test_runs_on_the_current_non_default_stream(prebuilt):
         l2side.gemm(a_late, sa, b, sb, out=out)       # must be ordered after the copy: it runs on s
     s.synchronize()
     assert torch.equal(out, expected)
+
+
+# ---------------------------------------------------------------------------------------- packed B (issue 4)
+class _FakePacked:
+    def __init__(self, stored):
+        self.layout = type("L", (), {"stored": stored})()
+        self.device = torch.device("cpu")
+
+
+@needs_module
+def test_packed_queues_put_every_block_in_exactly_one_queue():
+    stored = ((0, 2, 4, 6), (1, 3, 5, 6))   # 7 N-blocks on 66/66 SMs: block 6 stored on both sides
+    table, width, lengths = fp8_gemm._queues(_FakePacked(stored))
+    queues = [table[s, :lengths[s]].tolist() for s in (0, 1)]
+    assert sorted(queues[0] + queues[1]) == list(range(7))
+    assert abs(lengths[0] - lengths[1]) <= 1 and width == max(lengths)
+    assert all(nb in stored[s] for s in (0, 1) for nb in queues[s])  # each from a side that stores it
+
+
+@needs_module
+def test_packed_args_struct_matches_the_kernel_layout():
+    blob = fp8_gemm.packed_b_args(1, 2, 3, 4, 5, [0, 1, -1, 1] + [0] * 60 + [1], 7, (8, 9), 10, 1, True)
+    assert len(blob) == 96
+    words = __import__("struct").unpack("<QQQQQ4Q6I", blob)
+    assert words[:5] == (1, 2, 3, 4, 5)
+    assert words[5] == (1 << 1) | (1 << 3) and words[6] == 1 << 0  # SM 64 is bit 0 of the second word
+    assert words[9:] == (7, 8, 9, 10, 1, 1)
+
+
+PACKED_SHAPES = [(129, 200, 272), (64, 7168, 2048), (128, 2112, 7168), (300, 1000, 4112), (1, 16, 16)]
+
+
+@pytest.mark.parametrize("m,n,k", PACKED_SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in PACKED_SHAPES])
+@pytest.mark.gpu
+@requires_hopper
+@needs_module
+def test_packed_b_gives_the_unpacked_kernels_bits_in_every_side_mode(m, n, k):
+    a, sa, b, sb = _inputs(m, n, k, seed=11)
+    packed = l2side.pack_b(b, sb, block_n=64)
+    base = fp8_gemm.gemm_config(m, n, k)
+    cfg = fp8_gemm.GemmConfig(base.block_m, 64, fp8_gemm.max_stages(base.block_m, 64, n % 8 == 0),
+                              tma_store=n % 8 == 0)
+    want = l2side.gemm(a, sa, b, sb, config=cfg)
+    _check(want, gemm_reference(a, sa, b, sb), f"unpacked {m}x{n}x{k}")
+    for mode in ("near", "ignore", "far"):
+        for _ in range(2):  # the second launch reuses the re-zeroed tile queues
+            out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            l2side.gemm(a, sa, packed, out=out, side_mode=mode)
+            assert torch.equal(out, want), f"{mode}: packed result differs from the unpacked kernel's"
+
+
+@pytest.mark.gpu
+@requires_hopper
+@needs_module
+def test_packed_b_bad_arguments():
+    a, sa, b, sb = _inputs(64, 256, 256, seed=12)
+    packed = l2side.pack_b(b, sb)
+    with pytest.raises(ValueError, match="b_scales must be omitted"):
+        l2side.gemm(a, sa, packed, sb)
+    with pytest.raises(ValueError, match="side_mode"):
+        l2side.gemm(a, sa, packed, side_mode="left")
+    a2, sa2, _, _ = _inputs(64, 256, 512, seed=13)
+    with pytest.raises(ValueError, match="packed B was packed with K"):
+        l2side.gemm(a2, sa2, packed)
+    with pytest.raises(ValueError, match="b_scales is required"):
+        l2side.gemm(a, sa, b)
