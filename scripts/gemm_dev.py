@@ -126,13 +126,14 @@ def sweep(shapes, spec):
     return 0
 
 
-def packed_ablation(shapes, block_n):
+def packed_ablation(shapes, block_n, timed=True):
     """Per shape: the unpacked kernel with the packed kernel's blocks, then the packed one in each side mode;
     outputs compared bitwise with the unpacked one's."""
     import l2side
     from l2side import fp8_gemm
-    flush = torch.empty(256 << 20, dtype=torch.int32, device="cuda")
+    flush = torch.empty(256 << 20 if timed else 1, dtype=torch.int32, device="cuda")
     print(l2side.topology())
+    clock = time_fn if timed else (lambda fn, flush: (fn(), float("nan"))[1])
     bad = 0
     for (m, n, k) in shapes:
         a, sa, b, sb = make(m, n, k)
@@ -144,14 +145,14 @@ def packed_ablation(shapes, block_n):
         ref_out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
         l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg)
         d = diff(ref_out, reference(a, sa, b, sb))
-        t_ref = time_fn(lambda: l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg), flush)
+        t_ref = clock(lambda: l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg), flush)
         line = f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={block_n} {packed.kind:5s} diff={d:.1e} | unpacked {t_ref:7.1f} us"
         for mode in ("near", "ignore", "far"):
             out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
             l2side.gemm(a, sa, packed, out=out, side_mode=mode)
             same = torch.equal(out, ref_out)
             bad += not same
-            t = time_fn(lambda: l2side.gemm(a, sa, packed, out=out, side_mode=mode), flush)
+            t = clock(lambda: l2side.gemm(a, sa, packed, out=out, side_mode=mode), flush)
             line += f" | {mode} {t:7.1f} us {2 * m * n * k / t / 1e6:6.0f} TF{'' if same else ' MISMATCH'}"
         print(line, flush=True)
     print(f"{bad} mismatches")
@@ -213,7 +214,7 @@ def main():
     if args.host:
         return host_parts()
     if args.packed:
-        return packed_ablation(shapes, args.packed)
+        return packed_ablation(shapes, args.packed, timed=not args.no_time)
     flush = torch.empty(256 << 20, dtype=torch.int32, device="cuda")
     # compile every kernel in parallel first (nvcc takes seconds per kernel)
     from concurrent.futures import ThreadPoolExecutor
