@@ -88,9 +88,9 @@ int max_active_clusters(int device, uintptr_t function, std::array<unsigned, 3> 
   return n;
 }
 
-std::vector<std::pair<size_t, size_t>> param_layout(uintptr_t function) {
+std::vector<std::pair<size_t, size_t>> param_layout(uintptr_t function, size_t max_count) {
   std::vector<std::pair<size_t, size_t>> layout;
-  for (size_t i = 0;; ++i) {
+  for (size_t i = 0; i < max_count; ++i) {
     size_t offset = 0, size = 0;
     if (driver().cuFuncGetParamInfo(reinterpret_cast<CUfunction>(function), i, &offset, &size) != CUDA_SUCCESS)
       break;

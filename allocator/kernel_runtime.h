@@ -22,8 +22,9 @@ void launch(int device, uintptr_t function, std::array<unsigned, 3> grid, std::a
 // How many clusters of `cluster` CTAs (each `block` threads, `smem` dynamic bytes) can be resident at once.
 int max_active_clusters(int device, uintptr_t function, std::array<unsigned, 3> block, unsigned smem,
                         std::array<unsigned, 3> cluster);
-// (offset, size) of each kernel parameter, as the compiler laid them out (cuFuncGetParamInfo).
-std::vector<std::pair<size_t, size_t>> param_layout(uintptr_t function);
+// (offset, size) of the first max_count kernel parameters (fewer if the kernel has fewer), as the compiler laid
+// them out (cuFuncGetParamInfo).
+std::vector<std::pair<size_t, size_t>> param_layout(uintptr_t function, size_t max_count);
 // cuTensorMapEncodeTiled; returns the 128-byte CUtensorMap.
 std::string encode_tensor_map(int dtype, uintptr_t address, const std::vector<uint64_t>& dims,
                               const std::vector<uint64_t>& strides_bytes, const std::vector<uint32_t>& box,
