@@ -245,6 +245,14 @@ std::string cache_path(const std::string& uuid) {
   return g_cache_dir + "/topology-" + uuid + ".txt";
 }
 
+// Latencies measured under an instrumenting tool (compute-sanitizer, a debugger) are several times the real
+// ones (an L2 atomic round trip is ~300-550 cycles on Hopper). Such a probe still finds the mask and the SM
+// sides, but its cycle counts would mislead every later process that uses them as thresholds (the address
+// probe): it is used in-process and never cached, and a cache holding one is ignored.
+constexpr double kMaxPlausibleCycles = 1500;
+
+bool plausible(const Topology& t) { return t.far_cycles > 0 && t.far_cycles < kMaxPlausibleCycles; }
+
 bool load_cached(Topology& t) {
   std::string path = cache_path(t.uuid);
   if (path.empty()) return false;
@@ -264,7 +272,7 @@ bool load_cached(Topology& t) {
     }
   }
   std::fclose(f);
-  if (!ok) return false;
+  if (!ok || !plausible(t)) return false;
   t.split = split != 0;
   t.sms_per_side[0] = t.sms_per_side[1] = 0;
   for (auto s : t.sm_side)
@@ -275,7 +283,7 @@ bool load_cached(Topology& t) {
 
 void store_cached(const Topology& t) {
   std::string path = cache_path(t.uuid);
-  if (path.empty()) return;
+  if (path.empty() || !plausible(t)) return;
   std::string tmp = path + ".tmp" + std::to_string(::getpid());
   FILE* f = std::fopen(tmp.c_str(), "w");
   if (!f) return;  // an unwritable cache only costs a re-probe
