@@ -18,8 +18,11 @@ warpgroup) when M <= 64, else 128 (two). BLOCK_N minimises the estimated time
 waves * (BLOCK_N * cost_per_column + 16), where waves = ceil(tiles / SMs): the kernel is persistent, so the
 last wave's idle SMs are the cost that smaller tiles buy back, and the +16 stands for the per-tile cost
 that does not shrink with BLOCK_N. For M < 512 (memory-bound) BLOCK_N is any multiple of 8 in 16..128;
-for larger M only 64, 128 and 192, weighted by their measured efficiency (see `_block_n_candidates`). Stages: as many as fit in shared memory,
-at most 12.
+for larger M only 64, 128 and 192, weighted by their measured efficiency (see `_block_n_candidates`).
+Stages: as many as fit in shared memory next to the output tile, at most 12.
+
+`b` may also be a `PackedB` from `l2side.pack_b` (side-aware packed weight, docs/packed-b.md): then every SM
+computes the tiles of the N-blocks stored on its own L2 side (`side_mode` switches this for measurements).
 """
 from __future__ import annotations
 
