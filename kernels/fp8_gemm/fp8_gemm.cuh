@@ -34,8 +34,12 @@ namespace l2side::fp8_gemm {
 
 constexpr uint32_t BLOCK_K = 128;              // = the scale granularity along K
 constexpr uint32_t kWarpgroupThreads = 128;
-constexpr uint32_t kProducerRegisters = 40;
-constexpr uint32_t kMathRegisters = 232;       // 2 math WGs x 232 + 40 = 504 regs/thread-slot x 128 <= 64K
+// Registers per thread after setmaxnreg: the warpgroups' sum x 128 threads must fit the 64K register file.
+// 1-2 math warpgroups: 232 each + 40 for the producer (<= 504); 3 (BLOCK_M 192): 160 each + 24 (= 504).
+template <uint32_t kMathWarpgroups>
+constexpr uint32_t kMathRegisters = kMathWarpgroups == 3 ? 160 : 232;
+template <uint32_t kMathWarpgroups>
+constexpr uint32_t kProducerRegisters = kMathWarpgroups == 3 ? 24 : 40;
 
 __host__ __device__ constexpr uint32_t align_up(uint32_t x, uint32_t a) { return (x + a - 1) / a * a; }
 
@@ -88,7 +92,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
                                           const CUtensorMap& tmap_sa, const CUtensorMap& tmap_d,
                                           const PackedBArgs& packed) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M is 64 (one math warpgroup) or 128 (two)");
+  static_assert(BLOCK_M == 64 || BLOCK_M == 128 || BLOCK_M == 192, "BLOCK_M is 64, 128 or 192 (1-3 math warpgroups)");
   static_assert(BLOCK_N % 8 == 0 && BLOCK_N >= 8 && BLOCK_N <= 256, "wgmma N is a multiple of 8 up to 256");
   static_assert(Mma::kN == BLOCK_N, "the wgmma wrapper must match BLOCK_N");
   static_assert(BLOCK_N <= BLOCK_K || BLOCK_N <= BLOCK_K + (BLOCK_N & (~BLOCK_N + 1)),
@@ -142,7 +146,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   if (threadIdx.x >= kMathThreads) {
     // ---------------- producer warpgroup: one thread issues every TMA load
 #ifndef L2SIDE_NO_SETMAXNREG
-    ptx::setmaxnreg_dec<kProducerRegisters>();
+    ptx::setmaxnreg_dec<kProducerRegisters<BLOCK_M / 64>>();
 #endif
     if (threadIdx.x == kMathThreads) {
       uint32_t stage = 0, phase = 0;
@@ -241,7 +245,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   } else {
     // ---------------- math warpgroups
 #ifndef L2SIDE_NO_SETMAXNREG
-    ptx::setmaxnreg_inc<kMathRegisters>();
+    ptx::setmaxnreg_inc<kMathRegisters<BLOCK_M / 64>>();
 #endif
     const uint32_t wg = __shfl_sync(0xffffffffu, threadIdx.x / kWarpgroupThreads, 0);
     const uint32_t row = wg * 64 + (threadIdx.x / 32 % 4) * 16 + lane / 4;  // this thread's rows: row, row + 8
