@@ -14,8 +14,8 @@
 #   bench.log      every benchmark's output
 #   allocator.csv / allocator.json (bench_allocator.py), gemm.csv, elementwise.csv (when those benchmarks exist)
 # Environment: PYTEST_OPTS (default "-x -q -rA"), BENCH_ALLOCATOR_ARGS / BENCH_ELEMENTWISE_ARGS (extra args),
-#   SKIP_INSTALL=1, SKIP_GEMM=1 (no bench_gemm.py), BENCHES (default "allocator,gemm,elementwise": which
-#   benchmarks run), DEADLINE_S (every part is killed once this many seconds have passed since the start, so
+#   SKIP_INSTALL=1, SKIP_GEMM=1 (no bench_gemm.py), BENCHES (default "allocator,gemm,packed,elementwise";
+#   also "sanitize": which benchmarks / checks run), DEADLINE_S (every part is killed once this many seconds have passed since the start, so
 #   the parts after it still report; default none).
 # Every part runs even when an earlier one failed; the exit code is non-zero when any part failed.
 set -x
@@ -33,7 +33,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PYTHON=${PYTHON:-python3}
 PYTEST_OPTS=${PYTEST_OPTS:--x -q -rA}
-BENCHES=${BENCHES:-allocator,gemm,elementwise}
+BENCHES=${BENCHES:-allocator,gemm,packed,elementwise}
 T_START=$(date +%s)
 
 case "$WHAT" in
@@ -108,6 +108,13 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
     run_part bench_gemm "$OUT/bench.log" "$PYTHON" benchmarks/bench_gemm.py --csv "$OUT/gemm.csv"
   else
     echo "benchmarks/bench_gemm.py not there yet: skipped" | tee -a "$OUT/bench.log"
+  fi
+  if [[ ",$BENCHES," == *,packed,* ]]; then  # side-aware packed B: near / ignore / far vs unpacked (issue 4)
+    run_part gemm_packed_ablation "$OUT/bench.log" "$PYTHON" scripts/gemm_dev.py --packed 128 \
+      --shapes "64,7168,16384;128,7168,2048;4096,2112,7168;4096,7168,16384;4096,24576,1536"
+  fi
+  if [[ ",$BENCHES," == *,sanitize,* ]]; then  # compute-sanitizer memcheck of the GEMM (issue 3)
+    run_part gemm_sanitize "$OUT/bench.log" scripts/gemm_sanitize.sh
   fi
   if [[ ",$BENCHES," != *,elementwise,* ]]; then
     echo "bench_elementwise skipped (BENCHES)" | tee -a "$OUT/bench.log"
