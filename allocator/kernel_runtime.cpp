@@ -28,6 +28,31 @@ void set_max_dynamic_smem(uintptr_t function, int bytes) {
         "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)");
 }
 
+namespace {
+// The launch configuration (no stream); a cluster shape other than 1x1x1 is attached through `attribute`,
+// which must outlive the configuration's use.
+CUlaunchConfig launch_config(std::array<unsigned, 3> grid, std::array<unsigned, 3> block, unsigned smem,
+                             std::array<unsigned, 3> cluster, CUlaunchAttribute* attribute) {
+  CUlaunchConfig config = {};
+  config.gridDimX = grid[0];
+  config.gridDimY = grid[1];
+  config.gridDimZ = grid[2];
+  config.blockDimX = block[0];
+  config.blockDimY = block[1];
+  config.blockDimZ = block[2];
+  config.sharedMemBytes = smem;
+  if (cluster[0] * cluster[1] * cluster[2] > 1) {
+    attribute->id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attribute->value.clusterDim.x = cluster[0];
+    attribute->value.clusterDim.y = cluster[1];
+    attribute->value.clusterDim.z = cluster[2];
+    config.attrs = attribute;
+    config.numAttrs = 1;
+  }
+  return config;
+}
+}  // namespace
+
 void launch(int device, uintptr_t function, std::array<unsigned, 3> grid, std::array<unsigned, 3> block,
             unsigned smem, uintptr_t stream, const std::string& params, std::array<unsigned, 3> cluster,
             const std::vector<size_t>& offsets) {
@@ -41,24 +66,9 @@ void launch(int device, uintptr_t function, std::array<unsigned, 3> grid, std::a
   void* buffer = const_cast<char*>(params.data());
   void* extra[] = {CU_LAUNCH_PARAM_BUFFER_POINTER, buffer, CU_LAUNCH_PARAM_BUFFER_SIZE, &size,
                    CU_LAUNCH_PARAM_END};
-  CUlaunchConfig config = {};
-  config.gridDimX = grid[0];
-  config.gridDimY = grid[1];
-  config.gridDimZ = grid[2];
-  config.blockDimX = block[0];
-  config.blockDimY = block[1];
-  config.blockDimZ = block[2];
-  config.sharedMemBytes = smem;
-  config.hStream = reinterpret_cast<CUstream>(stream);
   CUlaunchAttribute attribute = {};
-  if (cluster[0] * cluster[1] * cluster[2] > 1) {
-    attribute.id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-    attribute.value.clusterDim.x = cluster[0];
-    attribute.value.clusterDim.y = cluster[1];
-    attribute.value.clusterDim.z = cluster[2];
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-  }
+  CUlaunchConfig config = launch_config(grid, block, smem, cluster, &attribute);
+  config.hStream = reinterpret_cast<CUstream>(stream);
   check(driver().cuLaunchKernelEx(&config, reinterpret_cast<CUfunction>(function),
                                   offsets.empty() ? nullptr : args.data(), offsets.empty() ? extra : nullptr),
         "cuLaunchKernelEx");
@@ -67,21 +77,9 @@ void launch(int device, uintptr_t function, std::array<unsigned, 3> grid, std::a
 int max_active_clusters(int device, uintptr_t function, std::array<unsigned, 3> block, unsigned smem,
                         std::array<unsigned, 3> cluster) {
   ScopedContext ctx(device);
-  CUlaunchConfig config = {};
-  config.gridDimX = cluster[0] * 1024;  // any multiple of the cluster shape
-  config.gridDimY = cluster[1];
-  config.gridDimZ = cluster[2];
-  config.blockDimX = block[0];
-  config.blockDimY = block[1];
-  config.blockDimZ = block[2];
-  config.sharedMemBytes = smem;
   CUlaunchAttribute attribute = {};
-  attribute.id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-  attribute.value.clusterDim.x = cluster[0];
-  attribute.value.clusterDim.y = cluster[1];
-  attribute.value.clusterDim.z = cluster[2];
-  config.attrs = &attribute;
-  config.numAttrs = 1;
+  const std::array<unsigned, 3> grid = {cluster[0] * 1024, cluster[1], cluster[2]};  // any multiple of the cluster
+  CUlaunchConfig config = launch_config(grid, block, smem, cluster, &attribute);
   int n = 0;
   check(driver().cuOccupancyMaxActiveClusters(&n, reinterpret_cast<CUfunction>(function), &config),
         "cuOccupancyMaxActiveClusters");

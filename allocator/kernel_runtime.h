@@ -19,7 +19,7 @@ void set_max_dynamic_smem(uintptr_t function, int bytes);
 void launch(int device, uintptr_t function, std::array<unsigned, 3> grid, std::array<unsigned, 3> block,
             unsigned smem, uintptr_t stream, const std::string& params, std::array<unsigned, 3> cluster,
             const std::vector<size_t>& offsets = {});
-// How many clusters of `cluster` CTAs (each `block` threads, `smem` dynamic bytes) can be resident at once.
+// How many clusters of `cluster` CTAs (a shape larger than 1x1x1) (each `block` threads, `smem` dynamic bytes) can be resident at once.
 int max_active_clusters(int device, uintptr_t function, std::array<unsigned, 3> block, unsigned smem,
                         std::array<unsigned, 3> cluster);
 // (offset, size) of the first max_count kernel parameters (fewer if the kernel has fewer), as the compiler laid
