@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import struct
-import threading
 from typing import Optional
 
 from . import _codegen
@@ -11,8 +10,6 @@ from ._codegen import Plan, Spec, TensorInfo
 
 _device_info: dict = {}
 _last_plan = None
-_counters: dict = {}
-_lock = threading.Lock()
 
 
 def _jit():
@@ -37,16 +34,8 @@ def device_info(index: int):
 
 def _counter_buffer(index: int, stream: int):
     """Four u64 per (device, stream): the side path's ticket counters (the last CTA re-zeroes them)."""
-    key = (index, stream)
-    buf = _counters.get(key)
-    if buf is None:
-        import torch
-        with _lock:
-            buf = _counters.get(key)
-            if buf is None:
-                buf = torch.zeros(4, dtype=torch.int64, device=f"cuda:{index}")
-                _counters[key] = buf
-    return buf
+    import torch
+    return _jit().stream_scratch("elementwise.counters", index, stream, 4, torch.int64)
 
 
 def _owns(t) -> bool:

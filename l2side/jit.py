@@ -170,6 +170,22 @@ class Kernel:
 
 _kernels: dict = {}
 _kernels_lock = threading.Lock()
+_scratch: dict = {}
+
+
+def stream_scratch(name: str, index: int, stream: int, numel: int, dtype):
+    """A zero-initialised device tensor per (name, device, stream), for kernels that keep counters between
+    launches and re-zero them themselves (the last CTA of the launch): launches on one stream run in order,
+    so they can share it; another stream gets its own."""
+    key = (name, index, stream)
+    buf = _scratch.get(key)
+    if buf is None:
+        import torch
+        with _kernels_lock:
+            buf = _scratch.get(key)
+            if buf is None:
+                buf = _scratch[key] = torch.zeros(numel, dtype=dtype, device=f"cuda:{index}")
+    return buf
 
 
 def _device_index(device) -> int:
