@@ -124,9 +124,9 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
             best = (key, block_n)
     block_n = best[1]
     tma_store = n % 8 == 0
-    cluster_n = 1  # clusters of 2 (A multicast) measured 2x slower so far: see docs/perf-notes.md
+    # (cluster_n stays 1: A multicast in clusters of 2 / 4 measured no faster: docs/perf-notes.md)
     return GemmConfig(block_m=block_m, block_n=block_n, stages=max_stages(block_m, block_n, tma_store),
-                      tma_store=tma_store, cluster_n=cluster_n)
+                      tma_store=tma_store)
 
 
 def grid_size(m: int, n: int, config: GemmConfig, num_sms: int) -> int:
@@ -324,7 +324,7 @@ def _kernel(dev: _Device, n: int, k: int, config: GemmConfig) -> jit.Kernel:
     return kernel
 
 
-_launch_cache: dict = {}   # (device, pointers, strides, shape, config) -> (kernel, grid, block, smem, params)
+_launch_cache: dict = {}   # _launch_key(...) -> the arguments of _native.launch but the stream (see _prepare)
 _LAUNCH_CACHE_MAX = 4096
 
 
@@ -372,7 +372,6 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
               .tensor_map(tmap_a).tensor_map(tmap_b).tensor_map(tmap_sa).tensor_map(tmap_d)
               .raw(packed_args or NO_PACKED_B, 8))
     kernel.check_params(params)
-    kernel.set_max_dynamic_smem(cfg.smem_bytes)
     grid = grid_size(m, n, cfg, dev.num_sms)
     if cfg.cluster_n > 1:  # only as many clusters as can be resident at once (persistent grid)
         resident = _native.max_active_clusters(kernel.device, kernel.function, cfg.threads, cfg.smem_bytes,
@@ -394,17 +393,22 @@ def _launch_key(a, a_scales, b, b_scales, out, config):
             out.data_ptr(), out.shape, out.stride(), out.dtype, out.get_device(), config)
 
 
-def _launch(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmConfig | None) -> None:
-    index = a.get_device()
-    key = _launch_key(a, a_scales, b, b_scales, out, config)
+def _launch_cached(key, prepare) -> None:
+    """Launches the call prepared for `key`; on a miss `prepare()` -> (prepared, cacheable) makes it (not
+    cached when a converted copy of a_scales lives only for this call)."""
     hit = _launch_cache.get(key)
     if hit is None:
-        hit, cacheable = _prepare(a, a_scales, b, b_scales, out, m, n, k, config, index)
-        if cacheable:  # (a converted copy of a_scales lives only for this call)
+        hit, cacheable = prepare()
+        if cacheable:
             if len(_launch_cache) >= _LAUNCH_CACHE_MAX:
                 _launch_cache.clear()
             _launch_cache[key] = hit
     _fire(hit)
+
+
+def _launch(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmConfig | None) -> None:
+    _launch_cached(_launch_key(a, a_scales, b, b_scales, out, config),
+                   lambda: _prepare(a, a_scales, b, b_scales, out, m, n, k, config, a.get_device()))
 
 
 def _fire(prepared) -> None:
@@ -414,19 +418,6 @@ def _fire(prepared) -> None:
 
 
 SIDE_MODES = {"near": 0, "ignore": 1, "far": 2}
-_workspaces: dict = {}
-
-
-def _workspace(index: int, stream: int):
-    """The packed-B schedule's tile counters, per (device, stream); the kernel's last CTA re-zeroes them."""
-    key = (index, stream)
-    ws = _workspaces.get(key)
-    if ws is None:
-        with _lock:
-            ws = _workspaces.get(key)
-            if ws is None:
-                ws = _workspaces[key] = torch.zeros(4, dtype=torch.int32, device=f"cuda:{index}")
-    return ws
 
 
 def _queues(packed):
@@ -459,8 +450,8 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
     index = a.get_device()
     stream = _raw_stream(index)
     key = ("packed", _launch_key(a, a_scales, packed.data, packed.scales, out, config), side_mode, stream)
-    hit = _launch_cache.get(key)
-    if hit is None:
+
+    def prepare():
         dev = _device(index)
         cfg = config or gemm_config(m, n, k, dev.num_sms)
         stages = max_stages(cfg.block_m, packed.block_n, cfg.tma_store and n % 8 == 0)
@@ -470,15 +461,13 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
         lay = packed.layout
         from .topology import topology
         topo = topology(index)
+        queues = jit.stream_scratch("fp8_gemm.tile_queues", index, stream, 4, torch.int32)
         args = packed_b_args(packed.base, lay.side_mask if lay.paired else 0, table.data_ptr(),
-                             packed.block_first.data_ptr(), _workspace(index, stream).data_ptr(),
-                             topo.sm_side, width, lengths, lay.n_blocks, SIDE_MODES[side_mode], lay.paired)
-        hit, cacheable = _prepare(a, a_scales, None, packed.scales, out, m, n, k, cfg, index, packed_args=args)
-        if cacheable:
-            if len(_launch_cache) >= _LAUNCH_CACHE_MAX:
-                _launch_cache.clear()
-            _launch_cache[key] = hit
-    _fire(hit)
+                             packed.block_first.data_ptr(), queues.data_ptr(), topo.sm_side, width, lengths,
+                             lay.n_blocks, SIDE_MODES[side_mode], lay.paired)
+        return _prepare(a, a_scales, None, packed.scales, out, m, n, k, cfg, index, packed_args=args)
+
+    _launch_cached(key, prepare)
     return out
 
 
