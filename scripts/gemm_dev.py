@@ -18,30 +18,9 @@ DEEPSEEK = [(m, n, k) for m in (64, 128, 4096)
 EDGE = [(1, 16, 16), (7, 2112, 7168), (129, 200, 272), (300, 1000, 4112), (65, 129, 144), (257, 2111, 1040)]
 
 
-def quant_rows(x):  # per row per 128 of K
-    m, k = x.shape
-    kb = -(-k // 128)
-    xp = torch.nn.functional.pad(x, (0, kb * 128 - k)).view(m, kb, 128)
-    amax = xp.abs().amax(-1).clamp(min=1e-4)
-    q = (xp * (448.0 / amax)[..., None]).to(torch.float8_e4m3fn).view(m, kb * 128)[:, :k].contiguous()
-    return q, (amax / 448.0)
-
-
-def quant_blocks(w):  # per 128x128 block
-    n, k = w.shape
-    nb, kb = -(-n // 128), -(-k // 128)
-    wp = torch.nn.functional.pad(w, (0, kb * 128 - k, 0, nb * 128 - n)).view(nb, 128, kb, 128)
-    amax = wp.abs().amax((1, 3)).clamp(min=1e-4)
-    q = (wp * (448.0 / amax)[:, None, :, None]).to(torch.float8_e4m3fn).view(nb * 128, kb * 128)[:n, :k]
-    return q.contiguous(), amax / 448.0
-
-
 def reference(a, sa, b, sb):
-    m, k = a.shape
-    n = b.shape[0]
-    ad = a.float() * sa.repeat_interleave(128, 1)[:, :k]
-    bd = b.float() * sb.repeat_interleave(128, 0).repeat_interleave(128, 1)[:n, :k]
-    return ad @ bd.t()
+    from l2side import gemm_reference
+    return gemm_reference(a, sa, b, sb)
 
 
 def diff(x, y):
@@ -50,8 +29,10 @@ def diff(x, y):
 
 
 def make(m, n, k):
-    a, sa = quant_rows(torch.randn(m, k, device="cuda"))
-    b, sb = quant_blocks(torch.randn(n, k, device="cuda"))
+    """Random inputs quantised as l2side.gemm takes them (A's scales MN-major)."""
+    from l2side import quantize_activation, quantize_weight
+    a, sa = quantize_activation(torch.randn(m, k, device="cuda"))
+    b, sb = quantize_weight(torch.randn(n, k, device="cuda"))
     return a, sa, b, sb
 
 
@@ -107,7 +88,6 @@ def sweep(shapes, spec):
     flush = torch.empty(256 << 20, dtype=torch.int32, device="cuda")
     for (m, n, k) in shapes:
         a, sa, b, sb = make(m, n, k)
-        sa = fp8_gemm.to_native_a_scales(sa)
         ref = reference(a, sa, b, sb)
         out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
         for c in configs:
@@ -137,7 +117,6 @@ def packed_ablation(shapes, block_n, timed=True):
     bad = 0
     for (m, n, k) in shapes:
         a, sa, b, sb = make(m, n, k)
-        sa = fp8_gemm.to_native_a_scales(sa)
         packed = l2side.pack_b(b, sb, block_n=block_n)
         base = fp8_gemm.gemm_config(m, n, k)
         cfg = fp8_gemm.GemmConfig(base.block_m, block_n, fp8_gemm.max_stages(base.block_m, block_n, n % 8 == 0),
@@ -164,7 +143,6 @@ def host_parts():
     import l2side
     from l2side import fp8_gemm
     a, sa, b, sb = make(128, 128, 128)
-    sa = fp8_gemm.to_native_a_scales(sa)
     out = torch.empty((128, 128), dtype=torch.bfloat16, device="cuda")
     l2side.gemm(a, sa, b, sb, out=out)
     key = next(iter(fp8_gemm._launch_cache))
@@ -227,7 +205,6 @@ def main():
     bad = 0
     for (m, n, k) in shapes:
         a, sa, b, sb = make(m, n, k)
-        sa = fp8_gemm.to_native_a_scales(sa)  # (time the kernel, not the layout conversion)
         cfg = None
         if args.config:
             bm, bn, st = (int(v) for v in args.config.split(","))
