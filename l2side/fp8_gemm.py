@@ -57,6 +57,7 @@ class GemmConfig:
     cluster_n: int = 1         # 2 or 4: CTAs of a cluster on consecutive N-blocks share the A tile by TMA multicast
     double_acc: bool = False   # two wgmma accumulators: block k+1 runs on the tensor cores while k is promoted
     packed_b: bool = False     # B from l2side.pack_b's side-aware chunks, tiles from per-side queues
+    split_k: int = 1           # > 1: each tile's K blocks in this many ranges on different CTAs, partials summed
 
     @property
     def num_math_warpgroups(self) -> int:
@@ -74,10 +75,10 @@ class GemmConfig:
 
 def smem_layout_bytes(block_m: int, block_n: int, stages: int, tma_store: bool = True) -> int:
     """Bytes of SmemLayout (fp8_gemm.cuh): [output tile] [A stages] [B stages] [A-scale stages] [barriers]
-    [tile ring: 4 barriers + 4 u32]."""
+    [tile ring: 4 barriers + 4 u32] [split-K flags: 4 u32]."""
     per_stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4
     barriers_at = -(-(block_m * block_n * 2 * tma_store + stages * per_stage) // 8) * 8
-    return barriers_at + 2 * stages * 8 + 4 * 8 + 4 * 4
+    return barriers_at + 2 * stages * 8 + 4 * 8 + 4 * 4 + 4 * 4
 
 
 def max_stages(block_m: int, block_n: int, tma_store: bool) -> int:
@@ -108,6 +109,37 @@ def _block_n_candidates(m: int):
     return [(64, 1.4), (128, 1.0), (192, 1.05)]
 
 
+MAX_SPLIT_K = 16
+MIN_K_BLOCKS_PER_SPLIT = 4   # shorter ranges spend more on the pipeline fill and the partials than they save
+UNIT_OVERHEAD_BYTES = 32 << 10  # per unit of work: pipeline fill, scales, epilogue, as bytes of streaming
+
+
+def split_k_candidates(k: int):
+    """The split counts gemm_config considers for K: 1, and every s <= 16 whose ceil-sized ranges of K blocks
+    (the last one shorter) are all at least MIN_K_BLOCKS_PER_SPLIT long."""
+    kb = _ceil_div(k, BLOCK_K)
+    out = [1]
+    for s in range(2, MAX_SPLIT_K + 1):
+        per = _ceil_div(kb, s)
+        if per >= MIN_K_BLOCKS_PER_SPLIT and kb - (s - 1) * per >= MIN_K_BLOCKS_PER_SPLIT:  # the last one too
+            out.append(s)
+    return out
+
+
+def memory_bound_cost(m: int, k: int, block_m: int, block_n: int, split_k: int, num_n_blocks: int,
+                      num_sms: int) -> int:
+    """Estimated bytes one SM moves (the busiest): waves x (A + B panels of one unit + a fixed cost per unit),
+    plus, with split-K, its fp32 partial written and, for the CTA that sums, the others read back."""
+    rows = min(block_m, m)
+    units = _ceil_div(m, block_m) * num_n_blocks * split_k
+    waves = _ceil_div(units, num_sms)
+    k_per_unit = _ceil_div(_ceil_div(k, BLOCK_K), split_k) * BLOCK_K
+    cost = waves * ((rows + block_n) * k_per_unit + UNIT_OVERHEAD_BYTES)
+    if split_k > 1:
+        cost += rows * block_n * 4 * split_k
+    return cost
+
+
 def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     """The block configuration for a shape (see the module docstring for the rule)."""
     if m < 1 or n < 1 or k < 1:
@@ -115,25 +147,43 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     block_m = 64 if m <= 64 else 128
     num_m_blocks = _ceil_div(m, block_m)
     best = None
-    for block_n, cost_per_column in _block_n_candidates(m):
-        tiles = num_m_blocks * _ceil_div(n, block_n)
-        waves = _ceil_div(tiles, num_sms)
-        cost = waves * block_n * cost_per_column + waves * 16
-        key = (cost, -block_n)
-        if best is None or key < best[0]:
-            best = (key, block_n)
-    block_n = best[1]
+    if m < COMPUTE_BOUND_M:
+        # memory-bound: the fewest bytes through the busiest SM, over BLOCK_N and split-K
+        for block_n, _ in _block_n_candidates(m):
+            for split_k in split_k_candidates(k):
+                if split_k > 1 and num_m_blocks * _ceil_div(n, block_n) >= num_sms:
+                    continue  # enough tiles to fill the GPU without splitting K
+                cost = memory_bound_cost(m, k, block_m, block_n, split_k, _ceil_div(n, block_n), num_sms)
+                key = (cost, split_k, -block_n)
+                if best is None or key < best[0]:
+                    best = (key, block_n, split_k)
+    else:
+        for block_n, cost_per_column in _block_n_candidates(m):
+            tiles = num_m_blocks * _ceil_div(n, block_n)
+            waves = _ceil_div(tiles, num_sms)
+            cost = waves * block_n * cost_per_column + waves * 16
+            key = (cost, -block_n)
+            if best is None or key < best[0]:
+                best = (key, block_n, 1)
+    _, block_n, split_k = best
     tma_store = n % 8 == 0
     # (cluster_n stays 1: A multicast in clusters of 2 / 4 measured no faster: docs/perf-notes.md)
     return GemmConfig(block_m=block_m, block_n=block_n, stages=max_stages(block_m, block_n, tma_store),
-                      tma_store=tma_store)
+                      tma_store=tma_store, split_k=split_k)
 
 
 def grid_size(m: int, n: int, config: GemmConfig, num_sms: int) -> int:
-    """CTAs of the persistent grid: one per SM at most, whole clusters, no more than there are tiles."""
+    """CTAs of the persistent grid: one per SM at most, whole clusters, no more than there are units of work
+    (tiles x split_k)."""
     c = config.cluster_n
-    units = _ceil_div(m, config.block_m) * (_ceil_div(n, config.block_n) // c)
+    units = _ceil_div(m, config.block_m) * (_ceil_div(n, config.block_n) // c) * config.split_k
     return c * max(1, min(num_sms // c, units))
+
+
+def split_k_workspace(m: int, n: int, config: GemmConfig) -> tuple[int, int]:
+    """(fp32 partials, u32 counters) the split-K kernel needs (SplitKArgs in fp8_gemm.cuh)."""
+    tiles = _ceil_div(m, config.block_m) * _ceil_div(n, config.block_n)
+    return tiles * config.block_m * config.block_n * config.split_k, tiles * config.num_math_warpgroups
 
 
 # ---------------------------------------------------------------------------------------------- source
@@ -170,6 +220,12 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
                          f" got {config.cluster_n}")
     if config.packed_b and (config.cluster_n != 1 or config.block_n % 32):
         raise ValueError("packed B needs cluster_n == 1 and block_n a multiple of 32")
+    if config.split_k > 1:
+        kb = _ceil_div(k, BLOCK_K)
+        if config.split_k > kb or (config.split_k - 1) * _ceil_div(kb, config.split_k) >= kb:
+            raise ValueError(f"split_k={config.split_k} leaves a range of K blocks empty (K has {kb} blocks of 128)")
+        if config.cluster_n != 1 or config.packed_b:
+            raise ValueError("split_k > 1 needs cluster_n == 1 and an unpacked B")
     if config.block_n > BLOCK_K + (config.block_n & -config.block_n):
         raise ValueError(f"block_n={config.block_n} lets a tile span three 128-wide B-scale blocks")
     return (
@@ -180,11 +236,13 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
         "    __nv_bfloat16* d, const float* scales_b, uint32_t sb_stride_n, uint32_t sb_stride_k, uint32_t shape_m,\n"
         "    const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,\n"
         "    const __grid_constant__ CUtensorMap tmap_sa, const __grid_constant__ CUtensorMap tmap_d,\n"
-        "    const __grid_constant__ l2side::fp8_gemm::PackedBArgs packed) {\n"
+        "    const __grid_constant__ l2side::fp8_gemm::PackedBArgs packed,\n"
+        "    const __grid_constant__ l2side::fp8_gemm::SplitKArgs split_k) {\n"
         f"  l2side::fp8_gemm::gemm_body<{n}, {k}, {config.block_m}, {config.block_n}, {config.stages}, "
         f"{config.group_m}, {'true' if config.tma_store else 'false'}, {config.cluster_n}, "
-        f"{'true' if config.double_acc else 'false'}, {'true' if config.packed_b else 'false'}, Mma>(\n"
-        "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa, tmap_d, packed);\n"
+        f"{'true' if config.double_acc else 'false'}, {'true' if config.packed_b else 'false'}, "
+        f"{config.split_k}, Mma>(\n"
+        "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa, tmap_d, packed, split_k);\n"
         "}\n")
 
 
@@ -331,6 +389,21 @@ _LAUNCH_CACHE_MAX = 4096
 # struct PackedBArgs (fp8_gemm.cuh): 5 pointers, 4 x u64 SM-side bits, 6 x u32, padded to 8 bytes
 _PACKED_ARGS = struct.Struct("<QQQQQ4Q6I")
 NO_PACKED_B = _PACKED_ARGS.pack(*([0] * 15))
+# struct SplitKArgs (fp8_gemm.cuh): partials, counters
+_SPLIT_K_ARGS = struct.Struct("<QQ")
+NO_SPLIT_K = _SPLIT_K_ARGS.pack(0, 0)
+
+
+def _split_k_args(m: int, n: int, config: GemmConfig, index: int, stream: int) -> bytes:
+    """SplitKArgs over this stream's workspace (sized in powers of two so that shapes share it; launches on
+    one stream run in order, so they may)."""
+    if config.split_k == 1:
+        return NO_SPLIT_K
+    partials, counters = split_k_workspace(m, n, config)
+    partials, counters = 1 << (partials - 1).bit_length(), 1 << (counters - 1).bit_length()
+    p = jit.stream_scratch(f"fp8_gemm.split_k_partials.{partials}", index, stream, partials, torch.float32)
+    c = jit.stream_scratch(f"fp8_gemm.split_k_counters.{counters}", index, stream, counters, torch.int32)
+    return _SPLIT_K_ARGS.pack(p.data_ptr(), c.data_ptr())
 
 
 def packed_b_args(base: int, side_mask: int, queue_blocks: int, block_first: int, workspace: int, sm_side,
@@ -345,7 +418,7 @@ def packed_b_args(base: int, side_mask: int, queue_blocks: int, block_first: int
 
 
 def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmConfig | None, index: int,
-             packed_args: bytes | None = None):
+             stream: int, packed_args: bytes | None = None):
     """Everything a launch needs: the kernel, grid, block, shared memory and the parameter buffer."""
     dev = _device(index)
     cfg = config or gemm_config(m, n, k, dev.num_sms)
@@ -370,7 +443,7 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
         tmap_d = tmap_a  # unused by the kernel
     params = (jit.Params().ptr(out).ptr(b_scales).u32(b_scales.stride(0)).u32(b_scales.stride(1)).u32(m)
               .tensor_map(tmap_a).tensor_map(tmap_b).tensor_map(tmap_sa).tensor_map(tmap_d)
-              .raw(packed_args or NO_PACKED_B, 8))
+              .raw(packed_args or NO_PACKED_B, 8).raw(_split_k_args(m, n, cfg, index, stream), 8))
     kernel.check_params(params)
     grid = grid_size(m, n, cfg, dev.num_sms)
     if cfg.cluster_n > 1:  # only as many clusters as can be resident at once (persistent grid)
@@ -383,17 +456,18 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
     return launch_args, sa is a_scales
 
 
-def _launch_key(a, a_scales, b, b_scales, out, config):
+def _launch_key(a, a_scales, b, b_scales, out, config, stream):
     """Everything the validation and the prepared launch depend on: a hit means the same checks passed before
-    (dtype, shape, strides, device and address of every tensor), so a repeated call skips them."""
-    return (a.data_ptr(), a.shape, a.stride(), a.dtype, a.get_device(),
+    (dtype, shape, strides, device and address of every tensor), so a repeated call skips them; and the stream,
+    whose scratch (split-K, packed-B queues) the prepared launch points at."""
+    return (stream, a.data_ptr(), a.shape, a.stride(), a.dtype, a.get_device(),
             a_scales.data_ptr(), a_scales.shape, a_scales.stride(), a_scales.dtype, a_scales.get_device(),
             b.data_ptr(), b.shape, b.stride(), b.dtype, b.get_device(),
             b_scales.data_ptr(), b_scales.shape, b_scales.stride(), b_scales.dtype, b_scales.get_device(),
             out.data_ptr(), out.shape, out.stride(), out.dtype, out.get_device(), config)
 
 
-def _launch_cached(key, prepare) -> None:
+def _launch_cached(key, prepare, stream: int) -> None:
     """Launches the call prepared for `key`; on a miss `prepare()` -> (prepared, cacheable) makes it (not
     cached when a converted copy of a_scales lives only for this call)."""
     hit = _launch_cache.get(key)
@@ -403,18 +477,20 @@ def _launch_cached(key, prepare) -> None:
             if len(_launch_cache) >= _LAUNCH_CACHE_MAX:
                 _launch_cache.clear()
             _launch_cache[key] = hit
-    _fire(hit)
+    _fire(hit, stream)
 
 
 def _launch(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmConfig | None) -> None:
-    _launch_cached(_launch_key(a, a_scales, b, b_scales, out, config),
-                   lambda: _prepare(a, a_scales, b, b_scales, out, m, n, k, config, a.get_device()))
+    index = a.get_device()
+    stream = _raw_stream(index)
+    _launch_cached(_launch_key(a, a_scales, b, b_scales, out, config, stream),
+                   lambda: _prepare(a, a_scales, b, b_scales, out, m, n, k, config, index, stream), stream)
 
 
-def _fire(prepared) -> None:
-    """Launches a prepared call on the current stream of its device."""
+def _fire(prepared, stream: int) -> None:
+    """Launches a prepared call on `stream` (the current stream of its device)."""
     device, function, grid, block, smem, params, cluster, offsets = prepared
-    _native.launch(device, function, grid, block, smem, _raw_stream(device), params, cluster, offsets)
+    _native.launch(device, function, grid, block, smem, stream, params, cluster, offsets)
 
 
 SIDE_MODES = {"near": 0, "ignore": 1, "far": 2}
@@ -449,14 +525,14 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
         return out
     index = a.get_device()
     stream = _raw_stream(index)
-    key = ("packed", _launch_key(a, a_scales, packed.data, packed.scales, out, config), side_mode, stream)
+    key = ("packed", _launch_key(a, a_scales, packed.data, packed.scales, out, config, stream), side_mode)
 
     def prepare():
         dev = _device(index)
         cfg = config or gemm_config(m, n, k, dev.num_sms)
         stages = max_stages(cfg.block_m, packed.block_n, cfg.tma_store and n % 8 == 0)
         cfg = dataclasses.replace(cfg, block_n=packed.block_n, stages=min(cfg.stages, stages) if config else stages,
-                                  cluster_n=1, packed_b=True, tma_store=cfg.tma_store and n % 8 == 0)
+                                  cluster_n=1, packed_b=True, split_k=1, tma_store=cfg.tma_store and n % 8 == 0)
         table, width, lengths = _queues(packed)
         lay = packed.layout
         from .topology import topology
@@ -465,9 +541,9 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
         args = packed_b_args(packed.base, lay.side_mask if lay.paired else 0, table.data_ptr(),
                              packed.block_first.data_ptr(), queues.data_ptr(), topo.sm_side, width, lengths,
                              lay.n_blocks, SIDE_MODES[side_mode], lay.paired)
-        return _prepare(a, a_scales, None, packed.scales, out, m, n, k, cfg, index, packed_args=args)
+        return _prepare(a, a_scales, None, packed.scales, out, m, n, k, cfg, index, stream, packed_args=args)
 
-    _launch_cached(key, prepare)
+    _launch_cached(key, prepare, stream)
     return out
 
 
@@ -501,11 +577,12 @@ def gemm(a, a_scales, b, b_scales=None, out=None, *, config: GemmConfig | None =
         return out
     if out is not None:  # fast path: the same tensors as an earlier, validated call
         try:
-            hit = _launch_cache.get(_launch_key(a, a_scales, b, b_scales, out, config))
-        except (AttributeError, TypeError):  # not tensors: check_arguments says what is wrong
+            stream = _raw_stream(a.get_device())
+            hit = _launch_cache.get(_launch_key(a, a_scales, b, b_scales, out, config, stream))
+        except Exception:  # noqa: BLE001 (not CUDA tensors, no CUDA: check_arguments says what is wrong)
             hit = None
         if hit is not None:
-            _fire(hit)
+            _fire(hit, stream)
             return out
     m, n, k = check_arguments(a, a_scales, b, b_scales, out)
     if out is None:

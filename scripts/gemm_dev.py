@@ -71,28 +71,42 @@ def time_fn(fn, flush, reps=30):
     return statistics.median(times)
 
 
-def full_config(bm, bn, cluster=1, double_acc=0, group_m=8, stages=0):
+def full_config(bm, bn, cluster=1, double_acc=0, group_m=8, stages=0, split_k=1):
     from l2side import fp8_gemm
     return fp8_gemm.GemmConfig(bm, bn, stages or fp8_gemm.max_stages(bm, bn, True), cluster_n=cluster,
-                               double_acc=bool(double_acc), group_m=group_m)
+                               double_acc=bool(double_acc), group_m=group_m, split_k=split_k)
 
 
 def sweep(shapes, spec):
     import l2side
     from l2side import fp8_gemm
     from concurrent.futures import ThreadPoolExecutor
-    configs = [full_config(*(int(v) for v in c.split(","))) for c in spec.split(";")]
-    jobs = {(n, k, c) for (m, n, k) in shapes for c in configs if (-(-n // c.block_n)) % c.cluster_n == 0}
+
+    def configs_for(m, n, k):
+        """The spec's configs valid for the shape ('auto' is gemm_config's choice)."""
+        out = []
+        for item in spec.split(";"):
+            c = fp8_gemm.gemm_config(m, n, k) if item == "auto" else full_config(*(int(v) for v in item.split(",")))
+            try:
+                fp8_gemm.gemm_source(n, k, c)
+            except ValueError:
+                continue
+            if c not in out:
+                out.append(c)
+        return out
+
+    per_shape = {s: configs_for(*s) for s in shapes}
+    jobs = {(n, k, c) for (m, n, k), cs in per_shape.items() for c in cs}
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda j: fp8_gemm.build(*j), jobs))
     flush = torch.empty(256 << 20, dtype=torch.int32, device="cuda")
-    for (m, n, k) in shapes:
+    auto = {s: fp8_gemm.gemm_config(*s) for s in shapes}
+    for (m, n, k), configs in per_shape.items():
         a, sa, b, sb = make(m, n, k)
         ref = reference(a, sa, b, sb)
         out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
         for c in configs:
-            if (-(-n // c.block_n)) % c.cluster_n:
-                continue
+            out.fill_(float("nan"))
             l2side.gemm(a, sa, b, sb, out=out, config=c)
             if c.cluster_n > 1:
                 dev = fp8_gemm._device(0)
@@ -101,8 +115,10 @@ def sweep(shapes, spec):
                                                                                c.smem_bytes, c.cluster_n))
             d = diff(out, ref)
             t = time_fn(lambda: l2side.gemm(a, sa, b, sb, out=out, config=c), flush)
-            print(f"{m:5d} {n:6d} {k:6d} {str(c):60s} diff={d:.1e} {t:8.1f} us {2 * m * n * k / t / 1e6:7.1f} TFLOPS",
-                  flush=True)
+            mark = "*" if c == auto[(m, n, k)] else " "
+            print(f"{m:5d} {n:6d} {k:6d} {mark} bm={c.block_m} bn={c.block_n} st={c.stages} cl={c.cluster_n} "
+                  f"dacc={int(c.double_acc)} g={c.group_m} sk={c.split_k} diff={d:.1e} {t:8.1f} us "
+                  f"{2 * m * n * k / t / 1e6:7.1f} TFLOPS {(m * k + n * k + 2 * m * n) / t / 1e3:6.0f} GB/s", flush=True)
     return 0
 
 
@@ -183,7 +199,8 @@ def main():
     p.add_argument("--host", action="store_true", help="break the host overhead of a tiny call into its parts")
     p.add_argument("--packed", type=int, default=0, metavar="BLOCK_N",
                    help="side-aware packed B (l2side.pack_b) ablation: near / ignore / far vs unpacked")
-    p.add_argument("--sweep", default="", help="BM,BN[,CLUSTER[,DOUBLE_ACC[,GROUP_M[,STAGES]]]];... : time each config on each shape")
+    p.add_argument("--sweep", default="", help="BM,BN[,CLUSTER[,DOUBLE_ACC[,GROUP_M[,STAGES[,SPLIT_K]]]]];... : time each config on each "
+                        "shape (STAGES 0: as many as fit; 'auto': gemm_config's choice)")
     args = p.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes else EDGE + DEEPSEEK
     torch.manual_seed(0)

@@ -127,11 +127,15 @@ def test_gemm_config_is_valid_for_every_shape(num_sms):
         if m <= 64:
             assert c.block_m == 64, what              # no half-empty 128-row tiles for small M
         tiles = ceil_div(m, c.block_m) * ceil_div(n, c.block_n)
+        units = tiles * c.split_k
         grid = fp8_gemm.grid_size(m, n, c, num_sms)
-        assert grid == min(num_sms, tiles), what      # persistent: every SM busy when there is work for it
-        # near-minimal waves over the block_n range the kernel supports, for the chosen block_m
-        best = min(_waves(m, n, c.block_m, bn, num_sms) for bn in range(16, 129, 8))
-        assert _waves(m, n, c.block_m, c.block_n, num_sms) <= best + 1, what
+        assert grid == min(num_sms, units), what      # persistent: every SM busy when there is work for it
+        fp8_gemm.gemm_source(n, k, c)                  # a valid config (split ranges non-empty, ...)
+        if c.split_k > 1:                             # split-K only where the tiles cannot fill the GPU
+            assert tiles < num_sms and m < fp8_gemm.COMPUTE_BOUND_M, what
+        else:  # near-minimal waves over the block_n range the kernel supports, for the chosen block_m
+            best = min(_waves(m, n, c.block_m, bn, num_sms) for bn in range(16, 129, 8))
+            assert ceil_div(units, num_sms) <= best + 1, what
 
 
 @needs_module
@@ -139,7 +143,48 @@ def test_gemm_config_is_valid_for_every_shape(num_sms):
 def test_memory_bound_shapes_use_the_fewest_waves(m, n, k):
     c = fp8_gemm.gemm_config(m, n, k, 132)
     best = min(_waves(m, n, c.block_m, bn, 132) for bn in range(16, 129, 8))
-    assert _waves(m, n, c.block_m, c.block_n, 132) == best
+    units = ceil_div(m, c.block_m) * ceil_div(n, c.block_n) * c.split_k
+    assert ceil_div(units, 132) == best
+    # the units fill the GPU (split-K makes up for few N-blocks): at least 0.9 x 132 when one wave
+    assert units >= 0.9 * 132 or units > 132
+
+
+@needs_module
+@pytest.mark.parametrize("k", [16, 128, 512, 1536, 2064, 4112, 7168, 16384])
+def test_split_k_candidates_leave_no_range_empty(k):
+    kb = ceil_div(k, 128)
+    cands = fp8_gemm.split_k_candidates(k)
+    assert cands[0] == 1 and cands == sorted(set(cands))
+    for s in cands[1:]:
+        per = ceil_div(kb, s)
+        ranges = [(i * per, min(i * per + per, kb)) for i in range(s)]  # the kernel's kb_begin / kb_end
+        assert all(e - b >= fp8_gemm.MIN_K_BLOCKS_PER_SPLIT for b, e in ranges), (k, s, ranges)
+        assert ranges[-1][1] == kb and sum(e - b for b, e in ranges) == kb
+
+
+@needs_module
+def test_split_k_is_used_where_few_tiles_and_long_k():
+    c = fp8_gemm.gemm_config(64, 2112, 7168, 132)        # 2112 / 128 = 17 N-blocks for 132 SMs
+    assert c.split_k > 1
+    assert fp8_gemm.gemm_config(4096, 7168, 16384, 132).split_k == 1
+    assert fp8_gemm.gemm_config(64, 32768, 512, 132).split_k == 1   # enough N-blocks already
+    parts, counters = fp8_gemm.split_k_workspace(64, 2112, c)
+    tiles = ceil_div(2112, c.block_n)
+    assert parts == tiles * 64 * c.block_n * c.split_k and counters == tiles * c.num_math_warpgroups
+
+
+@needs_module
+def test_invalid_split_k_is_rejected():
+    base = fp8_gemm.GemmConfig(64, 128, 4)
+    with pytest.raises(ValueError, match="split_k"):
+        fp8_gemm.gemm_source(2112, 7168, fp8_gemm.GemmConfig(64, 128, 4, split_k=57))   # 56 K blocks
+    with pytest.raises(ValueError, match="split_k"):
+        fp8_gemm.gemm_source(2112, 7168, fp8_gemm.GemmConfig(64, 128, 4, split_k=15))   # 14 x 4 = 56: last empty
+    with pytest.raises(ValueError, match="split_k"):
+        fp8_gemm.gemm_source(2048, 7168, fp8_gemm.GemmConfig(64, 128, 4, split_k=2, cluster_n=2))
+    src = fp8_gemm.gemm_source(2112, 7168, fp8_gemm.GemmConfig(64, 128, 4, split_k=14))
+    assert "SplitKArgs split_k" in src and re.search(r"\b14, Mma>", src)
+    assert base.split_k == 1
 
 
 @needs_module
@@ -166,6 +211,8 @@ def _compile_cases():
                     (4096, 2112, 7168), (64, 32768, 512)]:
         c = fp8_gemm.gemm_config(m, n, k)
         cases[(n, k, c)] = (m, n, k)
+    for c in (fp8_gemm.GemmConfig(128, 112, 6, split_k=2), fp8_gemm.GemmConfig(64, 96, 10, split_k=3, double_acc=True)):
+        cases[(7168, 16384, c)] = (128, 7168, 16384)
     return list(cases)
 
 
@@ -251,6 +298,7 @@ def prebuilt():
         return
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     jobs = {(n, k, fp8_gemm.gemm_config(m, n, k, num_sms)) for m, n, k in DEEPSEEK + UNALIGNED + [(256, 512, 1024)]}
+    jobs |= {(c[1], c[2], _split_config(*c)) for c in SPLIT_CASES}
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda j: fp8_gemm.build(*j), jobs))
 
@@ -364,6 +412,71 @@ def test_runs_on_the_current_non_default_stream(prebuilt):
         l2side.gemm(a_late, sa, b, sb, out=out)       # must be ordered after the copy: it runs on s
     s.synchronize()
     assert torch.equal(out, expected)
+
+
+def _split_config(m, n, k, bm, bn, split, dacc):
+    tma_store = n % 8 == 0
+    return fp8_gemm.GemmConfig(bm, bn, min(6, fp8_gemm.max_stages(bm, bn, tma_store)), tma_store=tma_store,
+                               split_k=split, double_acc=dacc)
+
+
+SPLIT_CASES = [  # (m, n, k, block_m, block_n, split_k, double_acc): uneven ranges, unaligned M/N/K, both block_m
+    (64, 2112, 7168, 64, 64, 4, False), (64, 2112, 7168, 64, 128, 7, False), (7, 2112, 7168, 64, 64, 3, False),
+    (128, 7168, 2048, 128, 112, 2, False), (100, 1000, 4112, 128, 72, 5, False), (65, 129, 1040, 128, 16, 2, False),
+    (64, 4096, 7168, 64, 96, 3, True), (1, 24, 2064, 64, 24, 4, False), (200, 2111, 7168, 128, 128, 4, False)]
+
+
+@pytest.mark.parametrize("m,n,k,bm,bn,split,dacc", SPLIT_CASES, ids=[f"{c[0]}x{c[1]}x{c[2]}-{c[3]}x{c[4]}-s{c[5]}"
+                                                                       for c in SPLIT_CASES])
+@pytest.mark.gpu
+@requires_hopper
+@needs_module
+def test_split_k_matches_reference_and_repeats_bitwise(m, n, k, bm, bn, split, dacc, prebuilt):
+    """Split-K: correct, and the same bits on every launch (the partials are summed in split order whoever
+    finishes last; the counters re-zero themselves) and on another stream (its own workspace)."""
+    cfg = _split_config(m, n, k, bm, bn, split, dacc)
+    a, sa, b, sb = _inputs(m, n, k, seed=m * 7 + split)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    l2side.gemm(a, sa, b, sb, out=out, config=cfg)
+    torch.cuda.synchronize()
+    _check(out, gemm_reference(a, sa, b, sb), f"{(m, n, k)} {cfg}")
+    first = out.clone()
+    for _ in range(3):
+        out.fill_(float("nan"))
+        l2side.gemm(a, sa, b, sb, out=out, config=cfg)
+        assert torch.equal(out, first)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        other = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        l2side.gemm(a, sa, b, sb, out=other, config=cfg)
+    s.synchronize()
+    assert torch.equal(other, first)
+
+
+@pytest.mark.gpu
+@requires_hopper
+@needs_module
+def test_split_k_under_cuda_graph_replay(prebuilt):
+    m, n, k = 64, 2112, 7168                           # the default config splits K here
+    assert fp8_gemm.gemm_config(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count).split_k > 1
+    a, sa, b, sb = _inputs(m, n, k, seed=11)
+    expected = l2side.gemm(a, sa, b, sb)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        l2side.gemm(a, sa, b, sb, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        l2side.gemm(a, sa, b, sb, out=out)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)
 
 
 # ---------------------------------------------------------------------------------------- packed B (issue 4)

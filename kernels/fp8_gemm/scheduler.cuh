@@ -8,6 +8,10 @@
 // on paper and 70% measured at M=4096). Tile t goes to CTA t % gridDim.x (static round robin: every tile
 // costs the same).
 //
+// kSplitK > 1 (split-K, for small M where there are fewer tiles than SMs): every tile is kSplitK units, one
+// per contiguous range of K blocks, and the units of a tile are consecutive so they run at the same time
+// (the last one to finish sums the partial tiles: fp8_gemm.cuh).
+//
 // The side-aware scheduler of the packed-B GEMM plugs in here with the same interface.
 #pragma once
 #include <cstdint>
@@ -20,18 +24,20 @@ __host__ __device__ constexpr uint32_t ceil_div(uint32_t a, uint32_t b) { return
 // tile, each loading 1/c of it with TMA multicast); the scheduler then walks units of kClusterN N-blocks,
 // one unit per cluster at a time, so both CTAs of a cluster always run the same number of tiles.
 // (The launcher uses clusters only when the N-block count is a multiple of kClusterN.)
-template <uint32_t SHAPE_N, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kGroupM, uint32_t kClusterN = 1>
+template <uint32_t SHAPE_N, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kGroupM, uint32_t kClusterN = 1,
+          uint32_t kSplitK = 1>
 struct GroupedScheduler {
   static constexpr uint32_t kNumNBlocks = ceil_div(SHAPE_N, BLOCK_N);
   static constexpr uint32_t kNumNUnits = kNumNBlocks / kClusterN;
   static_assert(kNumNBlocks % kClusterN == 0, "the N-block count must be a multiple of the cluster size");
+  static_assert(kSplitK == 1 || kClusterN == 1, "split-K runs without clusters");
 
   uint32_t num_m_blocks, group_m, num_units, unit, rank;
 
   __device__ __forceinline__ GroupedScheduler(uint32_t shape_m, uint32_t cluster_rank)
       : num_m_blocks(ceil_div(shape_m, BLOCK_M)),
         group_m(kGroupM == 0 ? ceil_div(shape_m, BLOCK_M) : kGroupM),
-        num_units(ceil_div(shape_m, BLOCK_M) * kNumNUnits), unit(blockIdx.x / kClusterN), rank(cluster_rank) {}
+        num_units(ceil_div(shape_m, BLOCK_M) * kNumNUnits * kSplitK), unit(blockIdx.x / kClusterN), rank(cluster_rank) {}
 
   // Unit u -> (m_block, N-unit); exposed for tests of the order.
   __device__ __forceinline__ static void unit_coords(uint32_t u, uint32_t num_m_blocks, uint32_t group_m,
@@ -45,10 +51,11 @@ struct GroupedScheduler {
     n_unit = in_group / width;
   }
 
-  __device__ __forceinline__ bool next(uint32_t& m_block, uint32_t& n_block) {
+  __device__ __forceinline__ bool next(uint32_t& m_block, uint32_t& n_block, uint32_t& split) {
     if (unit >= num_units) return false;
     uint32_t n_unit;
-    unit_coords(unit, num_m_blocks, group_m, m_block, n_unit);
+    split = unit % kSplitK;
+    unit_coords(unit / kSplitK, num_m_blocks, group_m, m_block, n_unit);
     n_block = n_unit * kClusterN + rank;
     unit += gridDim.x / kClusterN;
     return true;
