@@ -1,15 +1,19 @@
 """The JIT runtime every l2side kernel uses: compile CUDA C++ with nvcc for the GPU found, cache the binary
 on disk, load it through the driver API, and launch it on torch's current stream.
 
-Cache key: sha256 of the source, the options, the target, nvcc's version and the contents of the shipped
-headers (kernels/, elementwise/). Entries are written to a temporary file and renamed into place, so
-concurrent processes never read half a binary. Set L2SIDE_CACHE_DIR to move the cache.
+Cache key (cache_key()): sha256 of the source, the options, the target, nvcc's version and the headers the
+source includes, transitively (found through its -I folders; an edit of the GEMM's headers leaves the
+elementwise kernels cached). Paths under the shipped folders enter the key relative to them, so a cache
+made in one checkout serves another (scripts/gpu_check.sh carries it between GPU machines). Entries are
+written to a temporary file and renamed into place, so concurrent processes never read half a binary.
+Set L2SIDE_CACHE_DIR to move the cache.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -68,16 +72,79 @@ def nvcc_version() -> str:
     return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "unknown"
 
 
-@functools.lru_cache(maxsize=1)
-def _headers_digest() -> str:
-    h = hashlib.sha256()
-    for root in (KERNELS_DIR, ELEMENTWISE_DIR):
-        if root.exists():
-            for p in sorted(root.rglob("*")):
-                if p.suffix in (".cuh", ".h", ".hpp", ".cu") and p.is_file():
-                    h.update(str(p.relative_to(root)).encode())
-                    h.update(p.read_bytes())
-    return h.hexdigest()
+_INCLUDE_LINE = re.compile(rb'^[ \t]*#[ \t]*include[ \t]*([<"])([^>"\n]+)[>"]', re.MULTILINE)
+_scanned: dict = {}   # path -> (stat signature, content digest, includes): each header is read once per edit
+
+
+def _scan(path: Path) -> tuple[str, tuple]:
+    """(sha256 of the content, the (quote?, name) of each #include) of a file, cached by its stat."""
+    st = path.stat()
+    signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+    hit = _scanned.get(path)
+    if hit is not None and hit[0] == signature:
+        return hit[1], hit[2]
+    data = path.read_bytes()
+    includes = tuple((m.group(1) == b'"', m.group(2).decode(errors="replace").strip())
+                     for m in _INCLUDE_LINE.finditer(data))
+    digest = hashlib.sha256(data).hexdigest()
+    _scanned[path] = (signature, digest, includes)
+    return digest, includes
+
+
+def include_dirs(flags: Sequence[str]) -> list[Path]:
+    """The folders nvcc searches for #include, in order, from -I / --include-path / -isystem flags."""
+    dirs, take_next = [], False
+    for flag in flags:
+        if take_next:
+            dirs.append(flag)
+            take_next = False
+        elif flag in ("-I", "--include-path", "-isystem"):
+            take_next = True
+        elif flag.startswith("--include-path="):
+            dirs.append(flag.split("=", 1)[1])
+        elif flag.startswith("-isystem"):
+            dirs.append(flag[len("-isystem"):])
+        elif flag.startswith("-I"):
+            dirs.append(flag[2:])
+    return [Path(d).resolve() for d in dirs if d]
+
+
+def _portable(text: str) -> str:
+    """Shipped folders by name rather than by where this checkout lies, so keys match between machines."""
+    return text.replace(str(KERNELS_DIR), "$KERNELS").replace(str(ELEMENTWISE_DIR), "$ELEMENTWISE")
+
+
+def included_headers(source: str, dirs: Sequence[Path]) -> list[Path]:
+    """Every file `source` includes, transitively, that resolves in `dirs` ("..." also next to the including
+    file, as nvcc does). Includes found nowhere there (system and CUDA headers) are left out; so are
+    includes named by a macro. Lines inside #if / comments count too: a superset only costs a recompile."""
+    found: list[Path] = []
+    seen: set = set()
+    pending = [(None, quoted, name) for quoted, name in
+               ((m.group(1) == b'"', m.group(2).decode(errors="replace").strip())
+                for m in _INCLUDE_LINE.finditer(source.encode()))]
+    while pending:
+        parent, quoted, name = pending.pop()
+        candidates = ([parent] if quoted and parent is not None else []) + list(dirs)
+        for folder in candidates:
+            path = folder / name
+            if path.is_file():
+                path = path.resolve()
+                if path not in seen:
+                    seen.add(path)
+                    found.append(path)
+                    pending += [(path.parent, q, n) for q, n in _scan(path)[1]]
+                break
+    return found
+
+
+def cache_key(source: str, flags: Sequence[str], arch: str, output: str) -> str:
+    """The disk-cache key of a compile: everything that changes what nvcc makes of `source`."""
+    headers = hashlib.sha256()
+    for label, path in sorted((_portable(str(p)), p) for p in included_headers(source, include_dirs(flags))):
+        headers.update(f"{label}\0{_scan(path)[0]}\0".encode())
+    parts = [source, *(_portable(f) for f in flags), arch, output, nvcc_version(), headers.hexdigest()]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
 def arch_for(device=None) -> str:
@@ -100,8 +167,7 @@ def compile(source: str, *, name: str, options: Sequence[str] = (), arch: str, o
         raise ValueError(f"output must be 'cubin' or 'ptx', got {output!r}")
     flags = list(DEFAULT_OPTIONS) + [f"-I{KERNELS_DIR}", f"-I{ELEMENTWISE_DIR}"] + list(options)
     flags += _target_flags(arch, output)
-    key = hashlib.sha256("\0".join([source, *flags, arch, output, nvcc_version(), _headers_digest()])
-                         .encode()).hexdigest()[:32]
+    key = cache_key(source, flags, arch, output)
     safe_name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:80]
     target = cache_dir() / "jit" / f"{safe_name}-{key}.{output}"
     if target.exists():

@@ -13,11 +13,20 @@
 #   tests.log      pytest
 #   bench.log      every benchmark's output
 #   allocator.csv / allocator.json (bench_allocator.py), gemm.csv, elementwise.csv (when those benchmarks exist)
+#   jit_cache.tar.gz the compiled kernels (see JIT cache below)
 # Environment: PYTEST_OPTS (default "-x -q -rA"), BENCH_ALLOCATOR_ARGS / BENCH_ELEMENTWISE_ARGS (extra args),
 #   SKIP_INSTALL=1, SKIP_GEMM=1 (no bench_gemm.py), BENCHES (default "allocator,gemm,packed,elementwise";
 #   also "sanitize": which benchmarks / checks run), DEADLINE_S (every part is killed once this many seconds have passed since the start, so
-#   the parts after it still report; default none).
+#   the parts after it still report; default none), L2SIDE_CACHE_DIR (default .jit_cache), JIT_CACHE_EXPORT_MIB
+#   (at most this many MiB of kernels are exported, the newest; default 48).
 # Every part runs even when an earlier one failed; the exit code is non-zero when any part failed.
+#
+# JIT cache: kernels compile into $L2SIDE_CACHE_DIR (default .jit_cache/ in the repository root), and at the
+# end (also after failures) its compiled kernels go to $OUT/jit_cache.tar.gz: one file, since only a few
+# files come back from a device run. To start the next run with them instead of minutes of nvcc:
+#   scripts/jit_cache_import.sh <that run's files folder, or the .tar.gz>   (fills .jit_cache/jit/)
+# and pass carry: [".jit_cache"] to the device run. Only jit/ is exported: the topology probes cached
+# beside it hold for the GPU they were measured on.
 set -x
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -26,6 +35,7 @@ export TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 
 cd "$(dirname "$0")/.." || exit 2
+export L2SIDE_CACHE_DIR=${L2SIDE_CACHE_DIR:-$PWD/.jit_cache}
 WHAT=${1:-all}
 KEXPR=${2:-}
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -43,6 +53,25 @@ esac
 
 declare -a SUMMARY=()
 FAILED=0
+export_jit_cache() {  # the compiled kernels, newest first, as one .tar.gz (*.tmp: a compile still writing)
+  local src=$L2SIDE_CACHE_DIR/jit dest=$OUT/jit_cache.tar.gz budget=$(( ${JIT_CACHE_EXPORT_MIB:-48} << 20 ))
+  local -a found=() keep=()
+  local f size total=0
+  rm -f "$dest"
+  [ -d "$src" ] && mapfile -t found < <(cd "$src" && ls -t -- *.cubin *.ptx 2>/dev/null)
+  for f in "${found[@]}"; do
+    size=$(stat -c %s "$src/$f") || continue
+    if [ $(( total + size )) -gt "$budget" ]; then break; fi
+    keep+=("$f")
+    total=$(( total + size ))
+  done
+  if [ "${#keep[@]}" -eq 0 ]; then echo "jit cache: nothing to export from $src"; return 0; fi
+  if ! tar czf "$dest" -C "$src" -- "${keep[@]}"; then echo "jit cache: export failed"; rm -f "$dest"; return 0; fi
+  echo "jit cache: exported ${#keep[@]} of ${#found[@]} files, $total bytes ($(stat -c %s "$dest") compressed) -> $dest"
+  if [ "$(stat -c %s "$dest")" -gt $(( 16 << 20 )) ]; then
+    echo "jit cache: over 16 MiB, a device run may not bring it back (lower JIT_CACHE_EXPORT_MIB)"
+  fi
+}
 record() {  # record NAME RC SECONDS
   SUMMARY+=("$(printf '%-28s rc=%-4s %5ss' "$1" "$2" "$3")")
   if [ "$2" -ne 0 ]; then FAILED=1; fi
@@ -129,6 +158,7 @@ fi
 set +x
 {
   echo
+  export_jit_cache
   echo "===== gpu_check summary ($WHAT${KEXPR:+, -k $KEXPR}) -> $OUT"
   printf '%s\n' "${SUMMARY[@]}"
   if [ -f "$OUT/tests.log" ]; then grep -E '^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped)' "$OUT/tests.log" | tail -25; fi

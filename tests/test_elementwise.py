@@ -10,7 +10,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from conftest import requires_gpu, requires_nvcc
+from conftest import cuda_available, requires_gpu, requires_nvcc
 
 torch = pytest.importorskip("torch")
 ew = pytest.importorskip("l2side.elementwise")
@@ -339,12 +339,65 @@ def _expect_path(k_or_plan, kind, nbytes):
 
 DT = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+OTHER_UNROLL_CTAS = [(4, 2), (1, 8), (8, 1)]
+
+
+def _user_fma_kernel():
+    return ew.kernel("test_user_fma", {"x": "bf16", "y": "f32"}, {"out": "f32", "o16": "f16"},
+                     "out = alpha * x + y + (float)(index % 3);\no16 = out;", scalars={"alpha": "float"})
+
+
+def _rope_kernel():
+    return ew.kernel(
+        "rope_neox", inputs={"x1": "bf16", "x2": "bf16"}, outputs={"o1": "bf16", "o2": "bf16"},
+        scalars={"heads": "int", "theta": "float"},
+        body="""
+            const u64 row = index / cols, i = index % cols;       // row = token * heads + head
+            const float pos = (float)(row / heads);
+            const float freq = exp2f(-(float)i / (float)cols * log2f(theta));
+            float s, c;
+            sincosf(pos * freq, &s, &c);
+            o1 = x1 * c - x2 * s;
+            o2 = x2 * c + x1 * s;
+        """)
+
+
+def _kernels_the_gpu_tests_launch():
+    from l2side.elementwise.builtins import fp8_quant_kernel, silu_and_mul_kernel
+    ks = list(ew.builtin_kernels().values()) + [_user_fma_kernel(), _rope_kernel()]
+    for unroll, min_ctas in OTHER_UNROLL_CTAS:
+        ks += [silu_and_mul_kernel("bf16", unroll, min_ctas), fp8_quant_kernel("bf16", 128, unroll, min_ctas)]
+    return ks
+
+
+@pytest.fixture(scope="module")
+def prebuilt():
+    """Compiles every kernel the GPU tests launch, in parallel, before the first one runs: one nvcc after
+    another took minutes on a fresh machine. Only GPU tests ask for it, and they are skipped before it would
+    run on a machine without a GPU. The launches find the binaries in l2side.jit's disk cache."""
+    from l2side import jit
+    if not cuda_available():
+        return
+    try:
+        jit.nvcc_path()
+    except jit.CompileError:
+        return
+    arch = jit.arch_for(0)
+
+    def build(k):
+        try:
+            k.build(arch)
+        except jit.CompileError:
+            pass  # the test that launches it reports nvcc's message
+
+    with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as ex:
+        list(ex.map(build, _kernels_the_gpu_tests_launch()))
 
 
 @requires_gpu
 @pytest.mark.parametrize("kind", ["side", "torch"])
 @pytest.mark.parametrize("shape", [(n,) for n in SIZES] + SHAPES)
-def test_copy_add_mul_axpby_cast_match_torch(kind, shape):
+def test_copy_add_mul_axpby_cast_match_torch(kind, shape, prebuilt):
     for dname, dt in DT.items():
         x, y = _rand(kind, shape, dt), _rand(kind, shape, dt)
         k = ew.builtin_kernels()[f"add_{dname}"]
@@ -368,7 +421,7 @@ def test_copy_add_mul_axpby_cast_match_torch(kind, shape):
 
 @requires_gpu
 @pytest.mark.parametrize("kind", ["side", "torch"])
-def test_copy_any_dtype_and_odd_byte_counts(kind):
+def test_copy_any_dtype_and_odd_byte_counts(kind, prebuilt):
     for dt in (torch.uint8, torch.int16, torch.int32, torch.int64, torch.float64, torch.bool, torch.float8_e4m3fn):
         for n in (1, 3, 4097, (1 << 20) + 1, 3 << 20):
             if dt == torch.bool:
@@ -384,7 +437,7 @@ def test_copy_any_dtype_and_odd_byte_counts(kind):
 
 
 @requires_gpu
-def test_unaligned_views_and_row_slices():
+def test_unaligned_views_and_row_slices(prebuilt):
     import l2side
     base = l2side.empty((1 << 21) + 64,  torch.float32)
     base.copy_(torch.randn_like(base))
@@ -418,7 +471,7 @@ def _silu_mul_ref(x):
 @requires_gpu
 @pytest.mark.parametrize("kind", ["side", "torch"])
 @pytest.mark.parametrize("shape", [(1, 2), (7, 14), (3, 5, 2 * 4096), (257, 2 * 1376), (1000, 2 * 7), (4096, 2 * 4096)])
-def test_silu_and_mul_matches_torch(kind, shape):
+def test_silu_and_mul_matches_torch(kind, shape, prebuilt):
     for dname, dt in DT.items():
         x = _rand(kind, shape, dt, -6, 6)
         out = _poisoned(kind, shape[:-1] + (shape[-1] // 2,), dt)
@@ -439,7 +492,7 @@ def per_token_cast_to_fp8_ref(x):
 @requires_gpu
 @pytest.mark.parametrize("kind", ["side", "torch"])
 @pytest.mark.parametrize("mk", [(1, 128), (7, 384), (129, 7168), (4096, 7168), (3, 128 * 1000)])
-def test_fp8_quantisation_matches_deepgemm_reference(kind, mk):
+def test_fp8_quantisation_matches_deepgemm_reference(kind, mk, prebuilt):
     for dname, dt in DT.items():
         x = _rand(kind, mk, dt, -20, 20)
         x[0, :128] = x[0, :128] * 1e-7                                     # a group below the amax floor
@@ -454,8 +507,8 @@ def test_fp8_quantisation_matches_deepgemm_reference(kind, mk):
 
 
 @requires_gpu
-@pytest.mark.parametrize("unroll, min_ctas", [(4, 2), (1, 8), (8, 1)])
-def test_silu_and_fp8_other_unroll_and_ctas_match(unroll, min_ctas):
+@pytest.mark.parametrize("unroll, min_ctas", OTHER_UNROLL_CTAS)
+def test_silu_and_fp8_other_unroll_and_ctas_match(unroll, min_ctas, prebuilt):
     from l2side.elementwise.builtins import fp8_quant_kernel, silu_and_mul_kernel
     for kind in ("side", "torch"):
         x = _rand(kind, (300, 2 * 4096), torch.bfloat16, -6, 6)
@@ -469,9 +522,8 @@ def test_silu_and_fp8_other_unroll_and_ctas_match(unroll, min_ctas):
 
 
 @requires_gpu
-def test_user_kernel_from_a_string_runs():
-    k = ew.kernel("test_user_fma", {"x": "bf16", "y": "f32"}, {"out": "f32", "o16": "f16"},
-                  "out = alpha * x + y + (float)(index % 3);\no16 = out;", scalars={"alpha": "float"})
+def test_user_kernel_from_a_string_runs(prebuilt):
+    k = _user_fma_kernel()
     for kind in ("side", "torch"):
         n = (1 << 21) + 11
         x, y = _rand(kind, (n,), torch.bfloat16), _rand(kind, (n,), torch.float32)
@@ -485,19 +537,8 @@ def test_user_kernel_from_a_string_runs():
 
 
 @requires_gpu
-def test_rope_worked_example_from_the_docs():
-    rope = ew.kernel(
-        "rope_neox", inputs={"x1": "bf16", "x2": "bf16"}, outputs={"o1": "bf16", "o2": "bf16"},
-        scalars={"heads": "int", "theta": "float"},
-        body="""
-            const u64 row = index / cols, i = index % cols;       // row = token * heads + head
-            const float pos = (float)(row / heads);
-            const float freq = exp2f(-(float)i / (float)cols * log2f(theta));
-            float s, c;
-            sincosf(pos * freq, &s, &c);
-            o1 = x1 * c - x2 * s;
-            o2 = x2 * c + x1 * s;
-        """)
+def test_rope_worked_example_from_the_docs(prebuilt):
+    rope = _rope_kernel()
     T, H, D = 37, 8, 128
     x = torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(x)
@@ -512,7 +553,7 @@ def test_rope_worked_example_from_the_docs():
 
 
 @requires_gpu
-def test_side_path_counters_reset_between_launches_and_streams():
+def test_side_path_counters_reset_between_launches_and_streams(prebuilt):
     import l2side
     n = 8 << 20
     x = l2side.empty((n,), torch.float32)
@@ -542,7 +583,7 @@ def test_side_path_counters_reset_between_launches_and_streams():
 
 
 @requires_gpu
-def test_two_gib():
+def test_two_gib(prebuilt):
     if torch.cuda.get_device_properties(0).total_memory < (24 << 30):
         pytest.skip("needs 24 GiB")
     import l2side

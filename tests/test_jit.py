@@ -1,4 +1,5 @@
 """The JIT runtime on the CPU: parameter packing, nvcc compiles of the shipped kernels, the disk cache."""
+import shutil
 import struct
 
 import pytest
@@ -75,3 +76,74 @@ def test_disk_cache_is_keyed_by_source_and_options(tmp_path, monkeypatch):
 def test_compile_rejects_unknown_outputs():
     with pytest.raises(ValueError, match="cubin"):
         jit.compile("", name="x", arch="sm_90a", output="fatbin")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the cache key follows the headers a source includes, and no others (no nvcc needed)
+
+@pytest.fixture
+def headers(tmp_path, monkeypatch):
+    """An include folder: top.cuh includes "mid.cuh", which includes <leaf.cuh>; other.cuh stands alone."""
+    monkeypatch.setattr(jit, "nvcc_version", lambda: "nvcc for the test")
+    inc = tmp_path / "inc"
+    (inc / "sub").mkdir(parents=True)
+    (inc / "top.cuh").write_text('#pragma once\n#include "sub/mid.cuh"\n#include <cstdint>\n')
+    (inc / "sub" / "mid.cuh").write_text('#pragma once\n  #  include <leaf.cuh>\n')
+    (inc / "leaf.cuh").write_text("#define LEAF 1\n")
+    (inc / "other.cuh").write_text("#define OTHER 1\n")
+    return inc
+
+
+def _key(inc, source='#include "top.cuh"\n__global__ void k() {}\n'):
+    return jit.cache_key(source, ["-O3", f"-I{inc}"], "sm_90a", "cubin")
+
+
+def test_included_headers_are_found_transitively(headers):
+    found = jit.included_headers('#include "top.cuh"\n', jit.include_dirs([f"-I{headers}"]))
+    assert sorted(p.name for p in found) == ["leaf.cuh", "mid.cuh", "top.cuh"]  # <cstdint>: not there, left out
+
+
+def test_an_unrelated_header_leaves_the_key_alone(headers):
+    before = _key(headers)
+    (headers / "other.cuh").write_text("#define OTHER 2 /* edited */\n")
+    (headers / "new.cuh").write_text("#define NEW 1\n")
+    assert _key(headers) == before
+
+
+@pytest.mark.parametrize("edited", ["top.cuh", "sub/mid.cuh", "leaf.cuh"])
+def test_an_included_header_changes_the_key(headers, edited):
+    before = _key(headers)
+    path = headers / edited
+    path.write_text(path.read_text() + "// edited\n")   # longer: the stat signature changes too
+    assert _key(headers) != before
+
+
+def test_the_key_follows_source_flags_and_target(headers):
+    base = _key(headers)
+    assert _key(headers) == base
+    assert _key(headers, '#include "top.cuh"\n__global__ void k2() {}\n') != base
+    assert jit.cache_key('#include "top.cuh"\n__global__ void k() {}\n', ["-O2", f"-I{headers}"],
+                         "sm_90a", "cubin") != base
+    assert jit.cache_key('#include "top.cuh"\n__global__ void k() {}\n', ["-O3", f"-I{headers}"],
+                         "sm_80", "cubin") != base
+
+
+def test_another_checkout_of_the_shipped_headers_gets_the_same_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(jit, "nvcc_version", lambda: "nvcc for the test")
+    source = "#include <l2side_elementwise.cuh>\n"
+
+    def key():
+        flags = [f"-I{jit.KERNELS_DIR}", f"-I{jit.ELEMENTWISE_DIR}"]
+        assert [p.name for p in jit.included_headers(source, jit.include_dirs(flags))] == ["l2side_elementwise.cuh"]
+        return jit.cache_key(source, flags, "sm_90a", "cubin")
+
+    here = key()
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(jit.ELEMENTWISE_DIR, copy / "elementwise")
+    shutil.copytree(jit.KERNELS_DIR, copy / "kernels")
+    monkeypatch.setattr(jit, "ELEMENTWISE_DIR", copy / "elementwise")
+    monkeypatch.setattr(jit, "KERNELS_DIR", copy / "kernels")
+    assert key() == here                        # a cache made on one machine serves another
+    header = copy / "elementwise" / "l2side_elementwise.cuh"
+    header.write_text(header.read_text() + "// edited\n")
+    assert key() != here
