@@ -19,6 +19,9 @@ waves * (BLOCK_N * cost_per_column + 16), where waves = ceil(tiles / SMs): the k
 last wave's idle SMs are the cost that smaller tiles buy back, and the +16 stands for the per-tile cost
 that does not shrink with BLOCK_N. For M < 512 (memory-bound) BLOCK_N is any multiple of 8 in 16..128;
 for larger M only 64, 128 and 192, weighted by their measured efficiency (see `_block_n_candidates`).
+Split-K (memory-bound M only): when that rule picks tiles narrower than 32 columns (few N-blocks, e.g.
+N = 2112), the K blocks are split instead, over tiles 64-128 wide, as many units as fit in one wave with the
+fewest splits; the last CTA of a tile sums the fp32 partials in split order (deterministic).
 Stages: as many as fit in shared memory next to the output tile, at most 12.
 
 `b` may also be a `PackedB` from `l2side.pack_b` (side-aware packed weight, docs/packed-b.md): then every SM
@@ -111,7 +114,8 @@ def _block_n_candidates(m: int):
 
 MAX_SPLIT_K = 16
 MIN_K_BLOCKS_PER_SPLIT = 4   # shorter ranges spend more on the pipeline fill and the partials than they save
-UNIT_OVERHEAD_BYTES = 32 << 10  # per unit of work: pipeline fill, scales, epilogue, as bytes of streaming
+SPLIT_K_BELOW_BLOCK_N = 32   # memory-bound tiles narrower than this split K instead (see gemm_config)
+SPLIT_K_BLOCK_N = range(64, 129, 8)
 
 
 def split_k_candidates(k: int):
@@ -126,20 +130,6 @@ def split_k_candidates(k: int):
     return out
 
 
-def memory_bound_cost(m: int, k: int, block_m: int, block_n: int, split_k: int, num_n_blocks: int,
-                      num_sms: int) -> int:
-    """Estimated bytes one SM moves (the busiest): waves x (A + B panels of one unit + a fixed cost per unit),
-    plus, with split-K, its fp32 partial written and, for the CTA that sums, the others read back."""
-    rows = min(block_m, m)
-    units = _ceil_div(m, block_m) * num_n_blocks * split_k
-    waves = _ceil_div(units, num_sms)
-    k_per_unit = _ceil_div(_ceil_div(k, BLOCK_K), split_k) * BLOCK_K
-    cost = waves * ((rows + block_n) * k_per_unit + UNIT_OVERHEAD_BYTES)
-    if split_k > 1:
-        cost += rows * block_n * 4 * split_k
-    return cost
-
-
 def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     """The block configuration for a shape (see the module docstring for the rule)."""
     if m < 1 or n < 1 or k < 1:
@@ -147,25 +137,25 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     block_m = 64 if m <= 64 else 128
     num_m_blocks = _ceil_div(m, block_m)
     best = None
-    if m < COMPUTE_BOUND_M:
-        # memory-bound: the fewest bytes through the busiest SM, over BLOCK_N and split-K
-        for block_n, _ in _block_n_candidates(m):
-            for split_k in split_k_candidates(k):
-                if split_k > 1 and num_m_blocks * _ceil_div(n, block_n) >= num_sms:
-                    continue  # enough tiles to fill the GPU without splitting K
-                cost = memory_bound_cost(m, k, block_m, block_n, split_k, _ceil_div(n, block_n), num_sms)
-                key = (cost, split_k, -block_n)
-                if best is None or key < best[0]:
-                    best = (key, block_n, split_k)
-    else:
-        for block_n, cost_per_column in _block_n_candidates(m):
-            tiles = num_m_blocks * _ceil_div(n, block_n)
-            waves = _ceil_div(tiles, num_sms)
-            cost = waves * block_n * cost_per_column + waves * 16
-            key = (cost, -block_n)
-            if best is None or key < best[0]:
-                best = (key, block_n, 1)
-    _, block_n, split_k = best
+    for block_n, cost_per_column in _block_n_candidates(m):
+        tiles = num_m_blocks * _ceil_div(n, block_n)
+        waves = _ceil_div(tiles, num_sms)
+        cost = waves * block_n * cost_per_column + waves * 16
+        key = (cost, -block_n)
+        if best is None or key < best[0]:
+            best = (key, block_n)
+    block_n, split_k = best[1], 1
+    if m < COMPUTE_BOUND_M and block_n < SPLIT_K_BELOW_BLOCK_N:
+        # Few N-blocks (e.g. N = 2112): thin tiles re-read all of A for every few columns of B. Split K
+        # instead: tiles >= 64 wide, as many units as fit in one wave, the fewest splits (each costs a partial
+        # tile written and read back). On the H100, 64 x 2112 x 7168 went from 16 x 1 to 64 x 4 splits:
+        # 15.9 -> 13.4 us; splitting where the tiles are already wide was slower (docs/perf-notes.md).
+        choices = [(num_m_blocks * _ceil_div(n, bn) * s, s, bn) for bn in SPLIT_K_BLOCK_N
+                   for s in split_k_candidates(k) if s > 1 and num_m_blocks * _ceil_div(n, bn) * s <= num_sms]
+        if choices:
+            units, split_k, block_n = max(choices, key=lambda c: (c[0], -c[1], c[2]))
+            if units < num_sms * 0.75:  # not enough to fill the GPU: keep the thin tiles
+                block_n, split_k = best[1], 1
     tma_store = n % 8 == 0
     # (cluster_n stays 1: A multicast in clusters of 2 / 4 measured no faster: docs/perf-notes.md)
     return GemmConfig(block_m=block_m, block_n=block_n, stages=max_stages(block_m, block_n, tma_store),
