@@ -19,9 +19,10 @@ waves * (BLOCK_N * cost_per_column + 16), where waves = ceil(tiles / SMs): the k
 last wave's idle SMs are the cost that smaller tiles buy back, and the +16 stands for the per-tile cost
 that does not shrink with BLOCK_N. For M < 512 (memory-bound) BLOCK_N is any multiple of 8 in 16..128;
 for larger M only 64, 128 and 192, weighted by their measured efficiency (see `_block_n_candidates`).
-Split-K (memory-bound M only): when that rule picks tiles narrower than 32 columns (few N-blocks, e.g.
-N = 2112), the K blocks are split instead, over tiles 64-128 wide, as many units as fit in one wave with the
-fewest splits; the last CTA of a tile sums the fp32 partials in split order (deterministic).
+Memory-bound tiles narrower than 32 columns (few N-blocks, e.g. N = 2112) use double accumulators.
+Split-K (`GemmConfig.split_k`: each tile's K blocks in that many ranges on different CTAs, the last CTA of a
+tile sums the fp32 partials in split order, so the result is deterministic) is available but not chosen by
+default: it measured slower than the above on every DeepSeek shape (docs/perf-notes.md).
 Stages: as many as fit in shared memory next to the output tile, at most 12.
 
 `b` may also be a `PackedB` from `l2side.pack_b` (side-aware packed weight, docs/packed-b.md): then every SM
@@ -114,13 +115,13 @@ def _block_n_candidates(m: int):
 
 MAX_SPLIT_K = 16
 MIN_K_BLOCKS_PER_SPLIT = 4   # shorter ranges spend more on the pipeline fill and the partials than they save
-SPLIT_K_BELOW_BLOCK_N = 32   # memory-bound tiles narrower than this split K instead (see gemm_config)
-SPLIT_K_BLOCK_N = range(64, 129, 8)
+THIN_BLOCK_N = 32            # memory-bound tiles narrower than this get double accumulators (gemm_config)
 
 
 def split_k_candidates(k: int):
-    """The split counts gemm_config considers for K: 1, and every s <= 16 whose ceil-sized ranges of K blocks
-    (the last one shorter) are all at least MIN_K_BLOCKS_PER_SPLIT long."""
+    """Sensible split counts for K (GemmConfig.split_k; gemm_config does not split by default): 1, and every
+    s <= 16 whose ceil-sized ranges of K blocks (the last one shorter) are all at least MIN_K_BLOCKS_PER_SPLIT
+    long."""
     kb = _ceil_div(k, BLOCK_K)
     out = [1]
     for s in range(2, MAX_SPLIT_K + 1):
@@ -144,22 +145,16 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
         key = (cost, -block_n)
         if best is None or key < best[0]:
             best = (key, block_n)
-    block_n, split_k = best[1], 1
-    if m < COMPUTE_BOUND_M and block_n < SPLIT_K_BELOW_BLOCK_N:
-        # Few N-blocks (e.g. N = 2112): thin tiles re-read all of A for every few columns of B. Split K
-        # instead: tiles >= 64 wide, as many units as fit in one wave, the fewest splits (each costs a partial
-        # tile written and read back). On the H100, 64 x 2112 x 7168 went from 16 x 1 to 64 x 4 splits:
-        # 15.9 -> 13.4 us; splitting where the tiles are already wide was slower (docs/perf-notes.md).
-        choices = [(num_m_blocks * _ceil_div(n, bn) * s, s, bn) for bn in SPLIT_K_BLOCK_N
-                   for s in split_k_candidates(k) if s > 1 and num_m_blocks * _ceil_div(n, bn) * s <= num_sms]
-        if choices:
-            units, split_k, block_n = max(choices, key=lambda c: (c[0], -c[1], c[2]))
-            if units < num_sms * 0.75:  # not enough to fill the GPU: keep the thin tiles
-                block_n, split_k = best[1], 1
+    block_n = best[1]
+    # Thin memory-bound tiles (few N-blocks, e.g. N = 2112): one math warpgroup's wgmma -> promotion chain
+    # is the critical path, so let block k+1's wgmma run while block k is promoted (double accumulators).
+    # H100, 2112 x 7168, CUDA events: M=64 18.1 -> 14.9 us, M=128 16.4 -> 15.6 us; split-K over 64-wide
+    # tiles gave 15.7 / 16.5 us, and both changes lose on tiles >= 32 wide (docs/perf-notes.md).
+    double_acc = m < COMPUTE_BOUND_M and block_n < THIN_BLOCK_N
     tma_store = n % 8 == 0
     # (cluster_n stays 1: A multicast in clusters of 2 / 4 measured no faster: docs/perf-notes.md)
     return GemmConfig(block_m=block_m, block_n=block_n, stages=max_stages(block_m, block_n, tma_store),
-                      tma_store=tma_store, split_k=split_k)
+                      tma_store=tma_store, double_acc=double_acc)
 
 
 def grid_size(m: int, n: int, config: GemmConfig, num_sms: int) -> int:

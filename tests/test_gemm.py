@@ -163,14 +163,15 @@ def test_split_k_candidates_leave_no_range_empty(k):
 
 
 @needs_module
-def test_split_k_is_used_where_few_tiles_and_long_k():
-    c = fp8_gemm.gemm_config(64, 2112, 7168, 132)        # 2112 / 128 = 17 N-blocks for 132 SMs
-    assert c.split_k > 1
-    assert fp8_gemm.gemm_config(4096, 7168, 16384, 132).split_k == 1
-    assert fp8_gemm.gemm_config(64, 32768, 512, 132).split_k == 1   # enough N-blocks already
-    parts, counters = fp8_gemm.split_k_workspace(64, 2112, c)
-    tiles = ceil_div(2112, c.block_n)
-    assert parts == tiles * 64 * c.block_n * c.split_k and counters == tiles * c.num_math_warpgroups
+def test_thin_memory_bound_tiles_get_double_accumulators():
+    c = fp8_gemm.gemm_config(64, 2112, 7168, 132)        # 2112 / 16 = 132 thin tiles for 132 SMs
+    assert c.block_n < fp8_gemm.THIN_BLOCK_N and c.double_acc and c.split_k == 1
+    assert not fp8_gemm.gemm_config(4096, 7168, 16384, 132).double_acc
+    assert not fp8_gemm.gemm_config(64, 32768, 512, 132).double_acc   # wide tiles already
+    cfg = fp8_gemm.GemmConfig(64, 64, 12, split_k=4)
+    parts, counters = fp8_gemm.split_k_workspace(64, 2112, cfg)
+    tiles = ceil_div(2112, 64)
+    assert parts == tiles * 64 * 64 * 4 and counters == tiles * cfg.num_math_warpgroups
 
 
 @needs_module
@@ -458,20 +459,20 @@ def test_split_k_matches_reference_and_repeats_bitwise(m, n, k, bm, bn, split, d
 @requires_hopper
 @needs_module
 def test_split_k_under_cuda_graph_replay(prebuilt):
-    m, n, k = 64, 2112, 7168                           # the default config splits K here
-    assert fp8_gemm.gemm_config(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count).split_k > 1
+    m, n, k = 64, 2112, 7168
+    cfg = _split_config(*SPLIT_CASES[0])
     a, sa, b, sb = _inputs(m, n, k, seed=11)
-    expected = l2side.gemm(a, sa, b, sb)
+    expected = l2side.gemm(a, sa, b, sb, config=cfg)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        l2side.gemm(a, sa, b, sb, out=out)
+        l2side.gemm(a, sa, b, sb, out=out, config=cfg)
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        l2side.gemm(a, sa, b, sb, out=out)
+        l2side.gemm(a, sa, b, sb, out=out, config=cfg)
     for _ in range(3):
         out.fill_(float("nan"))
         g.replay()
