@@ -113,22 +113,7 @@ def _block_n_candidates(m: int):
     return [(64, 1.4), (128, 1.0), (192, 1.05)]
 
 
-MAX_SPLIT_K = 16
-MIN_K_BLOCKS_PER_SPLIT = 4   # shorter ranges spend more on the pipeline fill and the partials than they save
 THIN_BLOCK_N = 32            # memory-bound tiles narrower than this get double accumulators (gemm_config)
-
-
-def split_k_candidates(k: int):
-    """Sensible split counts for K (GemmConfig.split_k; gemm_config does not split by default): 1, and every
-    s <= 16 whose ceil-sized ranges of K blocks (the last one shorter) are all at least MIN_K_BLOCKS_PER_SPLIT
-    long."""
-    kb = _ceil_div(k, BLOCK_K)
-    out = [1]
-    for s in range(2, MAX_SPLIT_K + 1):
-        per = _ceil_div(kb, s)
-        if per >= MIN_K_BLOCKS_PER_SPLIT and kb - (s - 1) * per >= MIN_K_BLOCKS_PER_SPLIT:  # the last one too
-            out.append(s)
-    return out
 
 
 def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:

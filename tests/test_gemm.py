@@ -130,12 +130,11 @@ def test_gemm_config_is_valid_for_every_shape(num_sms):
         units = tiles * c.split_k
         grid = fp8_gemm.grid_size(m, n, c, num_sms)
         assert grid == min(num_sms, units), what      # persistent: every SM busy when there is work for it
-        fp8_gemm.gemm_source(n, k, c)                  # a valid config (split ranges non-empty, ...)
-        if c.split_k > 1:                             # split-K only where the tiles cannot fill the GPU
-            assert tiles < num_sms and m < fp8_gemm.COMPUTE_BOUND_M, what
-        else:  # near-minimal waves over the block_n range the kernel supports, for the chosen block_m
-            best = min(_waves(m, n, c.block_m, bn, num_sms) for bn in range(16, 129, 8))
-            assert ceil_div(units, num_sms) <= best + 1, what
+        fp8_gemm.gemm_source(n, k, c)                  # a valid config
+        assert c.split_k == 1, what                   # split-K is opt-in (GemmConfig.split_k)
+        # near-minimal waves over the block_n range the kernel supports, for the chosen block_m
+        best = min(_waves(m, n, c.block_m, bn, num_sms) for bn in range(16, 129, 8))
+        assert ceil_div(units, num_sms) <= best + 1, what
 
 
 @needs_module
@@ -147,19 +146,6 @@ def test_memory_bound_shapes_use_the_fewest_waves(m, n, k):
     assert ceil_div(units, 132) == best
     # the units fill the GPU (split-K makes up for few N-blocks): at least 0.9 x 132 when one wave
     assert units >= 0.9 * 132 or units > 132
-
-
-@needs_module
-@pytest.mark.parametrize("k", [16, 128, 512, 1536, 2064, 4112, 7168, 16384])
-def test_split_k_candidates_leave_no_range_empty(k):
-    kb = ceil_div(k, 128)
-    cands = fp8_gemm.split_k_candidates(k)
-    assert cands[0] == 1 and cands == sorted(set(cands))
-    for s in cands[1:]:
-        per = ceil_div(kb, s)
-        ranges = [(i * per, min(i * per + per, kb)) for i in range(s)]  # the kernel's kb_begin / kb_end
-        assert all(e - b >= fp8_gemm.MIN_K_BLOCKS_PER_SPLIT for b, e in ranges), (k, s, ranges)
-        assert ranges[-1][1] == kb and sum(e - b for b, e in ranges) == kb
 
 
 @needs_module
