@@ -248,6 +248,8 @@ __device__ __forceinline__ T group_reduce_sum(T v) {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// (kernels/sm_side.cuh has the same for the library's kernels; this header stays self-contained: it
+// compiles with only its own folder on the include path)
 __device__ __forceinline__ unsigned smid() {
   unsigned id;
   asm volatile("mov.u32 %0, %%smid;" : "=r"(id));

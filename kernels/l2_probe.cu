@@ -4,11 +4,7 @@
 // reach the address's home L2 slice (~300 cycles on an H100 when it is on the SM's side, ~500 when not),
 // whereas plain L2 reads of far lines are served from a near-side copy and show no difference.
 
-__device__ __forceinline__ unsigned l2side_smid() {
-  unsigned id;
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
-  return id;
-}
+#include "sm_side.cuh"
 
 __device__ __forceinline__ unsigned l2side_nsmid() {
   unsigned n;
@@ -49,7 +45,7 @@ extern "C" __global__ void l2side_sm_latency(const char* base, const unsigned* o
                                              int reps, int trials, unsigned* claim, unsigned* out,
                                              unsigned* nsmid_out) {
   if (threadIdx.x != 0) return;
-  const unsigned smid = l2side_smid();
+  const unsigned smid = l2side::sm_id();
   if (blockIdx.x == 0) *nsmid_out = l2side_nsmid();
   if (atomicCAS(claim + smid, 0u, 1u) != 0u) return;
   for (int i = 0; i < n_offsets; ++i) {
@@ -67,7 +63,7 @@ extern "C" __global__ void l2side_page_sides(const char* base, int n_pages, unsi
   if (threadIdx.x != 0) return;
   const int page = blockIdx.x % n_pages;
   const char* p = base + page * page_stride;
-  const int my_side = sm_side[l2side_smid()];
+  const int my_side = sm_side[l2side::sm_id()];
   const int first = static_cast<int>(l2side_chain_latency(p, reps, trials));
   const int flipped = static_cast<int>(l2side_chain_latency(p + flip_offset, reps, trials));
   const int gap = first > flipped ? first - flipped : flipped - first;
@@ -82,7 +78,7 @@ extern "C" __global__ void l2side_address_sides(const unsigned long long* addres
                                                 int threshold, const signed char* sm_side, unsigned char* votes) {
   if (threadIdx.x != 0) return;
   const char* p = reinterpret_cast<const char*>(addresses[blockIdx.x % n]);
-  const int my_side = sm_side[l2side_smid()];
+  const int my_side = sm_side[l2side::sm_id()];
   const int cycles = static_cast<int>(l2side_chain_latency(p, reps, trials));
   votes[blockIdx.x] = my_side < 0 ? 255 : static_cast<unsigned char>(my_side ^ (cycles < threshold ? 0 : 1));
 }

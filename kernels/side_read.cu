@@ -8,21 +8,17 @@
 // many times per launch, so launch overhead does not dominate).
 #include <cstdint>
 
+#include "sm_side.cuh"
+
 constexpr int kThreads = 256;             // 256 x 16 B = one 4 KiB chunk per CTA pass
 constexpr int kPairsPerGrab = 32;         // 128-256 KiB per grab: the counters stay far from a bottleneck
 constexpr int kInFlight = 4;              // pairs whose loads are issued before the first use
-
-__device__ __forceinline__ unsigned smid() {
-  unsigned id;
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
-  return id;
-}
 
 extern "C" __global__ void __launch_bounds__(kThreads) l2side_side_read(
     const uint4* __restrict__ data, unsigned long long n_pairs, unsigned long long passes, unsigned long long side_mask,
     const signed char* __restrict__ sm_side, int mode, unsigned long long* counters, unsigned* sink) {
   __shared__ unsigned long long grabbed;
-  const int my_side = sm_side[smid()] < 0 ? 0 : sm_side[smid()];
+  const int my_side = sm_side[l2side::sm_id()] < 0 ? 0 : sm_side[l2side::sm_id()];
   const int want = mode == 2 ? my_side ^ 1 : my_side;
   unsigned long long* counter = counters + (mode == 0 ? 0 : my_side);
   const uintptr_t base = reinterpret_cast<uintptr_t>(data);

@@ -33,6 +33,7 @@
 
 #include "fp8_gemm/ptx.cuh"
 #include "fp8_gemm/scheduler.cuh"
+#include "sm_side.cuh"
 
 namespace l2side::fp8_gemm {
 
@@ -176,8 +177,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       bool helping = false;
       const uint32_t num_m_blocks = ceil_div(shape_m, BLOCK_M);
       if constexpr (kPackedB) {
-        const uint32_t sm = ptx::smid();
-        const uint32_t my_side = static_cast<uint32_t>(packed.sm_side_bits[(sm >> 6) & 3] >> (sm & 63)) & 1u;
+        const uint32_t my_side = sm_side(packed.sm_side_bits);
         queue = packed.mode == 0 ? my_side : packed.mode == 2 ? my_side ^ 1u : (blockIdx.x & 1u);
       }
       auto publish = [&](uint32_t m, uint32_t n) {
