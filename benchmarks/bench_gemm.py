@@ -148,18 +148,10 @@ class Bench:
 def copy_bandwidth_gbs(torch, reps: int) -> float:
     src = torch.empty(1 << 28, dtype=torch.int32, device="cuda").random_()
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        dst.copy_(src)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e-3)
+    from l2side._timing import median_event_ms
+    seconds = median_event_ms(lambda: dst.copy_(src), reps) * 1e-3
     del src, dst
-    return 2 * (1 << 30) / median(times) / 1e9
+    return 2 * (1 << 30) / seconds / 1e9
 
 
 # -------------------------------------------------------------------------------------- implementations

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ._timing import median_event_ms
+
 
 def _no_gpu_reason() -> str | None:
     import torch
@@ -43,35 +45,14 @@ def _read_benchmark(device: int, nbytes: int, repeats: int = 20) -> dict:
             continue
         params = (jit.Params().ptr(data).u64(n_pairs).u64(passes).u64(topo.side_mask).ptr(table).i32(mode).ptr(counters)
                   .ptr(sink))
-        times = []
-        for r in range(repeats + 3):
-            counters.zero_()
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            kernel.launch(grid, 256, params)
-            stop.record()
-            stop.synchronize()
-            if r >= 3:
-                times.append(start.elapsed_time(stop))
-        times.sort()
-        ms = times[len(times) // 2]
+        ms = median_event_ms(lambda: kernel.launch(grid, 256, params), repeats, before=counters.zero_)
         results[label] = n_pairs * 8192 * passes / ms / 1e6  # every mode reads the whole buffer
     return results
 
 
-def _events_us(torch, fn, reps: int = 20) -> float:
+def _events_us(fn, reps: int = 20) -> float:
     """Median µs of one call (CUDA events) after warm-up."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return median_event_ms(fn, reps) * 1e3
 
 
 def _kernel_summary(torch, l2side) -> None:
@@ -80,8 +61,8 @@ def _kernel_summary(torch, l2side) -> None:
     try:
         x = torch.randn(1 << 28, device="cuda")  # 1 GiB
         y = torch.empty_like(x)
-        t_l2 = _events_us(torch, lambda: l2side.elementwise.copy(x, out=y))
-        t_torch = _events_us(torch, lambda: y.copy_(x))
+        t_l2 = _events_us(lambda: l2side.elementwise.copy(x, out=y))
+        t_torch = _events_us(lambda: y.copy_(x))
         print(f"   copy 1 GiB (side-aware): l2side {2 * x.numel() * 4 / t_l2 / 1e3:.0f} GB/s, "
               f"torch copy_ {2 * x.numel() * 4 / t_torch / 1e3:.0f} GB/s")
         del x, y
@@ -95,11 +76,11 @@ def _kernel_summary(torch, l2side) -> None:
         a, sa = l2side.quantize_activation(torch.randn(m, k, device="cuda"))
         b, sb = l2side.quantize_weight(torch.randn(n, k, device="cuda"))
         out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
-        t_l2 = _events_us(torch, lambda: l2side.gemm(a, sa, b, sb, out=out))
+        t_l2 = _events_us(lambda: l2side.gemm(a, sa, b, sb, out=out))
         line = f"   FP8 GEMM {m}x{n}x{k}: l2side {2 * m * n * k / t_l2 / 1e6:.0f} TFLOPS"
         try:  # cuBLAS blockwise scaling: scale_a outer-dim-major, scale_b [K/128, N/128]
             sa_c, sb_c = sa.t().contiguous().t(), sb.contiguous().t()
-            t_cb = _events_us(torch, lambda: torch._scaled_mm(a, b.t(), sa_c, sb_c, out_dtype=torch.bfloat16))
+            t_cb = _events_us(lambda: torch._scaled_mm(a, b.t(), sa_c, sb_c, out_dtype=torch.bfloat16))
             line += f", cuBLAS blockwise {2 * m * n * k / t_cb / 1e6:.0f} TFLOPS"
         except Exception as e:  # noqa: BLE001
             line += f" (cuBLAS blockwise refused: {type(e).__name__})"

@@ -7,7 +7,6 @@ benchmarks/bench_gemm.py; this one is for kernel work.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
@@ -57,18 +56,9 @@ def cublas_fn(a, sa, b, sb):
 
 
 def time_fn(fn, flush, reps=30):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3)
-    return statistics.median(times)
+    """Median µs of one call, L2 flushed (`flush` zeroed) before each."""
+    from l2side._timing import median_event_ms
+    return median_event_ms(fn, reps, before=flush.zero_) * 1e3
 
 
 def full_config(bm, bn, cluster=1, double_acc=0, group_m=8, stages=0, split_k=1):
