@@ -45,6 +45,7 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
 BLOCK_K = 128
 MAX_SMEM = 232448            # bytes of dynamic shared memory per block on sm_90
 MAX_STAGES = 12
+SB_CHUNK = 128               # K blocks of B scales staged in shared memory at a time (SmemLayout::kSbChunk)
 GROUP_M = 8                  # M-blocks per raster group (scheduler.cuh); 0 = all
 KERNEL_NAME = "l2side_fp8_gemm"
 # extra nvcc options for every GEMM kernel (for kernel work: e.g. "-DL2SIDE_NO_SETMAXNREG")
@@ -79,10 +80,10 @@ class GemmConfig:
 
 def smem_layout_bytes(block_m: int, block_n: int, stages: int, tma_store: bool = True) -> int:
     """Bytes of SmemLayout (fp8_gemm.cuh): [output tile] [A stages] [B stages] [A-scale stages] [barriers]
-    [tile ring: 4 barriers + 4 u32] [split-K flags: 4 u32]."""
+    [tile ring: 4 barriers + 4 u32] [split-K flags: 4 u32] [B scales: per math warpgroup 2 x 128 fp32]."""
     per_stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4
     barriers_at = -(-(block_m * block_n * 2 * tma_store + stages * per_stage) // 8) * 8
-    return barriers_at + 2 * stages * 8 + 4 * 8 + 4 * 4 + 4 * 4
+    return barriers_at + 2 * stages * 8 + 4 * 8 + 4 * 4 + 4 * 4 + block_m // 64 * SB_CHUNK * 2 * 4
 
 
 def max_stages(block_m: int, block_n: int, tma_store: bool) -> int:

@@ -64,7 +64,11 @@ struct SmemLayout {
   // then split-K's "this warpgroup sums the tile" flags (one per math warpgroup)
   static constexpr uint32_t kRing = kBarriers + 2 * kStages * sizeof(uint64_t);
   static constexpr uint32_t kSplitFlags = kRing + 4 * sizeof(uint64_t) + 4 * sizeof(uint32_t);
-  static constexpr uint32_t kBytes = kSplitFlags + 4 * sizeof(uint32_t);
+  // then each math warpgroup's B scales of the current tile: kSbChunk K blocks x (first, second) scale block
+  static constexpr uint32_t kSb = kSplitFlags + 4 * sizeof(uint32_t);
+  static constexpr uint32_t kSbChunk = 128;
+  static constexpr uint32_t kSbPerWarpgroup = 2 * kSbChunk;  // floats
+  static constexpr uint32_t kBytes = kSb + (BLOCK_M / 64) * kSbPerWarpgroup * sizeof(float);
   static constexpr uint32_t kTxBytes = kAStage + kBStage + kSaStage;  // what TMA delivers per stage
   static_assert(kAStage % 1024 == 0 && kBStage % 1024 == 0 && kDBytes % 1024 == 0,
                 "swizzled tiles must stay 1024-byte aligned");
@@ -280,8 +284,13 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       ptx::mbar_wait(full + s, phase);
       if (++stage == kStages) { stage = 0; phase ^= 1; }
       const float* sa = reinterpret_cast<const float*>(smem + Smem::kSa + s * Smem::kSaStage);
+#ifdef L2SIDE_SA_GENERIC
       sa0 = sa[row];
       sa1 = sa[row + 8];
+#else
+      sa0 = ptx::ld_shared_f32(sa + row);
+      sa1 = ptx::ld_shared_f32(sa + row + 8);
+#endif
       const uint64_t desc_a = ptx::kmajor_sw128_desc(smem + Smem::kA + s * Smem::kAStage + wg * 64 * BLOCK_K);
       const uint64_t desc_b = ptx::kmajor_sw128_desc(smem + Smem::kB + s * Smem::kBStage);
       // (the wgmma operands "+f"(acc) order it after the promotion that read acc; no extra register fence,
@@ -295,8 +304,8 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
     // After the group of K block `kb` completed: release its stage (this warp has read it: wgmma operands,
     // scales in registers; with clusters the peer's producer writes into it too, so the peer hears as well)
     // and promote: out += (sa * sb) * partial.
-    auto finish = [&](float (&acc)[kNumAccum], uint32_t s, float sa0, float sa1, float sb0, float sb1,
-                      uint32_t boundary) {
+    auto finish_at = [&](float (&acc)[kNumAccum], uint32_t s, float sa0, float sa1, float sb0, float sb1,
+                         uint32_t boundary) {
 #pragma unroll
       for (uint32_t i = 0; i < kNumAccum; ++i) ptx::fence_operand(acc[i]);
       __syncwarp();
@@ -314,6 +323,20 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         out[4 * j + 1] = fmaf(s0, acc[4 * j + 1], out[4 * j + 1]);
         out[4 * j + 2] = fmaf(s1, acc[4 * j + 2], out[4 * j + 2]);
         out[4 * j + 3] = fmaf(s1, acc[4 * j + 3], out[4 * j + 3]);
+      }
+    };
+
+    // Tiles straddling two B-scale blocks pick a scale per 8 columns. When BLOCK_N is an odd multiple of 64
+    // the boundary is 128 or 64 columns: promote with it as a constant (no per-column select; as a run-time
+    // value it cost BLOCK_N / 4 FSELs per K block: 4096 x 2112 x 7168 with 192-wide tiles ran 6% slower).
+    auto finish = [&](float (&acc)[kNumAccum], uint32_t s, float sa0, float sa1, float sb0, float sb1,
+                      uint32_t boundary) {
+      if constexpr (!kUniformScaleB && BLOCK_N % 64 == 0) {
+        // (literal boundaries: once finish_at is inlined, each column's scale is known at compile time)
+        if (boundary == BLOCK_K) finish_at(acc, s, sa0, sa1, sb0, sb1, BLOCK_K);
+        else finish_at(acc, s, sa0, sa1, sb0, sb1, BLOCK_K - 64);
+      } else {
+        finish_at(acc, s, sa0, sa1, sb0, sb1, boundary);
       }
     };
 
@@ -338,18 +361,77 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           kUniformScaleB ? sb_first : scales_b + (min(n0 + BLOCK_N, SHAPE_N) - 1) / BLOCK_K * sb_stride_n;
       // columns [0, boundary) of the tile take the first scale block, the rest the second
       const uint32_t boundary = kUniformScaleB ? BLOCK_N : BLOCK_K - n0 % BLOCK_K;
-      // B scales come from global memory (L2: hundreds of cycles), so block kb+1's are loaded while block
-      // kb is computed: `sb_of` hands out the prefetched pair and starts the next load.
+#if !defined(L2SIDE_SB_REGS) && !defined(L2SIDE_SB_ROTATE)
+      // B scales of the tile: copied to this warpgroup's shared memory by cp.async at tile start (no register
+      // waits for them), read per K block with LDS. Waited for at the first promotion, after the first wgmma
+      // is issued, so the copy overlaps the first stage's TMA wait. K ranges longer than kSbChunk blocks reload
+      // per chunk. (One __ldg per K block, prefetched one block ahead, left the promotion waiting on L2
+      // latency: ncu's top stall was long-scoreboard; register windows made ptxas copy each fresh load and
+      // wait for it.)
       const uint32_t first_kb = kb_begin(), last_kb = kb_end();
-      float sb_next0 = __ldg(sb_first + first_kb * sb_stride_k);
-      float sb_next1 = kUniformScaleB ? sb_next0 : __ldg(sb_second + first_kb * sb_stride_k);
-      auto sb_of = [&](uint32_t kb, float& sb0, float& sb1) {
-        sb0 = sb_next0;
-        sb1 = sb_next1;
-        const uint32_t next = min(kb + 1, last_kb - 1);
-        sb_next0 = __ldg(sb_first + next * sb_stride_k);
-        sb_next1 = kUniformScaleB ? sb_next0 : __ldg(sb_second + next * sb_stride_k);
+      float* sb_smem = reinterpret_cast<float*>(smem + Smem::kSb) + wg * Smem::kSbPerWarpgroup;
+      auto load_sb_chunk = [&](uint32_t from) {
+        ptx::named_barrier_sync(1 + wg, kWarpgroupThreads);  // every thread is done with the previous chunk
+        const uint32_t count = min(Smem::kSbChunk, last_kb - from);
+        for (uint32_t i = threadIdx.x % kWarpgroupThreads; i < count; i += kWarpgroupThreads) {
+          ptx::cp_async_4(sb_smem + i, sb_first + (from + i) * sb_stride_k);
+          if constexpr (!kUniformScaleB) ptx::cp_async_4(sb_smem + Smem::kSbChunk + i, sb_second + (from + i) * sb_stride_k);
+        }
+        ptx::cp_async_commit();
       };
+      load_sb_chunk(first_kb);
+      auto sb_of = [&](uint32_t kb, float& sb0, float& sb1) {
+        const uint32_t i = (kb - first_kb) % Smem::kSbChunk;
+        if (i == 0) {
+          if (kb != first_kb) load_sb_chunk(kb);
+          ptx::cp_async_wait_all();
+          ptx::named_barrier_sync(1 + wg, kWarpgroupThreads);  // every thread's copies have landed
+        }
+        sb0 = ptx::ld_shared_f32(sb_smem + i);
+        sb1 = kUniformScaleB ? sb0 : ptx::ld_shared_f32(sb_smem + Smem::kSbChunk + i);
+      };
+#else
+      // B scales: lane l of each warp holds those of K block (window start + l), block kb's come by shuffle,
+      // and each window of 32 is loaded a whole window ahead. Windows alternate between two register sets
+      // (even, odd), so a load lands in the set it is read from: rotating one set into another made ptxas copy
+      // the fresh load at once and wait for it. (One __ldg per K block, prefetched one block ahead, left the
+      // promotion waiting on L2 latency: ncu's top stall was long-scoreboard.)
+      const uint32_t first_kb = kb_begin(), last_kb = kb_end();
+      auto load_window = [&](uint32_t start, float& w0, float& w1) {
+        const uint32_t kb = min(start + lane, last_kb - 1);
+        w0 = __ldg(sb_first + kb * sb_stride_k);
+        w1 = kUniformScaleB ? w0 : __ldg(sb_second + kb * sb_stride_k);
+      };
+#ifndef L2SIDE_SB_ROTATE
+      float sb_even0, sb_even1, sb_odd0, sb_odd1;
+      load_window(first_kb, sb_even0, sb_even1);
+      load_window(first_kb + 32, sb_odd0, sb_odd1);
+      auto sb_of = [&](uint32_t kb, float& sb0, float& sb1) {
+        const uint32_t i = kb - first_kb, j = i % 32;
+        const bool odd = (i / 32) % 2;
+        if (j == 0 && i > 0) {  // window i/32 starts: the one before it is done, load the one after into its set
+          if (odd) load_window(kb + 32, sb_even0, sb_even1);
+          else load_window(kb + 32, sb_odd0, sb_odd1);
+        }
+        sb0 = __shfl_sync(0xffffffffu, odd ? sb_odd0 : sb_even0, j);
+        sb1 = kUniformScaleB ? sb0 : __shfl_sync(0xffffffffu, odd ? sb_odd1 : sb_even1, j);
+      };
+#else
+      float sb_win0, sb_win1, sb_next0, sb_next1;
+      load_window(first_kb, sb_win0, sb_win1);
+      load_window(first_kb + 32, sb_next0, sb_next1);
+      auto sb_of = [&](uint32_t kb, float& sb0, float& sb1) {
+        const uint32_t j = (kb - first_kb) % 32;
+        if (j == 0 && kb != first_kb) {
+          sb_win0 = sb_next0;
+          sb_win1 = sb_next1;
+          load_window(kb + 32, sb_next0, sb_next1);
+        }
+        sb0 = __shfl_sync(0xffffffffu, sb_win0, j);
+        sb1 = kUniformScaleB ? sb0 : __shfl_sync(0xffffffffu, sb_win1, j);
+      };
+#endif
+#endif
 
 #pragma unroll
       for (uint32_t i = 0; i < kNumAccum; ++i) out[i] = 0.0f;
@@ -361,20 +443,22 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         uint32_t s0 = issue(acc0, sa0_0, sa1_0), s1 = 0;
 #pragma unroll 1
         for (uint32_t kb = first_kb; kb < last_kb; kb += 2) {
-          sb_of(kb, sb0, sb1);
           if (kb + 1 < last_kb) {
             s1 = issue(acc1, sa0_1, sa1_1);
+            sb_of(kb, sb0, sb1);
             ptx::wgmma_wait<1>();
           } else {
+            sb_of(kb, sb0, sb1);
             ptx::wgmma_wait<0>();
           }
           finish(acc0, s0, sa0_0, sa1_0, sb0, sb1, boundary);
           if (kb + 1 < last_kb) {
-            sb_of(kb + 1, sb0, sb1);
             if (kb + 2 < last_kb) {
               s0 = issue(acc0, sa0_0, sa1_0);
+              sb_of(kb + 1, sb0, sb1);
               ptx::wgmma_wait<1>();
             } else {
+              sb_of(kb + 1, sb0, sb1);
               ptx::wgmma_wait<0>();
             }
             finish(acc1, s1, sa0_1, sa1_1, sb0, sb1, boundary);
@@ -385,8 +469,8 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
 #pragma unroll 1
         for (uint32_t kb = first_kb; kb < last_kb; ++kb) {
           float sa0, sa1, sb0, sb1;
-          sb_of(kb, sb0, sb1);
           const uint32_t s = issue(acc, sa0, sa1);
+          sb_of(kb, sb0, sb1);  // (after the full-barrier wait: the first window's loads land meanwhile)
           ptx::wgmma_wait<0>();
           finish(acc, s, sa0, sa1, sb0, sb1, boundary);
         }
@@ -495,7 +579,8 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       }
     }
     if constexpr (kTmaStore) {
-      if (threadIdx.x % kWarpgroupThreads == 0) ptx::tma_store_wait_all();
+      // (only until the stores have read shared memory: the grid completes after its writes anyway)
+      if (threadIdx.x % kWarpgroupThreads == 0) ptx::tma_store_wait_read();
     }
   }
   // a CTA leaves only once its peer can no longer write into its shared memory or arrive on its barriers
