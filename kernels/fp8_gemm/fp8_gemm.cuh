@@ -284,13 +284,8 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       ptx::mbar_wait(full + s, phase);
       if (++stage == kStages) { stage = 0; phase ^= 1; }
       const float* sa = reinterpret_cast<const float*>(smem + Smem::kSa + s * Smem::kSaStage);
-#ifdef L2SIDE_SA_GENERIC
-      sa0 = sa[row];
-      sa1 = sa[row + 8];
-#else
       sa0 = ptx::ld_shared_f32(sa + row);
       sa1 = ptx::ld_shared_f32(sa + row + 8);
-#endif
       const uint64_t desc_a = ptx::kmajor_sw128_desc(smem + Smem::kA + s * Smem::kAStage + wg * 64 * BLOCK_K);
       const uint64_t desc_b = ptx::kmajor_sw128_desc(smem + Smem::kB + s * Smem::kBStage);
       // (the wgmma operands "+f"(acc) order it after the promotion that read acc; no extra register fence,
@@ -361,13 +356,12 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           kUniformScaleB ? sb_first : scales_b + (min(n0 + BLOCK_N, SHAPE_N) - 1) / BLOCK_K * sb_stride_n;
       // columns [0, boundary) of the tile take the first scale block, the rest the second
       const uint32_t boundary = kUniformScaleB ? BLOCK_N : BLOCK_K - n0 % BLOCK_K;
-#if !defined(L2SIDE_SB_REGS) && !defined(L2SIDE_SB_ROTATE)
-      // B scales of the tile: copied to this warpgroup's shared memory by cp.async at tile start (no register
-      // waits for them), read per K block with LDS. Waited for at the first promotion, after the first wgmma
-      // is issued, so the copy overlaps the first stage's TMA wait. K ranges longer than kSbChunk blocks reload
-      // per chunk. (One __ldg per K block, prefetched one block ahead, left the promotion waiting on L2
-      // latency: ncu's top stall was long-scoreboard; register windows made ptxas copy each fresh load and
-      // wait for it.)
+      // B scales of the tile: copied into this warpgroup's shared memory by cp.async at tile start (no register
+      // waits on them), read per K block with LDS, waited for at the first promotion (after the first wgmma is
+      // issued, so the copy overlaps the first stage's TMA wait); K ranges longer than kSbChunk blocks reload
+      // per chunk. H100, 4096 x 7168 x 16384: 786 us with one __ldg per K block prefetched one block ahead
+      // (the promotion waited on L2), 755 with 32-block register windows (ptxas copied each fresh load into
+      // place and waited for it), 729 like this (docs/perf-notes.md).
       const uint32_t first_kb = kb_begin(), last_kb = kb_end();
       float* sb_smem = reinterpret_cast<float*>(smem + Smem::kSb) + wg * Smem::kSbPerWarpgroup;
       auto load_sb_chunk = [&](uint32_t from) {
@@ -390,48 +384,6 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         sb0 = ptx::ld_shared_f32(sb_smem + i);
         sb1 = kUniformScaleB ? sb0 : ptx::ld_shared_f32(sb_smem + Smem::kSbChunk + i);
       };
-#else
-      // B scales: lane l of each warp holds those of K block (window start + l), block kb's come by shuffle,
-      // and each window of 32 is loaded a whole window ahead. Windows alternate between two register sets
-      // (even, odd), so a load lands in the set it is read from: rotating one set into another made ptxas copy
-      // the fresh load at once and wait for it. (One __ldg per K block, prefetched one block ahead, left the
-      // promotion waiting on L2 latency: ncu's top stall was long-scoreboard.)
-      const uint32_t first_kb = kb_begin(), last_kb = kb_end();
-      auto load_window = [&](uint32_t start, float& w0, float& w1) {
-        const uint32_t kb = min(start + lane, last_kb - 1);
-        w0 = __ldg(sb_first + kb * sb_stride_k);
-        w1 = kUniformScaleB ? w0 : __ldg(sb_second + kb * sb_stride_k);
-      };
-#ifndef L2SIDE_SB_ROTATE
-      float sb_even0, sb_even1, sb_odd0, sb_odd1;
-      load_window(first_kb, sb_even0, sb_even1);
-      load_window(first_kb + 32, sb_odd0, sb_odd1);
-      auto sb_of = [&](uint32_t kb, float& sb0, float& sb1) {
-        const uint32_t i = kb - first_kb, j = i % 32;
-        const bool odd = (i / 32) % 2;
-        if (j == 0 && i > 0) {  // window i/32 starts: the one before it is done, load the one after into its set
-          if (odd) load_window(kb + 32, sb_even0, sb_even1);
-          else load_window(kb + 32, sb_odd0, sb_odd1);
-        }
-        sb0 = __shfl_sync(0xffffffffu, odd ? sb_odd0 : sb_even0, j);
-        sb1 = kUniformScaleB ? sb0 : __shfl_sync(0xffffffffu, odd ? sb_odd1 : sb_even1, j);
-      };
-#else
-      float sb_win0, sb_win1, sb_next0, sb_next1;
-      load_window(first_kb, sb_win0, sb_win1);
-      load_window(first_kb + 32, sb_next0, sb_next1);
-      auto sb_of = [&](uint32_t kb, float& sb0, float& sb1) {
-        const uint32_t j = (kb - first_kb) % 32;
-        if (j == 0 && kb != first_kb) {
-          sb_win0 = sb_next0;
-          sb_win1 = sb_next1;
-          load_window(kb + 32, sb_next0, sb_next1);
-        }
-        sb0 = __shfl_sync(0xffffffffu, sb_win0, j);
-        sb1 = kUniformScaleB ? sb0 : __shfl_sync(0xffffffffu, sb_win1, j);
-      };
-#endif
-#endif
 
 #pragma unroll
       for (uint32_t i = 0; i < kNumAccum; ++i) out[i] = 0.0f;
