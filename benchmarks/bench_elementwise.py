@@ -50,23 +50,6 @@ class Loop:
             self.fn()
 
 
-class Energy:
-    def __init__(self, index: int):
-        self.handle = None
-        try:
-            import pynvml
-            pynvml.nvmlInit()
-            self.nvml = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            self.read()
-        except Exception as e:  # no pynvml / counter not supported: energy columns stay empty
-            print(f"# NVML energy counter unavailable: {e}", file=sys.stderr)
-            self.handle = None
-
-    def read(self) -> float:
-        return float(self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle))  # mJ
-
-
 def build_op(name, size_kind, torch, ew, l2side):
     """Returns (description, bytes moved per call, {variant: fn}) for one built-in at one size."""
     F = torch.nn.functional
@@ -162,40 +145,6 @@ def build_op(name, size_kind, torch, ew, l2side):
     return desc, moved, fns
 
 
-def steady_power(torch, energy, graph, replay_ms, seconds):
-    """Board power (W) while `graph` replays back to back: NVML's energy counter is read at two of its own
-    updates (it ticks every few tens of ms), both inside a stretch of continuous work, so neither idle
-    edges nor the counter's granularity enter; energy per GB = power / (GB/s from the timing)."""
-    from collections import deque
-    depth = max(2, math.ceil(20.0 / max(replay_ms, 1e-3)))   # ~20 ms of replays queued ahead
-    pending = deque()
-
-    def enqueue():
-        graph.replay()
-        ev = torch.cuda.Event()
-        ev.record()
-        pending.append(ev)
-        while len(pending) > depth:
-            pending.popleft().synchronize()
-
-    def next_tick(previous):
-        while True:
-            enqueue()
-            e = energy.read()
-            if e != previous:
-                return e, time.perf_counter()
-
-    t = time.perf_counter()
-    while time.perf_counter() - t < 0.05:     # reach steady state (clocks, queue) first
-        enqueue()
-    e0, t0 = next_tick(energy.read())
-    while time.perf_counter() - t0 < seconds:
-        enqueue()
-    e1, t1 = next_tick(energy.read())
-    torch.cuda.synchronize()
-    return (e1 - e0) / 1e3 / (t1 - t0)
-
-
 def capture(torch, fn, reps, stream):
     """A CUDA graph of `reps` calls of fn (warmed up on `stream` first)."""
     with torch.cuda.stream(stream):
@@ -232,13 +181,14 @@ def main(argv=None) -> int:
         print("bench_elementwise: no CUDA GPU; nothing to measure")
         return 0
     import l2side
+    from l2side._energy import NvmlEnergy, steady_power
     if not args.no_enable:
         l2side.enable()
     from l2side import elementwise as ew
     topo = l2side.topology()
     print(f"# {topo}")
     print(f"# torch {torch.__version__}, allocator: {'l2side' if l2side.is_enabled() else 'torch native'}")
-    energy = Energy(torch.cuda.current_device())
+    energy = NvmlEnergy(torch.cuda.current_device())
     stream = torch.cuda.Stream()
     ops = [o for o in args.ops.split(",") if o]
     sizes = [s for s in args.sizes.split(",") if s]
@@ -310,7 +260,7 @@ def main(argv=None) -> int:
                 if energy.handle is not None:
                     for _ in range(args.rounds):
                         for variant, g in graphs.items():
-                            w = steady_power(torch, energy, g, times[variant] * reps_of[variant],
+                            w = steady_power(energy, g.replay, times[variant] * reps_of[variant],
                                              args.energy_seconds)
                             gbps = moved / (times[variant] * 1e-3) / 1e9
                             watts[variant].append(w)

@@ -112,14 +112,21 @@ def sweep(shapes, spec):
     return 0
 
 
-def packed_ablation(shapes, block_n, timed=True):
-    """Per shape: the unpacked kernel with the packed kernel's blocks, then the packed one in each side mode;
-    outputs compared bitwise with the unpacked one's."""
+def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0):
+    """Per shape: the unpacked kernel with the packed kernel's blocks, then the packed one in each side mode
+    (outputs compared bitwise with the unpacked one's), then cuBLAS; times with CUDA events, L2 flushed.
+    energy_seconds > 0: also mJ per GEMM from NVML (steady power over back-to-back calls, without flushes,
+    x time per back-to-back call), variants alternating over two rounds."""
     import l2side
     from l2side import fp8_gemm
     flush = torch.empty(256 << 20 if timed else 1, dtype=torch.int32, device="cuda")
     print(l2side.topology())
     clock = time_fn if timed else (lambda fn, flush: (fn(), float("nan"))[1])
+    energy = None
+    if timed and energy_seconds > 0:
+        from l2side._energy import NvmlEnergy
+        energy = NvmlEnergy(torch.cuda.current_device())
+        energy = energy if energy.handle is not None else None
     bad = 0
     for (m, n, k) in shapes:
         a, sa, b, sb = make(m, n, k)
@@ -130,18 +137,54 @@ def packed_ablation(shapes, block_n, timed=True):
         ref_out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
         l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg)
         d = diff(ref_out, reference(a, sa, b, sb))
-        t_ref = clock(lambda: l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg), flush)
+        calls = {"unpacked": lambda: l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg)}
+        t_ref = clock(calls["unpacked"], flush)
         line = f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={block_n} {packed.kind:5s} diff={d:.1e} | unpacked {t_ref:7.1f} us"
         for mode in ("near", "ignore", "far"):
             out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
             l2side.gemm(a, sa, packed, out=out, side_mode=mode)
             same = torch.equal(out, ref_out)
             bad += not same
-            t = clock(lambda: l2side.gemm(a, sa, packed, out=out, side_mode=mode), flush)
+            calls[mode] = lambda out=out, mode=mode: l2side.gemm(a, sa, packed, out=out, side_mode=mode)
+            t = clock(calls[mode], flush)
             line += f" | {mode} {t:7.1f} us {2 * m * n * k / t / 1e6:6.0f} TF{'' if same else ' MISMATCH'}"
+        f = cublas_fn(a, sa, b, sb) if timed else None
+        if f is not None:
+            calls["cuBLAS"] = f
+            tc = clock(f, flush)
+            line += f" | cuBLAS {tc:7.1f} us {2 * m * n * k / tc / 1e6:6.0f} TF"
         print(line, flush=True)
+        if energy is not None:
+            print("      mJ/GEMM (back-to-back, no flush): " + energy_per_call(calls, energy, energy_seconds), flush=True)
     print(f"{bad} mismatches")
     return 1 if bad else 0
+
+
+def energy_per_call(calls, energy, seconds, rounds=2):
+    """'name mJ (W, us)' per call in `calls`: steady NVML power over back-to-back calls x events time per call."""
+    import statistics
+    from l2side._energy import steady_power
+
+    def back_to_back_ms(fn, n=20):
+        fn()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop) / n
+
+    ms = {name: back_to_back_ms(fn) for name, fn in calls.items()}
+    watts = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            watts[name].append(steady_power(energy, fn, ms[name], seconds))
+    parts = []
+    for name in calls:
+        w = statistics.median(watts[name])
+        parts.append(f"{name} {w * ms[name]:.3f} ({w:.0f} W, {ms[name] * 1e3:.1f} us)")
+    return " | ".join(parts)
 
 
 def host_parts():
@@ -189,6 +232,8 @@ def main():
     p.add_argument("--host", action="store_true", help="break the host overhead of a tiny call into its parts")
     p.add_argument("--packed", type=int, default=0, metavar="BLOCK_N",
                    help="side-aware packed B (l2side.pack_b) ablation: near / ignore / far vs unpacked")
+    p.add_argument("--energy", type=float, default=0.0, metavar="SECONDS",
+                   help="with --packed: also NVML energy per GEMM, this many seconds of counter window per variant")
     p.add_argument("--sweep", default="", help="BM,BN[,CLUSTER[,DOUBLE_ACC[,GROUP_M[,STAGES[,SPLIT_K]]]]];... : time each config on each "
                         "shape (STAGES 0: as many as fit; 'auto': gemm_config's choice)")
     args = p.parse_args()
@@ -199,7 +244,7 @@ def main():
     if args.host:
         return host_parts()
     if args.packed:
-        return packed_ablation(shapes, args.packed, timed=not args.no_time)
+        return packed_ablation(shapes, args.packed, timed=not args.no_time, energy_seconds=args.energy)
     flush = torch.empty(256 << 20, dtype=torch.int32, device="cuda")
     # compile every kernel in parallel first (nvcc takes seconds per kernel)
     from concurrent.futures import ThreadPoolExecutor
