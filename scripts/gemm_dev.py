@@ -112,8 +112,15 @@ def sweep(shapes, spec):
     return 0
 
 
+def packed_block_n(m: int) -> int:
+    """The packed tile width for `--packed auto`: 64 at small M (memory-bound: near beat ignore by 3-7% there),
+    128 when compute-bound (docs/perf-notes.md, packed B session 3)."""
+    from l2side import fp8_gemm
+    return 64 if m < fp8_gemm.COMPUTE_BOUND_M else 128
+
+
 def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0):
-    """Per shape: the unpacked kernel with the packed kernel's blocks, then the packed one in each side mode
+    """Per shape (block_n 0: packed_block_n(M)): the unpacked kernel with the packed kernel's blocks, then the packed one in each side mode
     (outputs compared bitwise with the unpacked one's), then cuBLAS; times with CUDA events, L2 flushed.
     energy_seconds > 0: also mJ per GEMM from NVML (steady power over back-to-back calls, without flushes,
     x time per back-to-back call), variants alternating over two rounds."""
@@ -129,17 +136,18 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0):
         energy = energy if energy.handle is not None else None
     bad = 0
     for (m, n, k) in shapes:
+        bn = block_n or packed_block_n(m)
         a, sa, b, sb = make(m, n, k)
-        packed = l2side.pack_b(b, sb, block_n=block_n)
+        packed = l2side.pack_b(b, sb, block_n=bn)
         base = fp8_gemm.gemm_config(m, n, k)
-        cfg = fp8_gemm.GemmConfig(base.block_m, block_n, fp8_gemm.max_stages(base.block_m, block_n, n % 8 == 0),
+        cfg = fp8_gemm.GemmConfig(base.block_m, bn, fp8_gemm.max_stages(base.block_m, bn, n % 8 == 0),
                                   tma_store=n % 8 == 0)
         ref_out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
         l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg)
         d = diff(ref_out, reference(a, sa, b, sb))
         calls = {"unpacked": lambda: l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg)}
         t_ref = clock(calls["unpacked"], flush)
-        line = f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={block_n} {packed.kind:5s} diff={d:.1e} | unpacked {t_ref:7.1f} us"
+        line = f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={bn} {packed.kind:5s} diff={d:.1e} | unpacked {t_ref:7.1f} us"
         for mode in ("near", "ignore", "far"):
             out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
             l2side.gemm(a, sa, packed, out=out, side_mode=mode)
@@ -230,8 +238,9 @@ def main():
     p.add_argument("--no-time", action="store_true")
     p.add_argument("--config", default="")
     p.add_argument("--host", action="store_true", help="break the host overhead of a tiny call into its parts")
-    p.add_argument("--packed", type=int, default=0, metavar="BLOCK_N",
-                   help="side-aware packed B (l2side.pack_b) ablation: near / ignore / far vs unpacked")
+    p.add_argument("--packed", default="", metavar="BLOCK_N",
+                   help="side-aware packed B (l2side.pack_b) ablation: near / ignore / far vs unpacked and cuBLAS; "
+                        "BLOCK_N a multiple of 32, or 'auto' (64 at M < 512, else 128)")
     p.add_argument("--energy", type=float, default=0.0, metavar="SECONDS",
                    help="with --packed: also NVML energy per GEMM, this many seconds of counter window per variant")
     p.add_argument("--sweep", default="", help="BM,BN[,CLUSTER[,DOUBLE_ACC[,GROUP_M[,STAGES[,SPLIT_K]]]]];... : time each config on each "
@@ -244,7 +253,8 @@ def main():
     if args.host:
         return host_parts()
     if args.packed:
-        return packed_ablation(shapes, args.packed, timed=not args.no_time, energy_seconds=args.energy)
+        return packed_ablation(shapes, 0 if args.packed == "auto" else int(args.packed), timed=not args.no_time,
+                               energy_seconds=args.energy)
     flush = torch.empty(256 << 20, dtype=torch.int32, device="cuda")
     # compile every kernel in parallel first (nvcc takes seconds per kernel)
     from concurrent.futures import ThreadPoolExecutor

@@ -141,8 +141,8 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
     echo "benchmarks/bench_gemm.py not there yet: skipped" | tee -a "$OUT/bench.log"
   fi
   if [[ ",$BENCHES," == *,packed,* ]]; then  # side-aware packed B: near / ignore / far vs unpacked (issue 4)
-    run_part gemm_packed_ablation "$OUT/bench.log" "$PYTHON" scripts/gemm_dev.py --packed 128 --energy 0.3 \
-      --shapes "64,7168,16384;128,7168,2048;4096,2112,7168;4096,7168,16384;4096,24576,1536"
+    run_part gemm_packed_ablation "$OUT/bench.log" "$PYTHON" scripts/gemm_dev.py --packed auto --energy 0.3 \
+      --shapes "64,24576,1536;64,7168,16384;128,7168,16384;128,7168,2048;4096,2112,7168;4096,7168,16384;4096,24576,1536"
   fi
   if [[ ",$BENCHES," == *,sanitize,* ]]; then  # compute-sanitizer memcheck of the GEMM (issue 3)
     run_part gemm_sanitize "$OUT/bench.log" scripts/gemm_sanitize.sh
