@@ -252,6 +252,27 @@ def test_kernels_compile_for_sm90a_without_spills(tmp_path, monkeypatch):
         assert all(f == "0" for f in frames), f"{name} uses a stack frame:\n{r.stderr}"
 
 
+@requires_nvcc
+@needs_module
+def test_python_smem_layout_matches_the_kernels(tmp_path):
+    """smem_layout_bytes (what the launch asks for) == SmemLayout::kBytes (what the kernel addresses), checked by
+    static_asserts that nvcc compiles, for every block shape the configs use."""
+    from l2side import jit
+    cases = [(bm, bn, st, ts) for bm in (64, 128, 192) for bn in (16, 56, 96, 128, 192) for st in (1, 4, 12)
+             for ts in (True, False)]
+    lines = ['#include "fp8_gemm/fp8_gemm.cuh"']
+    for bm, bn, st, ts in cases:
+        want = fp8_gemm.smem_layout_bytes(bm, bn, st, ts)
+        lines.append(f"static_assert(l2side::fp8_gemm::SmemLayout<{bm}, {bn}, {st}, {str(ts).lower()}>::kBytes == "
+                     f"{want}, \"{bm} {bn} {st} {ts}\");")
+    src = tmp_path / "layout.cu"
+    src.write_text("\n".join(lines) + "\n")
+    r = subprocess.run([jit.nvcc_path(), "-c", *jit.DEFAULT_OPTIONS, f"-I{jit.KERNELS_DIR}",
+                        *jit._target_flags("sm_90a", "cubin"), "--cubin", str(src), "-o", str(tmp_path / "l.cubin")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 # ================================================================================================ GPU
 def _diff(x, y):
     """DeepGEMM's calc_diff: 1 - cosine-like similarity; ~1e-5 for a correct bf16 GEMM."""

@@ -422,7 +422,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         for (uint32_t kb = first_kb; kb < last_kb; ++kb) {
           float sa0, sa1, sb0, sb1;
           const uint32_t s = issue(acc, sa0, sa1);
-          sb_of(kb, sb0, sb1);  // (after the full-barrier wait: the first window's loads land meanwhile)
+          sb_of(kb, sb0, sb1);  // (after the wgmma are issued: the first wait for the copied scales overlaps them)
           ptx::wgmma_wait<0>();
           finish(acc, s, sa0, sa1, sb0, sb1, boundary);
         }
