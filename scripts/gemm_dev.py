@@ -120,8 +120,9 @@ def packed_block_n(m: int) -> int:
 
 
 def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0):
-    """Per shape (block_n 0: packed_block_n(M)): the unpacked kernel with the packed kernel's blocks, then the packed one in each side mode
-    (outputs compared bitwise with the unpacked one's), then cuBLAS; times with CUDA events, L2 flushed.
+    """Per shape (block_n 0: packed_block_n(M)): the unpacked kernel with the packed kernel's blocks, then the
+    packed one in each side mode (outputs compared bitwise with the unpacked one's), then cuBLAS; times with CUDA
+    events, L2 flushed.
     energy_seconds > 0: also mJ per GEMM from NVML (steady power over back-to-back calls, without flushes,
     x time per back-to-back call), variants alternating over two rounds."""
     import l2side
