@@ -164,7 +164,8 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0):
             line += f" | cuBLAS {tc:7.1f} us {2 * m * n * k / tc / 1e6:6.0f} TF"
         print(line, flush=True)
         if energy is not None:
-            print("      mJ/GEMM (back-to-back, no flush): " + energy_per_call(calls, energy, energy_seconds), flush=True)
+            print("      mJ/GEMM (back-to-back, no flush): " + energy_per_call(calls, energy, energy_seconds),
+                  flush=True)
     print(f"{bad} mismatches")
     return 1 if bad else 0
 

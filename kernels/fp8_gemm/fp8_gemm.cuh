@@ -369,7 +369,8 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         const uint32_t count = min(Smem::kSbChunk, last_kb - from);
         for (uint32_t i = threadIdx.x % kWarpgroupThreads; i < count; i += kWarpgroupThreads) {
           ptx::cp_async_4(sb_smem + i, sb_first + (from + i) * sb_stride_k);
-          if constexpr (!kUniformScaleB) ptx::cp_async_4(sb_smem + Smem::kSbChunk + i, sb_second + (from + i) * sb_stride_k);
+          if constexpr (!kUniformScaleB)
+            ptx::cp_async_4(sb_smem + Smem::kSbChunk + i, sb_second + (from + i) * sb_stride_k);
         }
         ptx::cp_async_commit();
       };
