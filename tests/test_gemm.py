@@ -324,6 +324,30 @@ def test_gemm_matches_reference(m, n, k, prebuilt):
     _check(out, gemm_reference(a, sa, b, sb), f"{(m, n, k)}")
 
 
+# K ranges longer than the kernel's B-scale chunk (SmemLayout::kSbChunk = fp8_gemm.SB_CHUNK K blocks) reload the
+# scales per chunk: uniform / straddling / 64-odd (literal boundary) tiles, double accumulators, split-K ranges
+LONG_K_CASES = [  # (m, n, k, block_m, block_n, double_acc, split_k)
+    (64, 448, 17408, 64, 56, False, 1), (256, 384, 16640, 128, 192, False, 1), (64, 256, 33024, 64, 16, True, 1),
+    (130, 1000, 16400, 128, 128, False, 1), (128, 256, 65536, 128, 128, False, 2)]
+
+
+@pytest.mark.parametrize("m,n,k,bm,bn,dacc,split", LONG_K_CASES,
+                         ids=[f"{c[0]}x{c[1]}x{c[2]}-{c[3]}x{c[4]}-d{int(c[5])}-s{c[6]}" for c in LONG_K_CASES])
+@pytest.mark.gpu
+@requires_hopper
+@needs_module
+def test_k_longer_than_the_b_scale_chunk(m, n, k, bm, bn, dacc, split):
+    assert -(-k // 128) // split > fp8_gemm.SB_CHUNK
+    tma_store = n % 8 == 0
+    cfg = fp8_gemm.GemmConfig(bm, bn, fp8_gemm.max_stages(bm, bn, tma_store), tma_store=tma_store, double_acc=dacc,
+                              split_k=split)
+    a, sa, b, sb = _inputs(m, n, k, seed=k)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    l2side.gemm(a, sa, b, sb, out=out, config=cfg)
+    torch.cuda.synchronize()
+    _check(out, gemm_reference(a, sa, b, sb), f"{(m, n, k)} {cfg}")
+
+
 @pytest.mark.gpu
 @requires_hopper
 @needs_module
