@@ -359,9 +359,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       // B scales of the tile: copied into this warpgroup's shared memory by cp.async at tile start (no register
       // waits on them), read per K block with LDS, waited for at the first promotion (after the first wgmma is
       // issued, so the copy overlaps the first stage's TMA wait); K ranges longer than kSbChunk blocks reload
-      // per chunk. H100, 4096 x 7168 x 16384: 786 us with one __ldg per K block prefetched one block ahead
-      // (the promotion waited on L2), 755 with 32-block register windows (ptxas copied each fresh load into
-      // place and waited for it), 729 like this (docs/perf-notes.md).
+      // per chunk. H100 A/Bs on 4096 x 7168 x 16384 (docs/perf-notes.md, variants 9-13): ~7% faster than one
+      // __ldg per K block prefetched one block ahead (the promotion waited on L2), ~3.5% faster than 32-block
+      // register windows (ptxas copied each fresh load into place and waited for it).
       const uint32_t first_kb = kb_begin(), last_kb = kb_end();
       float* sb_smem = reinterpret_cast<float*>(smem + Smem::kSb) + wg * Smem::kSbPerWarpgroup;
       auto load_sb_chunk = [&](uint32_t from) {
