@@ -6,6 +6,7 @@ Public API (this module is the only place it is defined):
   memory_stats / reset_peak_memory_stats / empty_cache / set_memory_limit / set_memory_fraction /
   release_graph_memory / library_path / owns / empty / is_side_aware / side_of / check_sides
   gemm(a, a_scales, b, b_scales)   FP8 e4m3 GEMM with 1x128 / 128x128 scales, bf16 out (Hopper)
+  pack_b / PackedB / PackedWeight  side-aware packed FP8 weights (PackedWeight: as an nn.Module)
   elementwise                      side-aware 1:1 kernels: kernel() to write your own, and built-ins
   jit                              the JIT runtime kernels are built with
 """
@@ -16,6 +17,7 @@ from .memory import (check_sides, empty, empty_cache, enable, is_enabled, is_sid
                      set_memory_limit, side_of)
 from .topology import Topology, topology
 from .packed_b import PackedB, pack_b
+from .packed_weight import PackedWeight
 from .quantize import gemm_reference, quantize_activation, quantize_weight
 
 __version__ = "0.1.0"
@@ -23,4 +25,4 @@ __version__ = "0.1.0"
 __all__ = ["Topology", "topology", "enable", "is_enabled", "memory_stats", "reset_peak_memory_stats",
            "empty_cache", "release_graph_memory", "set_memory_limit", "set_memory_fraction", "library_path",
            "owns", "empty", "is_side_aware", "side_of", "check_sides", "gemm", "elementwise", "jit", "__version__",
-           "quantize_activation", "quantize_weight", "gemm_reference", "pack_b", "PackedB"]
+           "quantize_activation", "quantize_weight", "gemm_reference", "pack_b", "PackedB", "PackedWeight"]

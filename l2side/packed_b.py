@@ -209,7 +209,9 @@ def _fail(msg: str):
     raise ValueError(f"pack_b: {msg}")
 
 
-def _check(b, b_scales, block_n, layout):
+def _check(b, b_scales, block_n, layout, *, need_cuda: bool = True):
+    """The arguments of pack_b (block_n back, checked); need_cuda=False: everything but the device (a weight
+    kept on the CPU until it is packed, l2side.PackedWeight)."""
     import torch
     if layout not in LAYOUTS:
         _fail(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -237,7 +239,7 @@ def _check(b, b_scales, block_n, layout):
     want = (_ceil_div(n, 128), _ceil_div(k, 128))
     if tuple(b_scales.shape) != want:
         _fail(f"b_scales must have shape [ceil(N/128), ceil(K/128)] = {list(want)}, got {tuple(b_scales.shape)}")
-    if not b.is_cuda:
+    if need_cuda and not b.is_cuda:
         _fail(f"b must be a CUDA tensor, got one on {b.device}")
     if b_scales.device != b.device:
         _fail(f"b_scales must be on b's device {b.device}, got {b_scales.device}")

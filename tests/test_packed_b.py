@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import requires_gpu, requires_nvcc
+from conftest import requires_gpu, requires_hopper, requires_nvcc
 
 torch = pytest.importorskip("torch")
 from l2side import jit, packed_b, side_plan, sides  # noqa: E402
@@ -465,3 +465,89 @@ def test_to_save_and_load(tmp_path):
         s = p.to("cuda:1")
         assert s.device == torch.device("cuda", 1) and s.data.device == s.device
         assert torch.equal(s.unpack()[0].view(torch.uint8).cpu(), b.view(torch.uint8).cpu())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PackedWeight: a packed weight as an nn.Module (state_dict = the unpacked form)
+
+def cpu_weight(n, k, seed=0):
+    b = torch.from_numpy(random_b(n, k, seed)).view(torch.float8_e4m3fn)
+    scales = torch.rand(-(-n // 128), -(-k // 128), generator=torch.Generator().manual_seed(seed)) + 0.5
+    return b, scales
+
+
+def test_packed_weight_module_on_the_cpu(tmp_path):
+    import l2side
+    b, s = cpu_weight(300, 272)
+    m = l2side.PackedWeight(b, s, block_n=64)
+    assert m.packed is None and m.device == torch.device("cpu") and m.shape == (300, 272)
+    sd = m.state_dict()
+    assert set(sd) == {"weight", "weight_scales"}
+    assert torch.equal(sd["weight"].view(torch.uint8), b.view(torch.uint8)) and torch.equal(sd["weight_scales"], s)
+    # inside a model: saved, loaded with weights_only=True, into a model holding another weight of that shape
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), l2side.PackedWeight(b, s, block_n=64))
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    assert {"1.weight", "1.weight_scales", "0.weight", "0.bias"} == set(state)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 4), l2side.PackedWeight(*cpu_weight(300, 272, seed=1), block_n=64))
+    other.load_state_dict(state)
+    assert torch.equal(other[1].unpacked()[0].view(torch.uint8), b.view(torch.uint8))
+    # dtype conversions leave it FP8; .cpu() on the CPU changes nothing
+    other.half()
+    other.cpu()
+    assert other[1].unpacked()[0].dtype == torch.float8_e4m3fn and other[1].packed is None
+    assert other[0].weight.dtype == torch.float16
+    assert "n=300, k=272, block_n=64, on cpu" in repr(other)
+
+
+def test_packed_weight_module_errors():
+    import l2side
+    b, s = cpu_weight(300, 272)
+    m = l2side.PackedWeight(b, s)
+    with pytest.raises(ValueError, match="CUDA device"):
+        m(torch.zeros(4, 272).to(torch.float8_e4m3fn), torch.ones(4, 3))
+    with pytest.raises(ValueError, match="b_scales must have shape"):
+        l2side.PackedWeight(b, s[:1])
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        l2side.PackedWeight(b.view(torch.uint8), s)
+    with pytest.raises(ValueError, match="block_n must be a multiple of 32"):
+        l2side.PackedWeight(b, s, block_n=48)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        m.load_state_dict({})
+    assert m.load_state_dict({}, strict=False).missing_keys == ["weight", "weight_scales"]
+    b2, s2 = cpu_weight(200, 272)
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):
+        m.load_state_dict({"weight": b2, "weight_scales": s2})
+    with pytest.raises(RuntimeError, match="b_scales must have shape"):
+        m.load_state_dict({"weight": b, "weight_scales": s2[:, :1]})
+
+
+@pytest.mark.gpu
+@requires_hopper
+def test_packed_weight_module_on_the_gpu():
+    import l2side
+    b, s = l2side.quantize_weight(torch.randn(1000, 1536, device="cuda"))
+    a, sa = l2side.quantize_activation(torch.randn(130, 1536, device="cuda"))
+    m = l2side.PackedWeight(b, s, block_n=64)
+    assert m.packed is not None and m.device.type == "cuda" and m.packed.block_n == 64
+    want = l2side.gemm(a, sa, l2side.pack_b(b, s, block_n=64))
+    assert torch.equal(m(a, sa), want) and torch.equal(m(a, sa, side_mode="far"), want)
+    sd = m.state_dict()
+    assert sd["weight"].is_cuda and torch.equal(sd["weight"].view(torch.uint8), b.view(torch.uint8))
+    # to the CPU (plain tensors) and back (packed again)
+    m.cpu()
+    assert m.packed is None and torch.equal(m.unpacked()[0].view(torch.uint8), b.view(torch.uint8).cpu())
+    with pytest.raises(ValueError, match="CUDA device"):
+        m(a, sa)
+    m.cuda()
+    assert m.packed is not None and torch.equal(m(a, sa), want)
+    # a GPU module loads a CPU checkpoint and packs it on its device
+    other = l2side.PackedWeight(*l2side.quantize_weight(torch.randn(1000, 1536, device="cuda")), block_n=64)
+    other.load_state_dict({key: v.cpu() for key, v in sd.items()})
+    assert other.packed is not None and torch.equal(other(a, sa), want)
+    # A that does not fit, or on another device: the GEMM's own errors
+    with pytest.raises(ValueError):
+        m(a[:, :1024].contiguous(), sa[:, :8].contiguous())
+    with pytest.raises(ValueError):
+        m(a.cpu(), sa.cpu())
