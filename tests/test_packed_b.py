@@ -291,6 +291,14 @@ def test_pack_kernel_compiles_for_sm90a():
     assert packed_b.KERNEL_NAME.encode() in cubin
 
 
+@requires_nvcc
+def test_load_path_microbenchmark_compiles_for_sm90a():
+    """scripts/load_paths.cu (TMA tiles vs bulk copies vs side-aware chunks) stays buildable for kernel work."""
+    from pathlib import Path
+    src = (Path(__file__).resolve().parents[1] / "scripts" / "load_paths.cu").read_text()
+    assert b"l2side_load_paths" in jit.compile(src, name="load_paths", arch="sm_90a")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU: the kernel
 

@@ -1,0 +1,68 @@
+"""Streaming rate of each shared-memory load path the FP8 GEMM uses or could use, one producer thread per SM
+(scripts/load_paths.cu has the modes): TMA tensor tiles vs 4 KiB / 16 KiB bulk copies vs side-aware 4 KiB
+chunks (near / far / side ignored), from an L2-resident buffer and from DRAM. Kernel work for issue 4 (the
+packed-B GEMM is ~1.45x slower than the TMA one at M = 4096: is it the bulk copies, or the chunk pattern?).
+
+    python scripts/load_paths.py [--sizes-mib 32,1024] [--reps 20]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+MODES = ["TMA tile 128x128", "4 x 4 KiB bulk", "1 x 16 KiB bulk", "4 x 4 KiB near side", "4 x 4 KiB far side",
+         "4 x 4 KiB side ignored"]
+STAGES, STAGE_BYTES = 8, 16384
+ROW_BYTES = 16384                      # the matrix the TMA mode reads: [rows, 16384] bytes (like K = 16384)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes-mib", default="32,1024", help="buffer sizes (the side modes use half of each)")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--stages-per-cta", type=int, default=2048, help="16 KiB stages each CTA loads per launch")
+    args = p.parse_args()
+    import torch
+    if not torch.cuda.is_available():
+        print("load_paths: no CUDA GPU; nothing to measure")
+        return 0
+    import l2side
+    from l2side import jit
+    from l2side._timing import median_event_ms
+    topo = l2side.topology(0)
+    print(topo)
+    source = (Path(__file__).with_name("load_paths.cu")).read_text()
+    kernel = jit.load_kernel(source, "l2side_load_paths", name="load_paths", device=0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    bits = [0, 0, 0, 0]
+    for sm, side in enumerate(topo.sm_side):
+        if side == 1 and sm < 256:
+            bits[sm >> 6] |= 1 << (sm & 63)
+    smem = STAGES * STAGE_BYTES + STAGES * 8 + 1024
+    for mib in (int(v) for v in args.sizes_mib.split(",")):
+        nbytes = mib << 20
+        buf = l2side.empty(nbytes, dtype=torch.uint8, device="cuda")
+        buf.random_(0, 256)
+        base = buf.data_ptr()
+        assert base % 8192 == 0, "side modes need 8 KiB-aligned chunk pairs"
+        rows = nbytes // ROW_BYTES
+        tmap = jit.tensor_map(base, "u8", [ROW_BYTES, rows], [ROW_BYTES], [128, 128])
+        print(f"\n{mib} MiB buffer ({'L2-resident' if nbytes <= (40 << 20) else 'DRAM'}), {sms} CTAs x "
+              f"{args.stages_per_cta} stages of 16 KiB, {STAGES} in flight per SM")
+        for mode, label in enumerate(MODES):
+            if mode >= 3 and not topo.split:
+                continue
+            units = nbytes // STAGE_BYTES // (2 if mode >= 3 else 1)   # side modes read one chunk of each pair
+            params = (jit.Params().tensor_map(tmap).ptr(base).u64(topo.side_mask).u64(bits[0]).u64(bits[1])
+                      .u64(bits[2]).u64(bits[3]).u32(mode).u32(args.stages_per_cta).u32(units)
+                      .u32(ROW_BYTES // 128))
+            ms = median_event_ms(lambda: kernel.launch(sms, 128, params, smem=smem), args.reps)
+            gbs = sms * args.stages_per_cta * STAGE_BYTES / ms / 1e6
+            print(f"   {label:24s} {ms * 1e3:9.1f} us  {gbs:8.0f} GB/s  {gbs / sms:6.1f} GB/s per SM", flush=True)
+        del buf
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
