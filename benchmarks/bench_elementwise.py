@@ -182,6 +182,7 @@ def main(argv=None) -> int:
         return 0
     import l2side
     from l2side._energy import NvmlEnergy, steady_power
+    from l2side._timing import back_to_back_ms, median_event_ms
     if not args.no_enable:
         l2side.enable()
     from l2side import elementwise as ew
@@ -218,16 +219,7 @@ def main(argv=None) -> int:
                     fn = (lambda c=compiled, a=f_args: c(*a))
                 try:
                     # one untimed call to estimate the time per call, then reps for >= ~2 ms per replay
-                    fn()
-                    torch.cuda.synchronize()
-                    t0 = torch.cuda.Event(enable_timing=True)
-                    t1 = torch.cuda.Event(enable_timing=True)
-                    t0.record()
-                    for _ in range(3):
-                        fn()
-                    t1.record()
-                    t1.synchronize()
-                    per = max(t0.elapsed_time(t1) / 3, 1e-3)
+                    per = max(back_to_back_ms(fn, 3, warmup=1), 1e-3)
                     reps = max(1, min(200, math.ceil(2.0 / per)))
                     graphs[variant] = Loop(fn, reps) if nograph else capture(torch, fn, reps, stream)
                     reps_of[variant] = reps
@@ -244,18 +236,7 @@ def main(argv=None) -> int:
             watts = {v: [] for v in graphs}
             with torch.cuda.stream(stream):
                 for variant, g in graphs.items():
-                    g.replay()
-                    torch.cuda.synchronize()
-                    samples = []
-                    for _ in range(args.replays):
-                        a = torch.cuda.Event(enable_timing=True)
-                        b = torch.cuda.Event(enable_timing=True)
-                        a.record()
-                        g.replay()
-                        b.record()
-                        b.synchronize()
-                        samples.append(a.elapsed_time(b) / reps_of[variant])
-                    times[variant] = statistics.median(samples)
+                    times[variant] = median_event_ms(g.replay, args.replays, warmup=1) / reps_of[variant]
                 # energy: rounds of windows, the variants alternating inside each round
                 if energy.handle is not None:
                     for _ in range(args.rounds):

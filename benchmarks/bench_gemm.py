@@ -362,14 +362,8 @@ def host_overhead(torch, quick: bool):
         return median(times)
 
     def gpu_us_back_to_back(fn):
-        torch.cuda.synchronize()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(per):
-            fn()
-        e.record()
-        e.synchronize()
-        return s.elapsed_time(e) * 1e3 / per
+        from l2side._timing import back_to_back_ms
+        return back_to_back_ms(fn, per) * 1e3
 
     fns = {"l2side.gemm": lambda: l2side.gemm(a, sa, b, sb, out=out)}
     try:

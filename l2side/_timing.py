@@ -20,3 +20,19 @@ def median_event_ms(fn, reps: int, *, warmup: int = 3, before=None) -> float:
         if r >= warmup:
             times.append(start.elapsed_time(stop))
     return statistics.median(times)
+
+
+def back_to_back_ms(fn, calls: int, *, warmup: int = 0) -> float:
+    """Milliseconds per call of `calls` calls of `fn` issued back to back between two CUDA events (the GPU time
+    of a stream of calls, launch gaps included), after `warmup` untimed calls and a synchronize."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop) / calls

@@ -174,18 +174,9 @@ def energy_per_call(calls, energy, seconds, rounds=2):
     """'name mJ (W, us)' per call in `calls`: steady NVML power over back-to-back calls x events time per call."""
     import statistics
     from l2side._energy import steady_power
+    from l2side._timing import back_to_back_ms
 
-    def back_to_back_ms(fn, n=20):
-        fn()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
-            fn()
-        stop.record()
-        stop.synchronize()
-        return start.elapsed_time(stop) / n
-
-    ms = {name: back_to_back_ms(fn) for name, fn in calls.items()}
+    ms = {name: back_to_back_ms(fn, 20, warmup=1) for name, fn in calls.items()}
     watts = {name: [] for name in calls}
     for _ in range(rounds):
         for name, fn in calls.items():
