@@ -76,6 +76,12 @@ _INCLUDE_LINE = re.compile(rb'^[ \t]*#[ \t]*include[ \t]*([<"])([^>"\n]+)[>"]', 
 _scanned: dict = {}   # path -> (stat signature, content digest, includes): each header is read once per edit
 
 
+def _includes_of(text: bytes) -> tuple:
+    """(quoted?, name) of each #include line of a source text."""
+    return tuple((m.group(1) == b'"', m.group(2).decode(errors="replace").strip())
+                 for m in _INCLUDE_LINE.finditer(text))
+
+
 def _scan(path: Path) -> tuple[str, tuple]:
     """(sha256 of the content, the (quote?, name) of each #include) of a file, cached by its stat."""
     st = path.stat()
@@ -84,8 +90,7 @@ def _scan(path: Path) -> tuple[str, tuple]:
     if hit is not None and hit[0] == signature:
         return hit[1], hit[2]
     data = path.read_bytes()
-    includes = tuple((m.group(1) == b'"', m.group(2).decode(errors="replace").strip())
-                     for m in _INCLUDE_LINE.finditer(data))
+    includes = _includes_of(data)
     digest = hashlib.sha256(data).hexdigest()
     _scanned[path] = (signature, digest, includes)
     return digest, includes
@@ -120,9 +125,7 @@ def included_headers(source: str, dirs: Sequence[Path]) -> list[Path]:
     includes named by a macro. Lines inside #if / comments count too: a superset only costs a recompile."""
     found: list[Path] = []
     seen: set = set()
-    pending = [(None, quoted, name) for quoted, name in
-               ((m.group(1) == b'"', m.group(2).decode(errors="replace").strip())
-                for m in _INCLUDE_LINE.finditer(source.encode()))]
+    pending = [(None, quoted, name) for quoted, name in _includes_of(source.encode())]
     while pending:
         parent, quoted, name = pending.pop()
         candidates = ([parent] if quoted and parent is not None else []) + list(dirs)
