@@ -12,6 +12,8 @@ import re
 import struct
 from typing import Mapping, Optional, Sequence
 
+from ..sides import sm_side_bits
+
 HEADER = "l2side_elementwise.cuh"
 THREADS = 256
 CHUNK_BYTES = 4096
@@ -400,22 +402,6 @@ def _ticket_sizes(n_pairs: int, ctas_per_side: int, unroll: int):
     rest = n_pairs - big_tickets * big
     n_tickets = big_tickets + -(-rest // small)
     return big_tickets, big, small, n_tickets
-
-
-_bits_cache: dict = {}
-
-
-def sm_side_bits(sm_side: Sequence[int]) -> list:
-    """The kernels' %smid -> side table: bit i of word i // 64 = side of SM i (absent ids and >= 256: 0)."""
-    key = tuple(sm_side)
-    bits = _bits_cache.get(key)
-    if bits is None:
-        bits = [0, 0, 0, 0]
-        for smid, s in enumerate(key):
-            if s == 1 and smid < 256:
-                bits[smid >> 6] |= 1 << (smid & 63)
-        _bits_cache[key] = bits
-    return list(bits)
 
 
 def plan(spec: Spec, tensors: Sequence[TensorInfo], n: int, cols: int, *, side_mask: int, num_sms: int,

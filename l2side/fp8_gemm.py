@@ -38,6 +38,7 @@ import threading
 import torch
 
 from . import _native, jit
+from .sides import sm_side_bits
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
     lambda index: torch.cuda.current_stream(index).cuda_stream)
@@ -380,12 +381,8 @@ def _split_k_args(m: int, n: int, config: GemmConfig, index: int, stream: int) -
 def packed_b_args(base: int, side_mask: int, queue_blocks: int, block_first: int, workspace: int, sm_side,
                   queue_width: int, queue_len: tuple, n_blocks: int, mode: int, paired: bool) -> bytes:
     """The PackedBArgs struct the kernel takes by value (sm_side: side of each SM id, -1 for none)."""
-    bits = [0, 0, 0, 0]
-    for sm, side in enumerate(sm_side):
-        if side == 1:
-            bits[sm >> 6] |= 1 << (sm & 63)
-    return _PACKED_ARGS.pack(base, side_mask, queue_blocks, block_first, workspace, *bits, queue_width,
-                             queue_len[0], queue_len[1], n_blocks, mode, int(paired))
+    return _PACKED_ARGS.pack(base, side_mask, queue_blocks, block_first, workspace, *sm_side_bits(sm_side),
+                             queue_width, queue_len[0], queue_len[1], n_blocks, mode, int(paired))
 
 
 def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmConfig | None, index: int,

@@ -5,6 +5,8 @@ For memory from l2side's allocator on a GPU with a split L2:
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 CHUNK_BYTES = 4096          # the side never changes inside a 4 KiB chunk
@@ -50,3 +52,20 @@ def near_chunk(pair: int, sm_side: int, base: int, mask: int) -> int:
     """
     even = 2 * pair
     return even + (side_of_address(base + even * CHUNK_BYTES, mask) ^ sm_side)
+
+
+_bits_cache: dict = {}
+
+
+def sm_side_bits(sm_side: Sequence[int]) -> list:
+    """The kernels' %smid -> side table (l2side::sm_side in kernels/sm_side.cuh): bit i of word i // 64 = side
+    of SM i, 4 words (absent ids, ids >= 256 and sides -1: 0)."""
+    key = tuple(sm_side)
+    bits = _bits_cache.get(key)
+    if bits is None:
+        bits = [0, 0, 0, 0]
+        for smid, s in enumerate(key):
+            if s == 1 and smid < 256:
+                bits[smid >> 6] |= 1 << (smid & 63)
+        _bits_cache[key] = bits
+    return list(bits)

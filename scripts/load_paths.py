@@ -30,15 +30,13 @@ def main() -> int:
     import l2side
     from l2side import jit
     from l2side._timing import median_event_ms
+    from l2side.sides import sm_side_bits
     topo = l2side.topology(0)
     print(topo)
     source = (Path(__file__).with_name("load_paths.cu")).read_text()
     kernel = jit.load_kernel(source, "l2side_load_paths", name="load_paths", device=0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    bits = [0, 0, 0, 0]
-    for sm, side in enumerate(topo.sm_side):
-        if side == 1 and sm < 256:
-            bits[sm >> 6] |= 1 << (sm & 63)
+    bits = sm_side_bits(topo.sm_side)
     smem = STAGES * STAGE_BYTES + STAGES * 8 + 1024
     for mib in (int(v) for v in args.sizes_mib.split(",")):
         nbytes = mib << 20
