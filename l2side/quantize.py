@@ -162,6 +162,14 @@ def dequantize_weight(q, scales, block: int = GROUP, *, dtype=None):
     return q.to(dtype) * s
 
 
+def gemm_diff(x, y) -> float:
+    """DeepGEMM's calc_diff between a result and its reference: 1 - 2 sum(xy) / sum(x^2 + y^2), in float64
+    (~1e-5 or less for a correct bf16 GEMM; 0 when both are all zeros)."""
+    x, y = x.double(), y.double()
+    denom = (x * x + y * y).sum()
+    return (1 - 2 * (x * y).sum() / denom).item() if denom > 0 else 0.0
+
+
 def gemm_reference(a, a_scales, b, b_scales, *, float64: bool = False):
     """dequant(a) @ dequant(b).T: float32 [M, N] computed in float32 with TF32 off (float64=True: in float64,
     returned as float64). Same argument conventions as l2side.gemm, on any device."""

@@ -16,7 +16,7 @@ import torch
 
 import l2side
 from conftest import hopper_available, requires_hopper, requires_nvcc
-from l2side.quantize import gemm_reference, quantize_activation, quantize_weight
+from l2side.quantize import gemm_diff, gemm_reference, quantize_activation, quantize_weight
 
 try:
     from l2side import fp8_gemm
@@ -274,13 +274,6 @@ def test_python_smem_layout_matches_the_kernels(tmp_path):
 
 
 # ================================================================================================ GPU
-def _diff(x, y):
-    """DeepGEMM's calc_diff: 1 - cosine-like similarity; ~1e-5 for a correct bf16 GEMM."""
-    x, y = x.double(), y.double()
-    denom = (x * x + y * y).sum()
-    return (1 - 2 * (x * y).sum() / denom).item() if denom > 0 else 0.0
-
-
 def _inputs(m, n, k, seed=0, scale_layout="mn"):
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.float32)
@@ -292,7 +285,7 @@ def _inputs(m, n, k, seed=0, scale_layout="mn"):
 
 def _check(out, ref, what):
     assert not torch.isnan(out).any(), f"{what}: NaN in the output (poison left unwritten?)"
-    d = _diff(out.float(), ref)
+    d = gemm_diff(out.float(), ref)
     assert d < 1e-3, f"{what}: diff {d:.3g}"
     # bf16 rounding of the result (2^-9 relative) plus fp32 accumulation-order noise
     atol = 2 ** -7 * ref.abs().mean().item()
