@@ -17,18 +17,19 @@ from . import packed_b
 class PackedWeight(torch.nn.Module):
     def __init__(self, weight, weight_scales, *, block_n: int = 128, layout: str = "auto"):
         super().__init__()
-        self.block_n = packed_b._check(weight, weight_scales, block_n, layout, need_cuda=False)
-        self.layout = layout
+        self.block_n, self.layout = block_n, layout
         self.packed = None      # PackedB on a CUDA device
         self._plain = None      # (weight, weight_scales) on the CPU
         self._hold(weight, weight_scales)
 
     def _hold(self, weight, weight_scales):
-        if weight.is_cuda:
+        """Keeps the weight where it is: packed on a GPU, plain on the CPU (pack_b's checks either way)."""
+        if isinstance(weight, torch.Tensor) and weight.is_cuda:
             self.packed, self._plain = packed_b.pack_b(weight, weight_scales, block_n=self.block_n,
                                                        layout=self.layout), None
+            self.block_n = self.packed.block_n
         else:
-            packed_b._check(weight, weight_scales, self.block_n, self.layout, need_cuda=False)
+            self.block_n = packed_b._check(weight, weight_scales, self.block_n, self.layout, need_cuda=False)
             if weight_scales.device != weight.device:
                 raise ValueError(f"PackedWeight: weight_scales must be on weight's device {weight.device}, "
                                  f"got {weight_scales.device}")
