@@ -232,7 +232,7 @@ def _fields(spec: Spec) -> list:
     return f
 
 
-COMMON_FORMAT = "<" + "Q" * 16   # l2side_ew::Common
+COMMON_FORMAT = "<" + "Q" * 18   # l2side_ew::Common
 
 
 def args_format(spec: Spec) -> str:
@@ -423,13 +423,21 @@ def plan(spec: Spec, tensors: Sequence[TensorInfo], n: int, cols: int, *, side_m
     n_chunks = -(-n // chunk_elems)
     n_pairs = -(-n_chunks // 2)
     bits = sm_side_bits(sm_side)
-    common = dict(n=n, cols=cols, side_mask=0, drive=0, n_chunks=n_chunks, n_pairs=n_pairs, big_tickets=0,
+    common = dict(n=n, cols=cols, side_mask=0, drive=0, drive_row_chunks=0, drive_row_pitch=0, n_chunks=n_chunks, n_pairs=n_pairs, big_tickets=0,
                   big_pairs=1, small_pairs=1, n_tickets=0, counters=counters, mode=MODES[mode],
                   sm_side_bits=bits)
     max_grid = max(1, ctas * num_sms)
     widest = max(t.elem_bytes for t in tensors)
     candidates = [t for t in tensors if t.elem_bytes == widest and t.contiguous]
     drive = (sorted(candidates, key=lambda t: not t.is_output) or [None])[0]
+    # Row-strided inputs that outweigh the outputs drive instead when their rows are whole chunk pairs
+    # (silu_and_mul: the two halves of the input are 2/3 of the bytes and on the same side as each other,
+    # the output's chunks agree with them only half the time).
+    row_inputs = [t for t in tensors if t.elem_bytes == widest and not t.contiguous and not t.is_output]
+    n_outputs = sum(t.elem_bytes == widest and t.is_output for t in tensors)
+    if (len(row_inputs) > n_outputs and (cols * widest) % (2 * CHUNK_BYTES) == 0
+            and (row_inputs[0].row_stride * widest) % (2 * CHUNK_BYTES) == 0):
+        drive = row_inputs[0]
     why = None
     if not aligned:
         why = "unaligned pointers or row strides: element-wise accesses"
@@ -443,18 +451,21 @@ def plan(spec: Spec, tensors: Sequence[TensorInfo], n: int, cols: int, *, side_m
         why = "no contiguous tensor of the widest element size to drive the side choice"
     elif drive.address % (2 * CHUNK_BYTES):
         why = "the driving tensor is not 8 KiB-aligned"
-    elif any(t.elem_bytes == widest and t.contiguous and (t.address - drive.address) % (4 << 20)
-             for t in tensors):
+    elif drive.contiguous and any(t.elem_bytes == widest and t.contiguous and (t.address - drive.address) % (4 << 20)
+                                  for t in tensors):
         why = "tensors of the driving width do not start at the same offset modulo 4 MiB"
     if why is None:
         grid = max(1, min(max_grid, n_chunks))
         ctas_per_side = max(1, grid // 2)
         bt, bp, sp, nt = _ticket_sizes(n_pairs, ctas_per_side, spec.unroll)
+        if not drive.contiguous:
+            common.update(drive_row_chunks=cols * widest // CHUNK_BYTES, drive_row_pitch=drive.row_stride * widest)
         common.update(side_mask=side_mask, drive=drive.address, big_tickets=bt, big_pairs=bp, small_pairs=sp,
                       n_tickets=nt)
         entry = "l2ew_side_rows" if rows_form else "l2ew_side_flat"
         return Plan(entry, "side", grid, common, f"side-aware ({mode}); drive: "
-                    f"{'output' if drive.is_output else 'input'} of {widest}-byte elements")
+                    f"{'output' if drive.is_output else 'input'} of {widest}-byte elements"
+                    f"{'' if drive.contiguous else ', rows of whole chunk pairs'}")
     grid = max(1, min(max_grid, n_chunks))
     if not aligned:
         return Plan("l2ew_unaligned", "unaligned", grid, common, why)
@@ -463,7 +474,8 @@ def plan(spec: Spec, tensors: Sequence[TensorInfo], n: int, cols: int, *, side_m
 
 def pack_common(common: dict) -> bytes:
     c = common
-    return struct.pack(COMMON_FORMAT, c["n"], c["cols"], c["side_mask"], c["drive"], c["n_chunks"], c["n_pairs"],
+    return struct.pack(COMMON_FORMAT, c["n"], c["cols"], c["side_mask"], c["drive"], c["drive_row_chunks"],
+                       c["drive_row_pitch"], c["n_chunks"], c["n_pairs"],
                        c["big_tickets"], c["big_pairs"], c["small_pairs"], c["n_tickets"], c["counters"], c["mode"],
                        *c["sm_side_bits"])
 
@@ -475,11 +487,18 @@ def side_of_address(address: int, side_mask: int) -> int:
     return bin(address & side_mask).count("1") & 1
 
 
+def drive_chunk_address(common: dict, chunk: int) -> int:
+    per_row = common["drive_row_chunks"]
+    if per_row == 0:
+        return common["drive"] + chunk * CHUNK_BYTES
+    return common["drive"] + chunk // per_row * common["drive_row_pitch"] + chunk % per_row * CHUNK_BYTES
+
+
 def chunk_of_pair(common: dict, pair: int, ctr: int) -> int:
     even = 2 * pair
     if common["mode"] == MODES["off"]:
         return even + ctr
-    return even + (side_of_address(common["drive"] + even * CHUNK_BYTES, common["side_mask"]) ^ ctr)
+    return even + (side_of_address(drive_chunk_address(common, even), common["side_mask"]) ^ ctr)
 
 
 def ticket_range(common: dict, t: int):

@@ -37,6 +37,8 @@ struct Common {
   u64 cols;            // the last dimension (row length of the rows form; `cols` in bodies)
   u64 side_mask;       // hash_mask | 1 << 21 (side path only)
   u64 drive;           // address of the tensor whose 4 KiB chunks choose the side (side path only)
+  u64 drive_row_chunks;// 0: the driving tensor is contiguous; else its rows hold this many (even) chunks
+  u64 drive_row_pitch; // bytes between the driving tensor's rows (a multiple of 8 KiB; rows form only)
   u64 n_chunks;        // ceil(n / CHUNK_ELEMS)
   u64 n_pairs;         // ceil(n_chunks / 2)
   u64 big_tickets;     // tickets [0, big_tickets) hand out big_pairs pairs each, later ones small_pairs
@@ -263,9 +265,17 @@ __device__ __forceinline__ int my_side(const Common& c) {
 
 // Of pair j (chunks 2j, 2j+1 of the driving tensor), which one counter `ctr` owns: near/far: the one on
 // side ctr (bit 12 is in the mask, so the two are on opposite sides); off: simply chunk 2j + ctr.
+// Where chunk `chunk` of the driving tensor starts: contiguous, or rows of whole chunk pairs (a row-strided
+// input such as either half of silu_and_mul's input).
+__device__ __forceinline__ u64 drive_chunk_address(const Common& c, u64 chunk) {
+  if (c.drive_row_chunks == 0) return c.drive + chunk * static_cast<u64>(kChunkBytes);
+  const u64 row = div_u64(chunk, c.drive_row_chunks);
+  return c.drive + row * c.drive_row_pitch + (chunk - row * c.drive_row_chunks) * static_cast<u64>(kChunkBytes);
+}
+
 __device__ __forceinline__ u64 chunk_of_pair(const Common& c, u64 pair, int ctr, int mode) {
   const u64 even = 2 * pair;
-  const int even_side = __popcll((c.drive + even * static_cast<u64>(kChunkBytes)) & c.side_mask) & 1;
+  const int even_side = __popcll(drive_chunk_address(c, even) & c.side_mask) & 1;
   return even + static_cast<u64>(mode == kOff ? ctr : (even_side ^ ctr));
 }
 

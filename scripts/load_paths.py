@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 MODES = ["TMA tile 128x128", "4 x 4 KiB bulk", "1 x 16 KiB bulk", "4 x 4 KiB near side", "4 x 4 KiB far side",
-         "4 x 4 KiB side ignored"]
-STAGES, STAGE_BYTES = 8, 16384
+         "4 x 4 KiB side ignored", "4 x 4 KiB 2 near + 2 far"]
+MAX_STAGES, STAGE_BYTES = 13, 16384
 ROW_BYTES = 16384                      # the matrix the TMA mode reads: [rows, 16384] bytes (like K = 16384)
 
 
@@ -22,6 +22,9 @@ def main() -> int:
     p.add_argument("--sizes-mib", default="32,1024", help="buffer sizes (the side modes use half of each)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--stages-per-cta", type=int, default=2048, help="16 KiB stages each CTA loads per launch")
+    p.add_argument("--in-flight", default="8", help="stages in flight per SM, a list (Little's law: does the rate "
+                   f"grow with the bytes in flight?), each <= {MAX_STAGES}")
+    p.add_argument("--modes", default="", help="indices into the mode list (default all)")
     args = p.parse_args()
     import torch
     if not torch.cuda.is_available():
@@ -37,7 +40,10 @@ def main() -> int:
     kernel = jit.load_kernel(source, "l2side_load_paths", name="load_paths", device=0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     bits = sm_side_bits(topo.sm_side)
-    smem = STAGES * STAGE_BYTES + STAGES * 8 + 1024
+    smem = MAX_STAGES * STAGE_BYTES + MAX_STAGES * 8 + 1024
+    in_flight = [int(v) for v in args.in_flight.split(",")]
+    assert all(1 <= v <= MAX_STAGES for v in in_flight), f"--in-flight values must be 1..{MAX_STAGES}"
+    modes = [int(v) for v in args.modes.split(",")] if args.modes else list(range(len(MODES)))
     for mib in (int(v) for v in args.sizes_mib.split(",")):
         nbytes = mib << 20
         buf = l2side.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -47,17 +53,18 @@ def main() -> int:
         rows = nbytes // ROW_BYTES
         tmap = jit.tensor_map(base, "u8", [ROW_BYTES, rows], [ROW_BYTES], [128, 128])
         print(f"\n{mib} MiB buffer ({'L2-resident' if nbytes <= (40 << 20) else 'DRAM'}), {sms} CTAs x "
-              f"{args.stages_per_cta} stages of 16 KiB, {STAGES} in flight per SM")
-        for mode, label in enumerate(MODES):
+              f"{args.stages_per_cta} stages of 16 KiB")
+        for mode, stages in ((m, s) for m in modes for s in in_flight):
+            label = f"{MODES[mode]}, {stages:2d} in flight"
             if mode >= 3 and not topo.split:
                 continue
             units = nbytes // STAGE_BYTES // (2 if mode >= 3 else 1)   # side modes read one chunk of each pair
             params = (jit.Params().tensor_map(tmap).ptr(base).u64(topo.side_mask).u64(bits[0]).u64(bits[1])
                       .u64(bits[2]).u64(bits[3]).u32(mode).u32(args.stages_per_cta).u32(units)
-                      .u32(ROW_BYTES // 128))
+                      .u32(ROW_BYTES // 128).u32(stages))
             ms = median_event_ms(lambda: kernel.launch(sms, 128, params, smem=smem), args.reps)
             gbs = sms * args.stages_per_cta * STAGE_BYTES / ms / 1e6
-            print(f"   {label:24s} {ms * 1e3:9.1f} us  {gbs:8.0f} GB/s  {gbs / sms:6.1f} GB/s per SM", flush=True)
+            print(f"   {label:38s} {ms * 1e3:9.1f} us  {gbs:8.0f} GB/s  {gbs / sms:6.1f} GB/s per SM", flush=True)
         del buf
     return 0
 

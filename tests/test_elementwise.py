@@ -176,6 +176,32 @@ def test_plan_drive_tensor_is_the_widest_output_first():
     assert p.path == "side" and p.common["drive"] == infos[0].address and "input of 4-byte" in p.why
 
 
+@pytest.mark.parametrize("mode", ["near", "far"])
+def test_plan_row_strided_inputs_drive_silu_and_mul(mode):
+    # x [rows, 2h] bf16: gate and up are its halves (row stride 2h), the output is contiguous [rows, h]
+    spec = ew.builtin_kernels()["silu_and_mul_bf16"].spec
+    rows, h = 37, 8192
+    n, base = rows * h, 0x7F00_0000_0000 + (5 << 22)
+    infos = [cg.TensorInfo(base, 2, 2 * h, False, True, False), cg.TensorInfo(base + 2 * h, 2, 2 * h, False, True, False),
+             cg.TensorInfo(0x7F01_0000_0000, 2, n, True, True, True)]
+    p = cg.plan(spec, infos, n, h, side_mask=H100_MASK, num_sms=132, sm_side=SM_SIDES, mode=mode)
+    assert p.path == "side" and p.entry == "l2ew_side_rows" and "input of 2-byte" in p.why, p.why
+    c = p.common
+    assert c["drive"] == base and c["drive_row_chunks"] == h * 2 // 4096 and c["drive_row_pitch"] == 4 * h
+    ch = [cg.counter_chunks(c, 0), cg.counter_chunks(c, 1)]
+    assert sorted(ch[0] + ch[1]) == list(range(c["n_chunks"]))
+    per_row = h * 2 // 4096
+    addr = np.array([base + (x // per_row) * 4 * h + (x % per_row) * 4096 for x in range(c["n_chunks"])], np.uint64)
+    ref = _numpy_sides(addr, H100_MASK)
+    for ctr in (0, 1):
+        assert (ref[np.asarray(ch[ctr], dtype=np.int64)] == ctr).all()
+    up = _numpy_sides(addr + np.uint64(2 * h), H100_MASK)        # the up half: the same side as gate here
+    assert (up == ref).all()
+    # rows that are not whole chunk pairs: the contiguous output drives, as before
+    q = cg.plan(spec, infos, rows * 6144, 6144, side_mask=H100_MASK, num_sms=132, sm_side=SM_SIDES)
+    assert q.common["drive"] == infos[2].address and q.common["drive_row_chunks"] == 0
+
+
 def _numpy_sides(addresses, mask):
     a = np.asarray(addresses, dtype=np.uint64) & np.uint64(mask)
     bits = np.unpackbits(a.view(np.uint8).reshape(-1, 8), axis=1)
