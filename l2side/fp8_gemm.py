@@ -22,7 +22,9 @@ for larger M only 64, 128 and 192, weighted by their measured efficiency (see `_
 Memory-bound tiles narrower than 32 columns (few N-blocks, e.g. N = 2112) use double accumulators.
 Split-K (`GemmConfig.split_k`: each tile's K blocks in that many ranges on different CTAs, the last CTA of a
 tile sums the fp32 partials in split order, so the result is deterministic) is available but not chosen by
-default: it measured slower than the above on every DeepSeek shape (docs/perf-notes.md).
+default: it measured slower than the above on every DeepSeek shape (docs/perf-notes.md). Tail split
+(`GemmConfig.tail_split`, chosen for M >= 512 by `tail_split_for`; L2SIDE_GEMM_TAIL_SPLIT=0 turns the choice
+off): only the tiles of the last, partial wave are split that way, so the last wave ends sooner.
 Stages: as many as fit in shared memory next to the output tile, at most 12.
 
 `b` may also be a `PackedB` from `l2side.pack_b` (side-aware packed weight, docs/packed-b.md): then every SM
@@ -64,6 +66,7 @@ class GemmConfig:
     double_acc: bool = False   # two wgmma accumulators: block k+1 runs on the tensor cores while k is promoted
     packed_b: bool = False     # B from l2side.pack_b's side-aware chunks, tiles from per-side queues
     split_k: int = 1           # > 1: each tile's K blocks in this many ranges on different CTAs, partials summed
+    tail_split: int = 1        # > 1: only the tiles of the last, partial wave are split so (see split_schedule)
 
     @property
     def num_math_warpgroups(self) -> int:
@@ -116,6 +119,7 @@ def _block_n_candidates(m: int):
 
 
 THIN_BLOCK_N = 32            # memory-bound tiles narrower than this get double accumulators (gemm_config)
+TAIL_SPLIT = os.environ.get("L2SIDE_GEMM_TAIL_SPLIT", "1") != "0"   # gemm_config may split the last wave
 
 
 def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
@@ -139,23 +143,69 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     # tiles gave 15.7 / 16.5 us, and both changes lose on tiles >= 32 wide (docs/perf-notes.md).
     double_acc = m < COMPUTE_BOUND_M and block_n < THIN_BLOCK_N
     tma_store = n % 8 == 0
+    # Compute-bound shapes whose tiles end in a partial wave split that wave's tiles along K (tail_split_for).
+    tail_split = 1
+    if m >= COMPUTE_BOUND_M and TAIL_SPLIT:
+        tail_split = tail_split_for(num_m_blocks * _ceil_div(n, block_n), _ceil_div(k, BLOCK_K), num_sms)
     # (cluster_n stays 1: A multicast in clusters of 2 / 4 measured no faster: docs/perf-notes.md)
     return GemmConfig(block_m=block_m, block_n=block_n, stages=max_stages(block_m, block_n, tma_store),
-                      tma_store=tma_store, double_acc=double_acc)
+                      tma_store=tma_store, double_acc=double_acc, tail_split=tail_split)
+
+
+def split_schedule(m: int, n: int, config: GemmConfig, num_sms: int) -> tuple[int, int]:
+    """(tail_first, splits) of SplitKArgs: tiles [0, tail_first) of the schedule are one unit each, later ones
+    `splits` units along K. split_k: every tile (tail_first 0). tail_split: the tiles that do not fill a
+    whole wave of `num_sms` units — the last wave then ends sooner (none when the tiles fill whole waves)."""
+    tiles = _ceil_div(m, config.block_m) * (_ceil_div(n, config.block_n) // config.cluster_n)
+    if config.split_k > 1:
+        return 0, config.split_k
+    partial = tiles % num_sms
+    if config.tail_split > 1 and partial:
+        return tiles - partial, config.tail_split
+    return tiles, 1
 
 
 def grid_size(m: int, n: int, config: GemmConfig, num_sms: int) -> int:
     """CTAs of the persistent grid: one per SM at most, whole clusters, no more than there are units of work
-    (tiles x split_k)."""
+    (tiles, or more with split_schedule)."""
     c = config.cluster_n
-    units = _ceil_div(m, config.block_m) * (_ceil_div(n, config.block_n) // c) * config.split_k
+    tiles = _ceil_div(m, config.block_m) * (_ceil_div(n, config.block_n) // c)
+    first, splits = split_schedule(m, n, config, num_sms // c)
+    units = first + (tiles - first) * splits
     return c * max(1, min(num_sms // c, units))
 
 
-def split_k_workspace(m: int, n: int, config: GemmConfig) -> tuple[int, int]:
-    """(fp32 partials, u32 counters) the split-K kernel needs (SplitKArgs in fp8_gemm.cuh)."""
+def split_k_workspace(m: int, n: int, config: GemmConfig, num_sms: int = 132) -> tuple[int, int]:
+    """(fp32 partials, u32 counters) the split kernel needs for its split tiles (SplitKArgs in fp8_gemm.cuh)."""
     tiles = _ceil_div(m, config.block_m) * _ceil_div(n, config.block_n)
-    return tiles * config.block_m * config.block_n * config.split_k, tiles * config.num_math_warpgroups
+    first, splits = split_schedule(m, n, config, num_sms)
+    split_tiles = tiles - first if splits > 1 else 0
+    return split_tiles * config.block_m * config.block_n * splits, split_tiles * config.num_math_warpgroups
+
+
+# The unit that completes a split tile reads the other S - 1 fp32 partials: each costs about this many K
+# elements of the tile's own math (a 128 x 128 partial is 64 KiB, read at ~55 GB/s per SM, while the SM does
+# ~10 dense FP8 TFLOPS: 64 KiB / 55 GB/s = 1.2 us = 2 * 128 * 128 * 360 FLOP / 10 TFLOPS).
+SPLIT_REDUCE_K = 360
+
+
+def tail_split_for(tiles: int, k_blocks: int, num_sms: int, max_split: int = 8, min_k_blocks: int = 8,
+                   min_gain: float = 0.015) -> int:
+    """The split of the last partial wave's tiles that ends the schedule soonest, in tile times: the full
+    waves plus ceil(partial * S / SMs) rounds of 1/S of a tile (static round robin, units of a tile
+    consecutive) plus the S - 1 partials the last unit reads; 1 unless that saves `min_gain` of the whole
+    and each unit keeps `min_k_blocks` K blocks."""
+    waves, partial = divmod(tiles, num_sms)
+    if partial == 0 or waves == 0:
+        return 1
+    best, best_time = 1, waves + 1.0
+    for s in range(2, max_split + 1):
+        if _ceil_div(k_blocks, s) < min_k_blocks or (s - 1) * _ceil_div(k_blocks, s) >= k_blocks:
+            continue
+        t = waves + _ceil_div(partial * s, num_sms) / s + (s - 1) * SPLIT_REDUCE_K / (k_blocks * BLOCK_K)
+        if t < best_time - 1e-9:
+            best, best_time = s, t
+    return best if best_time <= (waves + 1.0) * (1.0 - min_gain) else 1
 
 
 # ---------------------------------------------------------------------------------------------- source
@@ -192,12 +242,18 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
                          f" got {config.cluster_n}")
     if config.packed_b and (config.cluster_n != 1 or config.block_n % 32):
         raise ValueError("packed B needs cluster_n == 1 and block_n a multiple of 32")
-    if config.split_k > 1:
-        kb = _ceil_div(k, BLOCK_K)
-        if config.split_k > kb or (config.split_k - 1) * _ceil_div(kb, config.split_k) >= kb:
-            raise ValueError(f"split_k={config.split_k} leaves a range of K blocks empty (K has {kb} blocks of 128)")
-        if config.cluster_n != 1 or config.packed_b:
-            raise ValueError("split_k > 1 needs cluster_n == 1 and an unpacked B")
+    for name in ("split_k", "tail_split"):
+        splits = getattr(config, name)
+        if splits < 1:
+            raise ValueError(f"{name} must be >= 1, got {splits}")
+        if splits > 1:
+            kb = _ceil_div(k, BLOCK_K)
+            if splits > kb or (splits - 1) * _ceil_div(kb, splits) >= kb:
+                raise ValueError(f"{name}={splits} leaves a range of K blocks empty (K has {kb} blocks of 128)")
+            if config.cluster_n != 1 or config.packed_b:
+                raise ValueError(f"{name} > 1 needs cluster_n == 1 and an unpacked B")
+    if config.split_k > 1 and config.tail_split > 1:
+        raise ValueError("split_k and tail_split are exclusive (split_k already splits every tile)")
     if config.block_n > BLOCK_K + (config.block_n & -config.block_n):
         raise ValueError(f"block_n={config.block_n} lets a tile span three 128-wide B-scale blocks")
     return (
@@ -213,7 +269,7 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
         f"  l2side::fp8_gemm::gemm_body<{n}, {k}, {config.block_m}, {config.block_n}, {config.stages}, "
         f"{config.group_m}, {'true' if config.tma_store else 'false'}, {config.cluster_n}, "
         f"{'true' if config.double_acc else 'false'}, {'true' if config.packed_b else 'false'}, "
-        f"{config.split_k}, Mma>(\n"
+        f"{max(config.split_k, config.tail_split)}, Mma>(\n"
         "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa, tmap_d, packed, split_k);\n"
         "}\n")
 
@@ -361,21 +417,22 @@ _LAUNCH_CACHE_MAX = 4096
 # struct PackedBArgs (fp8_gemm.cuh): 5 pointers, 4 x u64 SM-side bits, 6 x u32, padded to 8 bytes
 _PACKED_ARGS = struct.Struct("<QQQQQ4Q6I")
 NO_PACKED_B = _PACKED_ARGS.pack(*([0] * 15))
-# struct SplitKArgs (fp8_gemm.cuh): partials, counters
-_SPLIT_K_ARGS = struct.Struct("<QQ")
-NO_SPLIT_K = _SPLIT_K_ARGS.pack(0, 0)
+# struct SplitKArgs (fp8_gemm.cuh): partials, counters, tail_first, splits
+_SPLIT_K_ARGS = struct.Struct("<QQII")
+NO_SPLIT_K = _SPLIT_K_ARGS.pack(0, 0, 0, 1)
 
 
-def _split_k_args(m: int, n: int, config: GemmConfig, index: int, stream: int) -> bytes:
+def _split_k_args(m: int, n: int, config: GemmConfig, num_sms: int, index: int, stream: int) -> bytes:
     """SplitKArgs over this stream's workspace (sized in powers of two so that shapes share it; launches on
     one stream run in order, so they may)."""
-    if config.split_k == 1:
-        return NO_SPLIT_K
-    partials, counters = split_k_workspace(m, n, config)
+    first, splits = split_schedule(m, n, config, num_sms)
+    if splits == 1:
+        return _SPLIT_K_ARGS.pack(0, 0, first, 1)
+    partials, counters = split_k_workspace(m, n, config, num_sms)
     partials, counters = 1 << (partials - 1).bit_length(), 1 << (counters - 1).bit_length()
     p = jit.stream_scratch(f"fp8_gemm.split_k_partials.{partials}", index, stream, partials, torch.float32)
     c = jit.stream_scratch(f"fp8_gemm.split_k_counters.{counters}", index, stream, counters, torch.int32)
-    return _SPLIT_K_ARGS.pack(p.data_ptr(), c.data_ptr())
+    return _SPLIT_K_ARGS.pack(p.data_ptr(), c.data_ptr(), first, splits)
 
 
 def packed_b_args(base: int, side_mask: int, queue_blocks: int, block_first: int, workspace: int, sm_side,
@@ -411,7 +468,7 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
         tmap_d = tmap_a  # unused by the kernel
     params = (jit.Params().ptr(out).ptr(b_scales).u32(b_scales.stride(0)).u32(b_scales.stride(1)).u32(m)
               .tensor_map(tmap_a).tensor_map(tmap_b).tensor_map(tmap_sa).tensor_map(tmap_d)
-              .raw(packed_args or NO_PACKED_B, 8).raw(_split_k_args(m, n, cfg, index, stream), 8))
+              .raw(packed_args or NO_PACKED_B, 8).raw(_split_k_args(m, n, cfg, dev.num_sms, index, stream), 8))
     kernel.check_params(params)
     grid = grid_size(m, n, cfg, dev.num_sms)
     if cfg.cluster_n > 1:  # only as many clusters as can be resident at once (persistent grid)

@@ -64,10 +64,10 @@ def time_fn(fn, flush, reps=30):
     return median_event_ms(fn, reps, before=flush.zero_) * 1e3
 
 
-def full_config(bm, bn, cluster=1, double_acc=0, group_m=8, stages=0, split_k=1):
+def full_config(bm, bn, cluster=1, double_acc=0, group_m=8, stages=0, split_k=1, tail_split=1):
     from l2side import fp8_gemm
     return fp8_gemm.GemmConfig(bm, bn, stages or fp8_gemm.max_stages(bm, bn, True), cluster_n=cluster,
-                               double_acc=bool(double_acc), group_m=group_m, split_k=split_k)
+                               double_acc=bool(double_acc), group_m=group_m, split_k=split_k, tail_split=tail_split)
 
 
 def sweep(shapes, spec):
@@ -110,7 +110,7 @@ def sweep(shapes, spec):
             t = time_fn(lambda: l2side.gemm(a, sa, b, sb, out=out, config=c), flush)
             mark = "*" if c == auto[(m, n, k)] else " "
             print(f"{m:5d} {n:6d} {k:6d} {mark} bm={c.block_m} bn={c.block_n} st={c.stages} cl={c.cluster_n} "
-                  f"dacc={int(c.double_acc)} g={c.group_m} sk={c.split_k} diff={d:.1e} {t:8.1f} us "
+                  f"dacc={int(c.double_acc)} g={c.group_m} sk={c.split_k} ts={c.tail_split} diff={d:.1e} {t:8.1f} us "
                   f"{2 * m * n * k / t / 1e6:7.1f} TFLOPS {(m * k + n * k + 2 * m * n) / t / 1e3:6.0f} GB/s", flush=True)
     return 0
 
@@ -239,7 +239,7 @@ def main():
                         "BLOCK_N a multiple of 32, or 'auto' (64 at M < 512, else 128)")
     p.add_argument("--energy", type=float, default=0.0, metavar="SECONDS",
                    help="with --packed: also NVML energy per GEMM, this many seconds of counter window per variant")
-    p.add_argument("--sweep", default="", help="BM,BN[,CLUSTER[,DOUBLE_ACC[,GROUP_M[,STAGES[,SPLIT_K]]]]];... : time each config on each "
+    p.add_argument("--sweep", default="", help="BM,BN[,CLUSTER[,DOUBLE_ACC[,GROUP_M[,STAGES[,SPLIT_K[,TAIL_SPLIT]]]]]];... : time each config on each "
                         "shape (STAGES 0: as many as fit; 'auto': gemm_config's choice)")
     args = p.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes else EDGE + DEEPSEEK

@@ -174,6 +174,74 @@ def test_invalid_split_k_is_rejected():
     assert base.split_k == 1
 
 
+def _units(tiles, tail_first, splits, k_blocks):
+    """Python mirror of GroupedScheduler::next + kb_begin/kb_end: unit -> (tile, first K block, end)."""
+    tail_first = min(tail_first, tiles) if splits > 1 else tiles
+    out = []
+    for u in range(tail_first + (tiles - tail_first) * splits):
+        if u < tail_first:
+            tile, split, n = u, 0, 1
+        else:
+            tile, split, n = tail_first + (u - tail_first) // splits, (u - tail_first) % splits, splits
+        per = ceil_div(k_blocks, n)
+        out.append((tile, split * per, min(split * per + per, k_blocks)))
+    return out
+
+
+@needs_module
+@pytest.mark.parametrize("m,n,k,bm,bn,split_k,tail", [
+    (4096, 7168, 16384, 128, 128, 1, 5), (4096, 2112, 7168, 128, 192, 1, 3), (2176, 1040, 3008, 128, 128, 1, 3),
+    (64, 2112, 7168, 64, 64, 4, 1), (300, 504, 1040, 128, 128, 1, 3), (4096, 4096, 7168, 128, 128, 1, 5)])
+def test_split_schedule_covers_every_k_block_of_every_tile_once(m, n, k, bm, bn, split_k, tail):
+    cfg = fp8_gemm.GemmConfig(bm, bn, 4, split_k=split_k, tail_split=tail)
+    fp8_gemm.gemm_source(n, k, cfg)                                   # a valid config
+    tiles = ceil_div(m, bm) * ceil_div(n, bn)
+    kb = ceil_div(k, 128)
+    first, splits = fp8_gemm.split_schedule(m, n, cfg, 132)
+    units = _units(tiles, first, splits, kb)
+    seen = {}
+    for tile, b, e in units:
+        assert b < e, (tile, b, e)                                  # no empty K range
+        seen.setdefault(tile, []).append((b, e))
+    assert sorted(seen) == list(range(tiles))
+    for tile, ranges in seen.items():                               # contiguous, in order, the whole of K
+        assert ranges[0][0] == 0 and ranges[-1][1] == kb and all(x[1] == y[0] for x, y in zip(ranges, ranges[1:]))
+    if split_k > 1:
+        assert (first, splits) == (0, split_k)
+    elif tiles >= 132:                                              # only the last partial wave is split
+        assert first == tiles - tiles % 132 and (splits == tail or tiles % 132 == 0)
+    assert fp8_gemm.grid_size(m, n, cfg, 132) == min(132, len(units))
+    parts, counters = fp8_gemm.split_k_workspace(m, n, cfg, 132)
+    split_tiles = tiles - first if splits > 1 else 0
+    assert parts == split_tiles * bm * bn * splits and counters == split_tiles * (bm // 64)
+
+
+@needs_module
+def test_tail_split_is_chosen_where_the_last_wave_is_partial_and_long():
+    pick = lambda m, n, k: fp8_gemm.gemm_config(m, n, k, 132).tail_split
+    assert pick(4096, 7168, 16384) == 5          # 1792 tiles = 13.6 waves: the last 76 tiles in 5 parts
+    assert pick(4096, 2112, 7168) == 3           # 352 tiles of 128 x 192 = 2.67 waves
+    assert pick(4096, 4096, 7168) == 1           # the partials' reduction would eat the gain (K = 7168)
+    assert pick(4096, 7168, 2048) == 1           # 16 K blocks: no split keeps 8 per unit and gains
+    assert pick(4096, 24576, 1536) == 1 and pick(4096, 32768, 512) == 1
+    assert all(pick(m, n, k) == 1 for m, n, k in DEEPSEEK if m <= 128)   # memory-bound: never
+    assert fp8_gemm.tail_split_for(264, 56, 132) == 1                     # whole waves: nothing to balance
+    assert fp8_gemm.tail_split_for(100, 56, 132) == 1                     # one partial wave: split-K's job
+
+
+@needs_module
+def test_invalid_tail_split_is_rejected():
+    with pytest.raises(ValueError, match="tail_split=57"):
+        fp8_gemm.gemm_source(2112, 7168, fp8_gemm.GemmConfig(128, 128, 4, tail_split=57))
+    with pytest.raises(ValueError, match="exclusive"):
+        fp8_gemm.gemm_source(2112, 7168, fp8_gemm.GemmConfig(128, 128, 4, split_k=2, tail_split=3))
+    with pytest.raises(ValueError, match="tail_split > 1 needs cluster_n == 1"):
+        fp8_gemm.gemm_source(2048, 7168, fp8_gemm.GemmConfig(128, 128, 4, tail_split=3, cluster_n=2))
+    with pytest.raises(ValueError, match="tail_split must be >= 1"):
+        fp8_gemm.gemm_source(2048, 7168, fp8_gemm.GemmConfig(128, 128, 4, tail_split=0))
+    assert re.search(r"\b5, Mma>", fp8_gemm.gemm_source(7168, 16384, fp8_gemm.GemmConfig(128, 128, 5, tail_split=5)))
+
+
 @needs_module
 def test_gemm_config_rejects_empty_shapes():
     with pytest.raises(ValueError):
@@ -300,6 +368,7 @@ def prebuilt():
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     jobs = {(n, k, fp8_gemm.gemm_config(m, n, k, num_sms)) for m, n, k in DEEPSEEK + UNALIGNED + [(256, 512, 1024)]}
     jobs |= {(c[1], c[2], _split_config(*c)) for c in SPLIT_CASES}
+    jobs |= {(n, k, _tail_config(m, n, k, bm, bn, t)) for m, n, k, bm, bn, t in TAIL_CASES}
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda j: fp8_gemm.build(*j), jobs))
 
@@ -477,6 +546,38 @@ def test_split_k_matches_reference_and_repeats_bitwise(m, n, k, bm, bn, split, d
         l2side.gemm(a, sa, b, sb, out=other, config=cfg)
     s.synchronize()
     assert torch.equal(other, first)
+
+
+def _tail_config(m, n, k, bm, bn, tail):
+    tma_store = n % 8 == 0
+    return fp8_gemm.GemmConfig(bm, bn, min(5, fp8_gemm.max_stages(bm, bn, tma_store)), tma_store=tma_store,
+                               tail_split=tail)
+
+
+TAIL_CASES = [  # (m, n, k, block_m, block_n, tail_split): more tiles than SMs, the last wave's tiles split
+    (2176, 1040, 3008, 128, 128, 3), (1100, 2111, 2064, 128, 128, 4), (3000, 1000, 7168, 128, 192, 3),
+    (4200, 2100, 1040, 64, 128, 2)]
+
+
+@pytest.mark.parametrize("m,n,k,bm,bn,tail", TAIL_CASES, ids=[f"{c[0]}x{c[1]}x{c[2]}-{c[3]}x{c[4]}-t{c[5]}"
+                                                              for c in TAIL_CASES])
+@pytest.mark.gpu
+@requires_hopper
+@needs_module
+def test_tail_split_matches_reference_and_repeats_bitwise(m, n, k, bm, bn, tail, prebuilt):
+    cfg = _tail_config(m, n, k, bm, bn, tail)
+    first, splits = fp8_gemm.split_schedule(m, n, cfg, torch.cuda.get_device_properties(0).multi_processor_count)
+    assert splits == tail and first > 0, (first, splits)          # whole tiles first, then the split ones
+    a, sa, b, sb = _inputs(m, n, k, seed=m + tail)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    l2side.gemm(a, sa, b, sb, out=out, config=cfg)
+    torch.cuda.synchronize()
+    _check(out, gemm_reference(a, sa, b, sb), f"{(m, n, k)} {cfg}")
+    first_out = out.clone()
+    for _ in range(3):
+        out.fill_(float("nan"))
+        l2side.gemm(a, sa, b, sb, out=out, config=cfg)
+        assert torch.equal(out, first_out)
 
 
 @pytest.mark.gpu
