@@ -187,7 +187,7 @@ def test_plan_row_strided_inputs_drive_silu_and_mul(mode):
     p = cg.plan(spec, infos, n, h, side_mask=H100_MASK, num_sms=132, sm_side=SM_SIDES, mode=mode)
     assert p.path == "side" and p.entry == "l2ew_side_rows" and "input of 2-byte" in p.why, p.why
     c = p.common
-    assert c["drive"] == base and c["drive_row_chunks"] == h * 2 // 4096 and c["drive_row_pitch"] == 4 * h
+    assert c["drive"] == base and 1 << c["drive_row_shift"] == h * 2 // 4096 and c["drive_row_pitch"] == 4 * h
     ch = [cg.counter_chunks(c, 0), cg.counter_chunks(c, 1)]
     assert sorted(ch[0] + ch[1]) == list(range(c["n_chunks"]))
     per_row = h * 2 // 4096
@@ -197,9 +197,10 @@ def test_plan_row_strided_inputs_drive_silu_and_mul(mode):
         assert (ref[np.asarray(ch[ctr], dtype=np.int64)] == ctr).all()
     up = _numpy_sides(addr + np.uint64(2 * h), H100_MASK)        # the up half: the same side as gate here
     assert (up == ref).all()
-    # rows that are not whole chunk pairs: the contiguous output drives, as before
-    q = cg.plan(spec, infos, rows * 6144, 6144, side_mask=H100_MASK, num_sms=132, sm_side=SM_SIDES)
-    assert q.common["drive"] == infos[2].address and q.common["drive_row_chunks"] == 0
+    # rows that are not a power of two of chunk pairs (12 KiB, 24 KiB): the contiguous output drives, as before
+    for cols in (6144, 12288):
+        q = cg.plan(spec, infos, rows * cols, cols, side_mask=H100_MASK, num_sms=132, sm_side=SM_SIDES)
+        assert q.common["drive"] == infos[2].address and q.common["drive_row_pitch"] == 0
 
 
 def _numpy_sides(addresses, mask):
