@@ -23,8 +23,8 @@ Memory-bound tiles narrower than 32 columns (few N-blocks, e.g. N = 2112) use do
 Split-K (`GemmConfig.split_k`: each tile's K blocks in that many ranges on different CTAs, the last CTA of a
 tile sums the fp32 partials in split order, so the result is deterministic) is available but not chosen by
 default: it measured slower than the above on every DeepSeek shape (docs/perf-notes.md). Tail split
-(`GemmConfig.tail_split`, chosen for M >= 512 by `tail_split_for`; L2SIDE_GEMM_TAIL_SPLIT=0 turns the choice
-off): only the tiles of the last, partial wave are split that way, so the last wave ends sooner.
+(`GemmConfig.tail_split`; with L2SIDE_GEMM_TAIL_SPLIT=1 chosen for M >= 512 by `tail_split_for`): only the
+tiles of the last, partial wave are split that way, so the last wave ends sooner; opt-in, it measured slower.
 Stages: as many as fit in shared memory next to the output tile, at most 12.
 
 `b` may also be a `PackedB` from `l2side.pack_b` (side-aware packed weight, docs/packed-b.md): then every SM
@@ -119,7 +119,10 @@ def _block_n_candidates(m: int):
 
 
 THIN_BLOCK_N = 32            # memory-bound tiles narrower than this get double accumulators (gemm_config)
-TAIL_SPLIT = os.environ.get("L2SIDE_GEMM_TAIL_SPLIT", "1") != "0"   # gemm_config may split the last wave
+# gemm_config splits the last partial wave only when L2SIDE_GEMM_TAIL_SPLIT=1: on the H100 it measured slower
+# (docs/perf-notes.md, session 4: compiling the split path in costs ~10% on every whole tile, and the partial
+# last wave already runs faster per tile than the naive wave count says)
+TAIL_SPLIT = os.environ.get("L2SIDE_GEMM_TAIL_SPLIT", "0") == "1"
 
 
 def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:

@@ -217,7 +217,9 @@ def test_split_schedule_covers_every_k_block_of_every_tile_once(m, n, k, bm, bn,
 
 
 @needs_module
-def test_tail_split_is_chosen_where_the_last_wave_is_partial_and_long():
+def test_tail_split_is_chosen_where_the_last_wave_is_partial_and_long(monkeypatch):
+    assert fp8_gemm.gemm_config(4096, 7168, 16384, 132).tail_split == 1     # opt-in (L2SIDE_GEMM_TAIL_SPLIT=1)
+    monkeypatch.setattr(fp8_gemm, "TAIL_SPLIT", True)
     pick = lambda m, n, k: fp8_gemm.gemm_config(m, n, k, 132).tail_split
     assert pick(4096, 7168, 16384) == 5          # 1792 tiles = 13.6 waves: the last 76 tiles in 5 parts
     assert pick(4096, 2112, 7168) == 3           # 352 tiles of 128 x 192 = 2.67 waves
