@@ -141,10 +141,6 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   extern __shared__ uint8_t smem_raw[];
   // (the launcher asks for kBytes + 1024 so the base can be rounded up)
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  // the same base as a shared-window address, for the math loop's descriptors and loads: rebuilt from the
-  // generic pointer it cost ~6 instructions per K block (S2UR / ULEA / UIADD3.X) whenever ptxas chose to
-  // rematerialise it (it did with the split path compiled in: +15% time, H100 4096 x 4224 x 7168)
-  const uint32_t smem_s = (ptx::smem_addr(smem_raw) + 1023) & ~1023u;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + Smem::kBarriers);
   uint64_t* empty = full + kStages;
   uint64_t* tile_full = reinterpret_cast<uint64_t*>(smem + Smem::kRing);  // the packed-B schedule's tile ring
@@ -292,13 +288,13 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
     // and commit them as one group. Returns the stage it used (released by `finish` once the group is done).
     auto issue = [&](float (&acc)[kNumAccum], float& sa0, float& sa1) -> uint32_t {
       const uint32_t s = stage;
-      ptx::mbar_wait_at(smem_s + Smem::kBarriers + s * 8, phase);  // full[s]
+      ptx::mbar_wait(full + s, phase);
       if (++stage == kStages) { stage = 0; phase ^= 1; }
-      const uint32_t sa = smem_s + Smem::kSa + s * Smem::kSaStage;
-      sa0 = ptx::ld_shared_f32_at(sa + row * 4);
-      sa1 = ptx::ld_shared_f32_at(sa + (row + 8) * 4);
-      const uint64_t desc_a = ptx::kmajor_sw128_desc_at(smem_s + Smem::kA + s * Smem::kAStage + wg * 64 * BLOCK_K);
-      const uint64_t desc_b = ptx::kmajor_sw128_desc_at(smem_s + Smem::kB + s * Smem::kBStage);
+      const float* sa = reinterpret_cast<const float*>(smem + Smem::kSa + s * Smem::kSaStage);
+      sa0 = ptx::ld_shared_f32(sa + row);
+      sa1 = ptx::ld_shared_f32(sa + row + 8);
+      const uint64_t desc_a = ptx::kmajor_sw128_desc(smem + Smem::kA + s * Smem::kAStage + wg * 64 * BLOCK_K);
+      const uint64_t desc_b = ptx::kmajor_sw128_desc(smem + Smem::kB + s * Smem::kBStage);
       // (the wgmma operands "+f"(acc) order it after the promotion that read acc; no extra register fence,
       // which ptxas would take for a use of registers another in-flight group defines)
       ptx::wgmma_fence();
@@ -318,7 +314,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       if constexpr (kClusterN > 1) {
         if (lane < kClusterN) ptx::mbar_arrive_cluster(empty + s, lane);  // lane r tells CTA r
       } else {
-        if (lane == 0) ptx::mbar_arrive_at(smem_s + Smem::kBarriers + (kStages + s) * 8);  // empty[s]
+        if (lane == 0) ptx::mbar_arrive(empty + s);
       }
       const float s00 = sa0 * sb0, s10 = sa1 * sb0, s01 = sa0 * sb1, s11 = sa1 * sb1;
 #pragma unroll
@@ -393,9 +389,8 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           ptx::cp_async_wait_all();
           ptx::named_barrier_sync(1 + wg, kWarpgroupThreads);  // every thread's copies have landed
         }
-        const uint32_t sb_at = smem_s + Smem::kSb + (wg * Smem::kSbPerWarpgroup + i) * 4;
-        sb0 = ptx::ld_shared_f32_at(sb_at);
-        sb1 = kUniformScaleB ? sb0 : ptx::ld_shared_f32_at(sb_at + Smem::kSbChunk * 4);
+        sb0 = ptx::ld_shared_f32(sb_smem + i);
+        sb1 = kUniformScaleB ? sb0 : ptx::ld_shared_f32(sb_smem + Smem::kSbChunk + i);
       };
 
 #pragma unroll

@@ -18,17 +18,16 @@ __device__ __forceinline__ void mbar_init_fence() {
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
-__device__ __forceinline__ void mbar_arrive_at(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) { mbar_arrive_at(smem_addr(bar)); }
 // The producer's arrival: also announces how many bytes the TMA loads of this phase will deliver.
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
                : "memory");
 }
 // Spins until the phase with the given parity has completed.
-__device__ __forceinline__ void mbar_wait_at(uint32_t bar, uint32_t parity) {
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   asm volatile(
       "{\n"
       ".reg .pred done;\n"
@@ -37,11 +36,10 @@ __device__ __forceinline__ void mbar_wait_at(uint32_t bar, uint32_t parity) {
       "@done bra.uni L2SIDE_DONE;\n"
       "bra.uni L2SIDE_WAIT;\n"
       "L2SIDE_DONE:\n"
-      "}\n" ::"r"(bar),
+      "}\n" ::"r"(smem_addr(bar)),
       "r"(parity)
       : "memory");
 }
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) { mbar_wait_at(smem_addr(bar), parity); }
 
 // ---- clusters
 __device__ __forceinline__ uint32_t cluster_cta_rank() {
@@ -111,12 +109,11 @@ __device__ __forceinline__ void fence_async_shared() {
 }
 // (explicit shared-space load: smem pointers rounded up through an integer become generic, and a generic
 // LD of shared memory is slower than LDS)
-__device__ __forceinline__ float ld_shared_f32_at(uint32_t shared_addr) {
+__device__ __forceinline__ float ld_shared_f32(const void* p) {
   float v;
-  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(shared_addr) : "memory");
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(smem_addr(p)) : "memory");
   return v;
 }
-__device__ __forceinline__ float ld_shared_f32(const void* p) { return ld_shared_f32_at(smem_addr(p)); }
 // 4-byte asynchronous copy global -> shared (no register staging: nothing waits until cp_async_wait_all)
 __device__ __forceinline__ void cp_async_4(void* smem_dst, const void* gmem_src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(smem_dst)), "l"(gmem_src) : "memory");
@@ -142,11 +139,10 @@ __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"
 // 128-byte swizzle: 8-row core groups 1024 bytes apart (stride byte offset), layout type 1 = SWIZZLE_128B.
 // The leading byte offset is unused for swizzled K-major layouts. Stepping 32 bytes of K inside the
 // 128-byte row is +2 on the (address >> 4) field: the hardware applies the swizzle to the final address.
-__device__ __forceinline__ uint64_t kmajor_sw128_desc_at(uint32_t shared_addr) {
-  const uint64_t addr = shared_addr;
+__device__ __forceinline__ uint64_t kmajor_sw128_desc(const void* tile) {
+  const uint64_t addr = smem_addr(tile);
   return ((addr & 0x3FFFF) >> 4) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 }
-__device__ __forceinline__ uint64_t kmajor_sw128_desc(const void* tile) { return kmajor_sw128_desc_at(smem_addr(tile)); }
 
 // ---- warpgroup register reconfiguration
 template <uint32_t kRegs>
