@@ -46,19 +46,21 @@ def cast_kernel(src: str, dst: str) -> ElementwiseKernel:
 
 
 @functools.lru_cache(maxsize=None)
-def silu_and_mul_kernel(dtype: str, unroll: int = 2, min_ctas=4) -> ElementwiseKernel:
+def silu_and_mul_kernel(dtype: str, unroll: int = 1, min_ctas=8) -> ElementwiseKernel:
     # gate and up are the two halves of the last dim of one input: row-strided views (rows form).
-    # unroll 2 x 4 CTAs per SM (measured on H100 at 1 GiB bf16: 616 us vs 833 us for unroll 4 x 2 CTAs): the
-    # same loads in flight per SM, twice the warps to overlap the arithmetic with memory.
-    suffix = "" if (unroll, min_ctas) == (2, 4) else f"_u{unroll}c{min_ctas}"
+    # unroll 1 x 8 CTAs per SM (H100, 1 GiB bf16, one process: 588.6-634.7 us vs 666 us for unroll 2 x 4 and
+    # 833 us for unroll 4 x 2): the same or fewer loads in flight per thread, more warps to overlap the
+    # arithmetic with memory (docs/perf-notes.md, elementwise session 4).
+    suffix = "" if (unroll, min_ctas) == (1, 8) else f"_u{unroll}c{min_ctas}"
     return kernel(f"silu_and_mul_{dtype}{suffix}", {"gate": dtype, "up": dtype}, {"out": dtype},
                   "out = __fdividef(gate, 1.0f + __expf(-gate)) * up;",   # vLLM's fast-math form
                   unroll=unroll, min_ctas=min_ctas)
 
 
 @functools.lru_cache(maxsize=None)
-def fp8_quant_kernel(dtype: str, group: int = 128, unroll: int = 2, min_ctas=4) -> ElementwiseKernel:
-    # unroll 2 x 4 CTAs per SM: 590 us vs 660 us for unroll 4 x 2 CTAs (H100, 1 GiB bf16, same run)
+def fp8_quant_kernel(dtype: str, group: int = 128, unroll: int = 1, min_ctas=8) -> ElementwiseKernel:
+    # unroll 1 x 8 CTAs per SM: 616-618 us vs 628-634 us for unroll 2 x 4 and ~660 us for unroll 4 x 2 (H100,
+    # 1 GiB bf16, same run; bitwise the same output)
     body = f"""
 float amax = 0.f;
 #pragma unroll
@@ -71,7 +73,7 @@ const float inv = (1.0f / amax) * {FP8_MAX!r}f;
 for (int i = 0; i < VEC; ++i) q[i] = x[i] * inv;
 scale = amax * (1.0f / {FP8_MAX!r}f);
 """
-    suffix = "" if (unroll, min_ctas) == (2, 4) else f"_u{unroll}c{min_ctas}"
+    suffix = "" if (unroll, min_ctas) == (1, 8) else f"_u{unroll}c{min_ctas}"
     return kernel(f"fp8_quant_{dtype}_g{group}{suffix}", {"x": dtype}, {"q": "e4m3"}, body, group=group,
                   group_outputs={"scale": "f32"}, unroll=unroll, min_ctas=min_ctas)
 

@@ -414,7 +414,7 @@ __device__ __forceinline__ void stride_walk(const typename Op::Args& a) {
       l2ew_stride_rows(const __grid_constant__ Op::Args a) {                                                   \
     l2side_ew::stride_walk<Op, true, true, L2SIDE_EW_UNROLL>(a);                                               \
   }                                                                                                            \
-  extern "C" __global__ void __launch_bounds__(l2side_ew::kThreads, L2SIDE_EW_MIN_CTAS)                        \
+  extern "C" __global__ void __launch_bounds__(l2side_ew::kThreads, L2SIDE_EW_MIN_CTAS > 4 ? 4 : L2SIDE_EW_MIN_CTAS) \
       l2ew_unaligned(const __grid_constant__ Op::Args a) {                                                     \
     l2side_ew::stride_walk<Op, true, false, 2>(a);                                              \
   }
