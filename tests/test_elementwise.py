@@ -627,3 +627,12 @@ def test_two_gib(prebuilt):
     q, s = ew.per_token_cast_to_fp8(x.view(-1, 8192))
     q_ref, s_ref = per_token_cast_to_fp8_ref(x.view(-1, 8192))
     assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.skipif(cuda_available(), reason="checks the no-GPU exit")
+def test_variant_sweep_script_exits_cleanly_without_a_gpu():
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                          "elementwise_variants.py")
+    r = subprocess.run([sys.executable, script, "--variants", "1x8"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "no CUDA GPU" in r.stdout, r.stderr
