@@ -457,7 +457,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         ptx::named_barrier_sync(1 + wg, kWarpgroupThreads);
         // (broadcast from lane 0 so that ptxas sees a warp-uniform branch: a per-thread condition on this
         // `continue` made the loop-carried stage / phase non-uniform, and every K block's wgmma descriptors
-        // then went through R2UR moves: +30% time at 4096 x 7168 x 16384 with the split path compiled in)
+        // then went through R2UR moves)
         if (!__shfl_sync(0xffffffffu, *sums_tile, 0)) continue;
         // Sum every partial, this unit's own included (it is in the workspace too), in split order into out:
         // the bits do not depend on which unit sums, and no second array of kNumAccum registers is needed

@@ -12,7 +12,8 @@
 // each; every later tile is `splits` units (run-time, <= kMaxSplit), one per contiguous range of K blocks,
 // consecutive so they run at the same time. tail_first = 0 is plain split-K (small M, fewer tiles than
 // SMs); tail_first = the tiles of the full waves splits only the last, partial wave's tiles, so it ends
-// sooner (a stream-K-like tail: 4096 x 7168 x 16384 is 13.6 waves of 128 x 128 tiles).
+// sooner (a stream-K-like tail: 4096 x 7168 x 16384 is 13.6 waves of 128 x 128 tiles; opt-in, it measured
+// slower on the H100: docs/perf-notes.md, session 4).
 //
 // The side-aware scheduler of the packed-B GEMM plugs in here with the same interface.
 #pragma once
