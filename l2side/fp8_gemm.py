@@ -14,7 +14,7 @@ The kernel (kernels/fp8_gemm/fp8_gemm.cuh) is compiled per (N, K, block config) 
 argument — with nvcc for sm_90a and cached on disk (l2side.jit).
 
 Block configuration (`gemm_config`): BLOCK_K = 128 (the scale granularity); BLOCK_M = 64 (one math
-warpgroup) when M <= 64, else 128 (two). BLOCK_N minimises the estimated time
+warpgroup) when M <= 64, 192 x 128 tiles (three) when M >= 2048 and K <= 2048, else 128 (two). BLOCK_N minimises the estimated time
 waves * (BLOCK_N * cost_per_column + 16), where waves = ceil(tiles / SMs): the kernel is persistent, so the
 last wave's idle SMs are the cost that smaller tiles buy back, and the +16 stands for the per-tile cost
 that does not shrink with BLOCK_N. For M < 512 (memory-bound) BLOCK_N is any multiple of 8 in 16..128;
@@ -119,6 +119,10 @@ def _block_n_candidates(m: int):
 
 
 THIN_BLOCK_N = 32            # memory-bound tiles narrower than this get double accumulators (gemm_config)
+# Large M with short K: 192 x 128 tiles (three math warpgroups). H100, one process each, two machines:
+# 4096 x 24576 x 1536 259.3 -> 251.0 and 262.2 -> 253.7 us, 4096 x 7168 x 2048 104.2 -> 101.7, 4096 x 32768 x
+# 512 151.8 -> 142.6; but K = 7168 / 16384 lose 4-11% (docs/perf-notes.md, session 4).
+THREE_WARPGROUPS_MIN_M, THREE_WARPGROUPS_MAX_K = 2048, 2048
 # gemm_config splits the last partial wave only when L2SIDE_GEMM_TAIL_SPLIT=1: on the H100 it measured slower
 # (docs/perf-notes.md, session 4: compiling the split path in costs ~10% on every whole tile, and the partial
 # last wave already runs faster per tile than the naive wave count says)
@@ -130,9 +134,11 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     if m < 1 or n < 1 or k < 1:
         raise ValueError(f"gemm_config needs positive sizes, got m={m}, n={n}, k={k}")
     block_m = 64 if m <= 64 else 128
+    if m >= THREE_WARPGROUPS_MIN_M and k <= THREE_WARPGROUPS_MAX_K:
+        block_m = 192
     num_m_blocks = _ceil_div(m, block_m)
     best = None
-    for block_n, cost_per_column in _block_n_candidates(m):
+    for block_n, cost_per_column in _block_n_candidates(m) if block_m != 192 else [(128, 1.0)]:
         tiles = num_m_blocks * _ceil_div(n, block_n)
         waves = _ceil_div(tiles, num_sms)
         cost = waves * block_n * cost_per_column + waves * 16
@@ -148,7 +154,7 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     tma_store = n % 8 == 0
     # Compute-bound shapes whose tiles end in a partial wave split that wave's tiles along K (tail_split_for).
     tail_split = 1
-    if m >= COMPUTE_BOUND_M and TAIL_SPLIT:
+    if m >= COMPUTE_BOUND_M and TAIL_SPLIT and block_m != 192:
         tail_split = tail_split_for(num_m_blocks * _ceil_div(n, block_n), _ceil_div(k, BLOCK_K), num_sms)
     # (cluster_n stays 1: A multicast in clusters of 2 / 4 measured no faster: docs/perf-notes.md)
     return GemmConfig(block_m=block_m, block_n=block_n, stages=max_stages(block_m, block_n, tma_store),
@@ -558,9 +564,12 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
     def prepare():
         dev = _device(index)
         cfg = config or gemm_config(m, n, k, dev.num_sms)
+        if config is None and cfg.block_m == 192:  # (the short-K three-warpgroup rule was measured unpacked)
+            cfg = dataclasses.replace(cfg, block_m=128)
         stages = max_stages(cfg.block_m, packed.block_n, cfg.tma_store and n % 8 == 0)
         cfg = dataclasses.replace(cfg, block_n=packed.block_n, stages=min(cfg.stages, stages) if config else stages,
-                                  cluster_n=1, packed_b=True, split_k=1, tma_store=cfg.tma_store and n % 8 == 0)
+                                  cluster_n=1, packed_b=True, split_k=1, tail_split=1,
+                                  tma_store=cfg.tma_store and n % 8 == 0)
         table, width, lengths = _queues(packed)
         lay = packed.layout
         from .topology import topology

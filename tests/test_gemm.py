@@ -119,7 +119,7 @@ def test_gemm_config_is_valid_for_every_shape(num_sms):
     for m, n, k in CONFIG_SHAPES:
         c = fp8_gemm.gemm_config(m, n, k, num_sms=num_sms)
         what = f"{(m, n, k)} sms={num_sms}: {c}"
-        assert c.block_m in (64, 128), what
+        assert c.block_m in (64, 128) or (c.block_m == 192 and m >= 2048 and k <= 2048 and c.block_n == 128), what
         assert c.block_n % 8 == 0 and 8 <= c.block_n <= 256, what
         assert c.stages >= 3, what
         assert 0 < c.smem_bytes <= MAX_SMEM, what
