@@ -671,3 +671,20 @@ def test_packed_b_bad_arguments():
         l2side.gemm(a2, sa2, packed)
     with pytest.raises(ValueError, match="b_scales is required"):
         l2side.gemm(a, sa, b)
+
+
+def test_sass_loop_finder_takes_the_loop_around_the_first_mma():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "gemm_sass_loop.py")
+    spec = importlib.util.spec_from_file_location("gemm_sass_loop", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sass = "\n".join([
+        "        /*0010*/                   MOV R1, R2 ;",
+        "        /*0020*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R3 ;",
+        "        /*0030*/                   QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR16], RZ, !UPT ;",
+        "        /*0040*/                   FFMA R5, R24, R6, R5 ;",
+        "        /*0050*/              @P0  BRA 0x20 ;",
+        "        /*0060*/                   EXIT ;"])
+    loop = mod.k_loop(sass)
+    assert len(loop) == 4 and loop[0].startswith("SYNCS") and loop[-1].endswith("BRA 0x20")
