@@ -516,6 +516,23 @@ def _split_config(m, n, k, bm, bn, split, dacc):
                                split_k=split, double_acc=dacc)
 
 
+def _checked_then_repeated_bitwise(a, sa, b, sb, cfg):
+    """One launch into a poisoned output, checked against the reference; then three more that must give the
+    same bits (split partials are summed in split order whoever finishes last; the counters re-zero
+    themselves). Returns the first output."""
+    m, n = a.shape[0], b.shape[0]
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    l2side.gemm(a, sa, b, sb, out=out, config=cfg)
+    torch.cuda.synchronize()
+    _check(out, gemm_reference(a, sa, b, sb), f"{(m, n, a.shape[1])} {cfg}")
+    first = out.clone()
+    for _ in range(3):
+        out.fill_(float("nan"))
+        l2side.gemm(a, sa, b, sb, out=out, config=cfg)
+        assert torch.equal(out, first)
+    return first
+
+
 SPLIT_CASES = [  # (m, n, k, block_m, block_n, split_k, double_acc): uneven ranges, unaligned M/N/K, both block_m
     (64, 2112, 7168, 64, 64, 4, False), (64, 2112, 7168, 64, 128, 7, False), (7, 2112, 7168, 64, 64, 3, False),
     (128, 7168, 2048, 128, 112, 2, False), (100, 1000, 4112, 128, 72, 5, False), (65, 129, 1040, 128, 16, 2, False),
@@ -532,15 +549,7 @@ def test_split_k_matches_reference_and_repeats_bitwise(m, n, k, bm, bn, split, d
     finishes last; the counters re-zero themselves) and on another stream (its own workspace)."""
     cfg = _split_config(m, n, k, bm, bn, split, dacc)
     a, sa, b, sb = _inputs(m, n, k, seed=m * 7 + split)
-    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    l2side.gemm(a, sa, b, sb, out=out, config=cfg)
-    torch.cuda.synchronize()
-    _check(out, gemm_reference(a, sa, b, sb), f"{(m, n, k)} {cfg}")
-    first = out.clone()
-    for _ in range(3):
-        out.fill_(float("nan"))
-        l2side.gemm(a, sa, b, sb, out=out, config=cfg)
-        assert torch.equal(out, first)
+    first = _checked_then_repeated_bitwise(a, sa, b, sb, cfg)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -571,15 +580,7 @@ def test_tail_split_matches_reference_and_repeats_bitwise(m, n, k, bm, bn, tail,
     first, splits = fp8_gemm.split_schedule(m, n, cfg, torch.cuda.get_device_properties(0).multi_processor_count)
     assert splits == tail and first > 0, (first, splits)          # whole tiles first, then the split ones
     a, sa, b, sb = _inputs(m, n, k, seed=m + tail)
-    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    l2side.gemm(a, sa, b, sb, out=out, config=cfg)
-    torch.cuda.synchronize()
-    _check(out, gemm_reference(a, sa, b, sb), f"{(m, n, k)} {cfg}")
-    first_out = out.clone()
-    for _ in range(3):
-        out.fill_(float("nan"))
-        l2side.gemm(a, sa, b, sb, out=out, config=cfg)
-        assert torch.equal(out, first_out)
+    _checked_then_repeated_bitwise(a, sa, b, sb, cfg)
 
 
 @pytest.mark.gpu
