@@ -423,9 +423,9 @@ def plan(spec: Spec, tensors: Sequence[TensorInfo], n: int, cols: int, *, side_m
     n_chunks = -(-n // chunk_elems)
     n_pairs = -(-n_chunks // 2)
     bits = sm_side_bits(sm_side)
-    common = dict(n=n, cols=cols, side_mask=0, drive=0, drive_row_pitch=0, drive_row_shift=0, n_chunks=n_chunks, n_pairs=n_pairs, big_tickets=0,
-                  big_pairs=1, small_pairs=1, n_tickets=0, counters=counters, mode=MODES[mode],
-                  sm_side_bits=bits)
+    common = dict(n=n, cols=cols, side_mask=0, drive=0, drive_row_pitch=0, drive_row_shift=0, n_chunks=n_chunks,
+                  n_pairs=n_pairs, big_tickets=0, big_pairs=1, small_pairs=1, n_tickets=0, counters=counters,
+                  mode=MODES[mode], sm_side_bits=bits)
     max_grid = max(1, ctas * num_sms)
     widest = max(t.elem_bytes for t in tensors)
     candidates = [t for t in tensors if t.elem_bytes == widest and t.contiguous]
@@ -437,8 +437,8 @@ def plan(spec: Spec, tensors: Sequence[TensorInfo], n: int, cols: int, *, side_m
     row_inputs = [t for t in tensors if t.elem_bytes == widest and not t.contiguous and not t.is_output]
     n_outputs = sum(t.elem_bytes == widest and t.is_output for t in tensors)
     row_chunks = cols * widest // CHUNK_BYTES
-    if (len(row_inputs) > n_outputs and (cols * widest) % (2 * CHUNK_BYTES) == 0
-            and row_chunks & (row_chunks - 1) == 0 and (row_inputs[0].row_stride * widest) % (2 * CHUNK_BYTES) == 0):
+    if (len(row_inputs) > n_outputs and (cols * widest) % (2 * CHUNK_BYTES) == 0 and row_chunks & (row_chunks - 1) == 0
+            and (row_inputs[0].row_stride * widest) % (2 * CHUNK_BYTES) == 0):
         drive = row_inputs[0]
     why = None
     if not aligned:

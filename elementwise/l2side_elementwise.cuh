@@ -264,8 +264,6 @@ __device__ __forceinline__ int my_side(const Common& c) {
   return id < 256 ? static_cast<int>((c.sm_side_bits[id >> 6] >> (id & 63)) & 1ull) : 0;
 }
 
-// Of pair j (chunks 2j, 2j+1 of the driving tensor), which one counter `ctr` owns: near/far: the one on
-// side ctr (bit 12 is in the mask, so the two are on opposite sides); off: simply chunk 2j + ctr.
 // Where chunk `chunk` of the driving tensor starts: contiguous, or (rows form) rows of a power-of-two number
 // of chunks (a row-strided input such as either half of silu_and_mul's input). The flat kernels keep the
 // one-multiply form: a run-time division here cost the fp8 quantisation kernel 10% (H100, 1 GiB).
@@ -274,12 +272,15 @@ __device__ __forceinline__ u64 drive_chunk_address(const Common& c, u64 chunk) {
   if constexpr (ROWS) {
     if (c.drive_row_pitch != 0) {
       const u64 row = chunk >> c.drive_row_shift;
-      return c.drive + row * c.drive_row_pitch + (chunk - (row << c.drive_row_shift)) * static_cast<u64>(kChunkBytes);
+      return c.drive + row * c.drive_row_pitch +
+             (chunk - (row << c.drive_row_shift)) * static_cast<u64>(kChunkBytes);
     }
   }
   return c.drive + chunk * static_cast<u64>(kChunkBytes);
 }
 
+// Of pair j (chunks 2j, 2j+1 of the driving tensor), which one counter `ctr` owns: near/far: the one on
+// side ctr (bit 12 is in the mask, so the two are on opposite sides); off: simply chunk 2j + ctr.
 template <bool ROWS>
 __device__ __forceinline__ u64 chunk_of_pair(const Common& c, u64 pair, int ctr, int mode) {
   const u64 even = 2 * pair;

@@ -14,10 +14,10 @@ The kernel (kernels/fp8_gemm/fp8_gemm.cuh) is compiled per (N, K, block config) 
 argument — with nvcc for sm_90a and cached on disk (l2side.jit).
 
 Block configuration (`gemm_config`): BLOCK_K = 128 (the scale granularity); BLOCK_M = 64 (one math
-warpgroup) when M <= 64, 192 x 128 tiles (three) when M >= 2048 and K <= 2048, else 128 (two). BLOCK_N minimises the estimated time
-waves * (BLOCK_N * cost_per_column + 16), where waves = ceil(tiles / SMs): the kernel is persistent, so the
-last wave's idle SMs are the cost that smaller tiles buy back, and the +16 stands for the per-tile cost
-that does not shrink with BLOCK_N. For M < 512 (memory-bound) BLOCK_N is any multiple of 8 in 16..128;
+warpgroup) when M <= 64, 192 x 128 tiles (three) when M >= 2048 and K <= 2048, else 128 (two). BLOCK_N
+minimises the estimated time waves * (BLOCK_N * cost_per_column + 16), where waves = ceil(tiles / SMs):
+the kernel is persistent, so the last wave's idle SMs are the cost that smaller tiles buy back, and the +16
+stands for the per-tile cost that does not shrink with BLOCK_N. For M < 512 (memory-bound) BLOCK_N is any multiple of 8 in 16..128;
 for larger M only 64, 128 and 192, weighted by their measured efficiency (see `_block_n_candidates`).
 Memory-bound tiles narrower than 32 columns (few N-blocks, e.g. N = 2112) use double accumulators.
 Split-K (`GemmConfig.split_k`: each tile's K blocks in that many ranges on different CTAs, the last CTA of a
@@ -138,7 +138,8 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
         block_m = 192
     num_m_blocks = _ceil_div(m, block_m)
     best = None
-    for block_n, cost_per_column in _block_n_candidates(m) if block_m != 192 else [(128, 1.0)]:
+    candidates = [(128, 1.0)] if block_m == 192 else _block_n_candidates(m)
+    for block_n, cost_per_column in candidates:
         tiles = num_m_blocks * _ceil_div(n, block_n)
         waves = _ceil_div(tiles, num_sms)
         cost = waves * block_n * cost_per_column + waves * 16
@@ -428,7 +429,6 @@ _PACKED_ARGS = struct.Struct("<QQQQQ4Q6I")
 NO_PACKED_B = _PACKED_ARGS.pack(*([0] * 15))
 # struct SplitKArgs (fp8_gemm.cuh): partials, counters, tail_first, splits
 _SPLIT_K_ARGS = struct.Struct("<QQII")
-NO_SPLIT_K = _SPLIT_K_ARGS.pack(0, 0, 0, 1)
 
 
 def _split_k_args(m: int, n: int, config: GemmConfig, num_sms: int, index: int, stream: int) -> bytes:
