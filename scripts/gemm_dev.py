@@ -7,6 +7,7 @@ benchmarks/bench_gemm.py; this one is for kernel work.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 import time
@@ -79,7 +80,11 @@ def sweep(shapes, spec):
         """The spec's configs valid for the shape ('auto' is gemm_config's choice)."""
         out = []
         for item in spec.split(";"):
-            c = fp8_gemm.gemm_config(m, n, k) if item == "auto" else full_config(*(int(v) for v in item.split(",")))
+            if item.startswith("auto"):  # 'auto' or 'auto:field=value,...' (gemm_config's choice, fields replaced)
+                changes = dict(kv.split("=") for kv in item[5:].split(",") if kv)
+                c = dataclasses.replace(fp8_gemm.gemm_config(m, n, k), **{f: int(v) for f, v in changes.items()})
+            else:
+                c = full_config(*(int(v) for v in item.split(",")))
             try:
                 fp8_gemm.gemm_source(n, k, c)
             except ValueError:
@@ -124,8 +129,8 @@ def packed_block_n(m: int) -> int:
 
 def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0):
     """Per shape (block_n 0: packed_block_n(M)): the unpacked kernel with the packed kernel's blocks, then the
-    packed one in each side mode (outputs compared bitwise with the unpacked one's), then cuBLAS; times with CUDA
-    events, L2 flushed.
+    packed one in each side mode, then the same tiles packed contiguously ('plain': no side purity) (outputs
+    compared bitwise with the unpacked one's), then cuBLAS; times with CUDA events, L2 flushed.
     energy_seconds > 0: also mJ per GEMM from NVML (steady power over back-to-back calls, without flushes,
     x time per back-to-back call), variants alternating over two rounds."""
     import l2side
@@ -160,6 +165,15 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0):
             calls[mode] = lambda out=out, mode=mode: l2side.gemm(a, sa, packed, out=out, side_mode=mode)
             t = clock(calls[mode], flush)
             line += f" | {mode} {t:7.1f} us {2 * m * n * k / t / 1e6:6.0f} TF{'' if same else ' MISMATCH'}"
+        # the same tiles packed contiguously (chunk i = i, both sides): the chunk pattern without side purity
+        plain = l2side.pack_b(b, sb, block_n=bn, layout="plain")
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        l2side.gemm(a, sa, plain, out=out, side_mode="ignore")
+        same = torch.equal(out, ref_out)
+        bad += not same
+        calls["plain"] = lambda out=out: l2side.gemm(a, sa, plain, out=out, side_mode="ignore")
+        t = clock(calls["plain"], flush)
+        line += f" | plain {t:7.1f} us{'' if same else ' MISMATCH'}"
         f = cublas_fn(a, sa, b, sb) if timed else None
         if f is not None:
             calls["cuBLAS"] = f
@@ -240,7 +254,8 @@ def main():
     p.add_argument("--energy", type=float, default=0.0, metavar="SECONDS",
                    help="with --packed: also NVML energy per GEMM, this many seconds of counter window per variant")
     p.add_argument("--sweep", default="", help="BM,BN[,CLUSTER[,DOUBLE_ACC[,GROUP_M[,STAGES[,SPLIT_K[,TAIL_SPLIT]]]]]];... : time each config on each "
-                        "shape (STAGES 0: as many as fit; 'auto': gemm_config's choice)")
+                        "shape (STAGES 0: as many as fit; 'auto': gemm_config's choice; 'auto:cluster_n=2,...': that choice "
+                        "with those fields replaced)")
     args = p.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes else EDGE + DEEPSEEK
     torch.manual_seed(0)

@@ -9,6 +9,7 @@
 //   mode 5  as 3 with the side by CTA parity (side ignored)
 //   mode 6  as 3 with chunks 0, 2 near and 1, 3 far (both sides, same chunk pattern: is it one side per SM
 //           or the 8 KiB stride that is slower?)
+//   mode 7  as 0 with every CTA on the same tiles in the same order (the A panel of a small-M GEMM)
 // Stage g of CTA b is unit (b * iters + g) mod units: a CTA walks its own contiguous stretch, like a GEMM
 // CTA walking K, and a buffer smaller than the L2 is read many times (L2-resident).
 #include <cuda.h>
@@ -34,7 +35,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) l2side_load_paths(
   if (threadIdx.x != 0) return;
   for (uint32_t s = 0; s < kStages; ++s) lp::mbar_init(full + s, 1);
   lp::mbar_init_fence();
-  if (mode == 0) lp::prefetch_tensor_map(&tmap);
+  if (mode == 0 || mode == 7) lp::prefetch_tensor_map(&tmap);
   const uint64_t bits[4] = {sm_bits0, sm_bits1, sm_bits2, sm_bits3};
   const uint32_t own = l2side::sm_side(bits);
   const uint32_t side = mode == 3 ? own : mode == 4 ? own ^ 1u : (blockIdx.x & 1u);
@@ -43,8 +44,10 @@ extern "C" __global__ void __launch_bounds__(128, 1) l2side_load_paths(
     if (g >= kStages) lp::mbar_wait(full + s, ((g / kStages) - 1) & 1);
     uint8_t* dst = smem + s * kStageBytes;
     lp::mbar_arrive_expect_tx(full + s, kStageBytes);
-    const uint64_t unit = (static_cast<uint64_t>(blockIdx.x) * iters + g) % units;
-    if (mode == 0) {
+    // mode 7: every CTA streams the same tiles at about the same time (the small-M GEMM's A: one panel read by
+    // every SM), the others each CTA its own range
+    const uint64_t unit = (mode == 7 ? g : static_cast<uint64_t>(blockIdx.x) * iters + g) % units;
+    if (mode == 0 || mode == 7) {
       const uint32_t row_block = static_cast<uint32_t>(unit / k_blocks), kb = static_cast<uint32_t>(unit % k_blocks);
       lp::tma_load_2d(dst, &tmap, full + s, static_cast<int32_t>(kb * 128), static_cast<int32_t>(row_block * 128));
     } else if (mode == 1) {

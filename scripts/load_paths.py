@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 MODES = ["TMA tile 128x128", "4 x 4 KiB bulk", "1 x 16 KiB bulk", "4 x 4 KiB near side", "4 x 4 KiB far side",
-         "4 x 4 KiB side ignored", "4 x 4 KiB 2 near + 2 far"]
+         "4 x 4 KiB side ignored", "4 x 4 KiB 2 near + 2 far", "TMA tile, same tiles on every SM"]
 MAX_STAGES, STAGE_BYTES = 13, 16384
 ROW_BYTES = 16384                      # the matrix the TMA mode reads: [rows, 16384] bytes (like K = 16384)
 
@@ -25,6 +25,8 @@ def main() -> int:
     p.add_argument("--in-flight", default="8", help="stages in flight per SM, a list (Little's law: does the rate "
                    f"grow with the bytes in flight?), each <= {MAX_STAGES}")
     p.add_argument("--modes", default="", help="indices into the mode list (default all)")
+    p.add_argument("--ctas", default="", help="CTAs per launch, a list (default one per SM): does the rate per SM "
+                   "stay when fewer SMs stream (a per-SM limit) or grow (a shared one: L2, the crossbar)?")
     args = p.parse_args()
     import torch
     if not torch.cuda.is_available():
@@ -44,6 +46,8 @@ def main() -> int:
     in_flight = [int(v) for v in args.in_flight.split(",")]
     assert all(1 <= v <= MAX_STAGES for v in in_flight), f"--in-flight values must be 1..{MAX_STAGES}"
     modes = [int(v) for v in args.modes.split(",")] if args.modes else list(range(len(MODES)))
+    cta_counts = [int(v) for v in args.ctas.split(",")] if args.ctas else [sms]
+    assert all(1 <= c <= sms for c in cta_counts), f"--ctas values must be 1..{sms} (one CTA per SM)"
     for mib in (int(v) for v in args.sizes_mib.split(",")):
         nbytes = mib << 20
         buf = l2side.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -54,17 +58,17 @@ def main() -> int:
         tmap = jit.tensor_map(base, "u8", [ROW_BYTES, rows], [ROW_BYTES], [128, 128])
         print(f"\n{mib} MiB buffer ({'L2-resident' if nbytes <= (40 << 20) else 'DRAM'}), {sms} CTAs x "
               f"{args.stages_per_cta} stages of 16 KiB")
-        for mode, stages in ((m, s) for m in modes for s in in_flight):
-            label = f"{MODES[mode]}, {stages:2d} in flight"
-            if mode >= 3 and not topo.split:
+        for mode, stages, ctas in ((m, s, c) for m in modes for s in in_flight for c in cta_counts):
+            label = f"{MODES[mode]}, {stages:2d} in flight" + (f", {ctas} CTAs" if ctas != sms else "")
+            if 3 <= mode <= 6 and not topo.split:
                 continue
-            units = nbytes // STAGE_BYTES // (2 if mode >= 3 else 1)   # side modes read one chunk of each pair
+            units = nbytes // STAGE_BYTES // (2 if 3 <= mode <= 6 else 1)   # side modes read one chunk of each pair
             params = (jit.Params().tensor_map(tmap).ptr(base).u64(topo.side_mask).u64(bits[0]).u64(bits[1])
                       .u64(bits[2]).u64(bits[3]).u32(mode).u32(args.stages_per_cta).u32(units)
                       .u32(ROW_BYTES // 128).u32(stages))
-            ms = median_event_ms(lambda: kernel.launch(sms, 128, params, smem=smem), args.reps)
-            gbs = sms * args.stages_per_cta * STAGE_BYTES / ms / 1e6
-            print(f"   {label:38s} {ms * 1e3:9.1f} us  {gbs:8.0f} GB/s  {gbs / sms:6.1f} GB/s per SM", flush=True)
+            ms = median_event_ms(lambda: kernel.launch(ctas, 128, params, smem=smem), args.reps)
+            gbs = ctas * args.stages_per_cta * STAGE_BYTES / ms / 1e6
+            print(f"   {label:48s} {ms * 1e3:9.1f} us  {gbs:8.0f} GB/s  {gbs / ctas:6.1f} GB/s per SM", flush=True)
         del buf
     return 0
 

@@ -382,10 +382,16 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         ptx::cp_async_commit();
       };
       load_sb_chunk(first_kb);
-      auto sb_of = [&](uint32_t kb, float& sb0, float& sb1) {
-        const uint32_t i = (kb - first_kb) % Smem::kSbChunk;
+      // the loops count K blocks from the unit's first (j = kb - first_kb): fewer live values than kb and the
+      // bounds, which kept the split build's loop out of the uniform registers
+      const uint32_t num_kb = last_kb - first_kb;
+      auto sb_of = [&](uint32_t j, float& sb0, float& sb1) {
+        // (a unit never spans more K blocks than the shape has: with K <= kSbChunk blocks the reload is known
+        // dead at compile time, whatever the run-time range of a split unit)
+        constexpr bool kReloads = kNumKBlocks > Smem::kSbChunk;
+        const uint32_t i = kReloads ? j % Smem::kSbChunk : j;
         if (i == 0) {
-          if (kb != first_kb) load_sb_chunk(kb);
+          if (kReloads && j != 0) load_sb_chunk(first_kb + j);
           ptx::cp_async_wait_all();
           ptx::named_barrier_sync(1 + wg, kWarpgroupThreads);  // every thread's copies have landed
         }
@@ -402,23 +408,23 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         float sa0_0, sa1_0, sa0_1, sa1_1, sb0, sb1;
         uint32_t s0 = issue(acc0, sa0_0, sa1_0), s1 = 0;
 #pragma unroll 1
-        for (uint32_t kb = first_kb; kb < last_kb; kb += 2) {
-          if (kb + 1 < last_kb) {
+        for (uint32_t j = 0; j < num_kb; j += 2) {
+          if (j + 1 < num_kb) {
             s1 = issue(acc1, sa0_1, sa1_1);
-            sb_of(kb, sb0, sb1);
+            sb_of(j, sb0, sb1);
             ptx::wgmma_wait<1>();
           } else {
-            sb_of(kb, sb0, sb1);
+            sb_of(j, sb0, sb1);
             ptx::wgmma_wait<0>();
           }
           finish(acc0, s0, sa0_0, sa1_0, sb0, sb1, boundary);
-          if (kb + 1 < last_kb) {
-            if (kb + 2 < last_kb) {
+          if (j + 1 < num_kb) {
+            if (j + 2 < num_kb) {
               s0 = issue(acc0, sa0_0, sa1_0);
-              sb_of(kb + 1, sb0, sb1);
+              sb_of(j + 1, sb0, sb1);
               ptx::wgmma_wait<1>();
             } else {
-              sb_of(kb + 1, sb0, sb1);
+              sb_of(j + 1, sb0, sb1);
               ptx::wgmma_wait<0>();
             }
             finish(acc1, s1, sa0_1, sa1_1, sb0, sb1, boundary);
@@ -427,10 +433,10 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       } else {
         float acc[kNumAccum];
 #pragma unroll 1
-        for (uint32_t kb = first_kb; kb < last_kb; ++kb) {
+        for (uint32_t j = 0; j < num_kb; ++j) {
           float sa0, sa1, sb0, sb1;
           const uint32_t s = issue(acc, sa0, sa1);
-          sb_of(kb, sb0, sb1);  // (after the wgmma are issued: the first wait for the copied scales overlaps them)
+          sb_of(j, sb0, sb1);  // (after the wgmma are issued: the first wait for the copied scales overlaps them)
           ptx::wgmma_wait<0>();
           finish(acc, s, sa0, sa1, sb0, sb1, boundary);
         }
