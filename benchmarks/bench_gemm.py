@@ -10,7 +10,9 @@ A 1x128 scales, B 128x128 scales, bf16 out):
   - end-to-end time: CUDA events around one call, 512 MiB written before each, median of >= 30 after warm-up
   - TFLOPS = 2MNK / t; GB/s = (M*K + N*K fp8 + 2*M*N bf16 + 4 * #scales) / t; l2side/cuBLAS = speed ratio
     (> 1: l2side faster); for M = 64, l2side's kernel GB/s as % of the device-copy bandwidth measured here
-    (1 GiB copy_, read + write); "x peer" columns: l2side over the best peer figure of the row (kernel-only:
+    (1 GiB copy_, read + write), also with L2 flushed by a 512 MiB read instead ("clean L2": the write flush
+    leaves ~50 MB of dirty lines that the timed kernel must write back, which a copy running back to back
+    does not pay for); "x peer" columns: l2side over the best peer figure of the row (kernel-only:
     DeepGEMM from ../shared/ANCHORS.md (H100) or cuBLAS measured now; events: the same with the anchors' and
     this run's cuBLAS event figures).
   - "fresh inputs": l2side kernel-only time measured the way the DeepGEMM anchors were (DeepGEMM's
@@ -92,11 +94,19 @@ class Bench:
         self.profiler_error = None
         try:
             self.flush_names = {e["name"] for e in self._kernel_events(self.flush, 3)}
+            self.flush_names |= {e["name"] for e in self._kernel_events(self.clean_flush, 3)}
         except Exception as e:  # noqa: BLE001  (no CUPTI: kernel-only columns say why)
             self.profiler_error = short(e)
 
     def flush(self):
+        """The anchors' flush: a 512 MiB write. It leaves L2 full of dirty lines, which the timed call then
+        writes back to DRAM as it evicts them."""
         self.flush_buf.fill_(1)
+
+    def clean_flush(self):
+        """A 512 MiB read: L2 holds only clean lines of the flush buffer, so the timed call's DRAM traffic is its
+        own (what 'HBM bandwidth achieved' means for the M = 64 target)."""
+        self.flush_buf.sum(dtype=self.torch.int64)
 
     def _kernel_events(self, body, repeats):
         torch = self.torch
@@ -114,15 +124,17 @@ class Bench:
         kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
         return sorted(kernels, key=lambda e: float(e["ts"]))
 
-    def kernel_us(self, fn) -> tuple[float, int]:
-        """Median over calls of the summed duration of one call's kernels (L2 flushed before each call)."""
+    def kernel_us(self, fn, clean: bool = False) -> tuple[float, int]:
+        """Median over calls of the summed duration of one call's kernels (L2 flushed before each call: by a
+        write, or with `clean` by a read)."""
         if self.profiler_error:
             raise RuntimeError(f"profiler unavailable: {self.profiler_error}")
         for _ in range(self.warmup):
             fn()
+        flush = self.clean_flush if clean else self.flush
 
         def body():
-            self.flush()
+            flush()
             fn()
 
         events = [e for e in self._kernel_events(lambda: body(), self.calls) if e["name"] not in self.flush_names]
@@ -323,6 +335,14 @@ def run_shape(torch, bench, m, n, k, copy_gbs):
             row[f"speedup_{kind}"] = row[f"cublas_{kind}_us"] / row[f"l2side_{kind}_us"]
     if m == 64 and "l2side_kernel_gbs" in row and copy_gbs:
         row["l2side_pct_copy_bw"] = 100 * row["l2side_kernel_gbs"] / copy_gbs
+    if m == 64 and "l2side" in impls:  # the same with a clean L2 (a read flush): the GEMM's own DRAM traffic only
+        try:
+            t, _ = bench.kernel_us(impls["l2side"], clean=True)
+            row["l2side_clean_us"] = t
+            if copy_gbs:
+                row["l2side_pct_copy_bw_clean"] = 100 * nbytes / t / 1e3 / copy_gbs
+        except Exception as e:  # noqa: BLE001
+            row.setdefault("l2side_error", f"clean-L2 timing: {short(e)}")
     anchor = ANCHORS.get((m, n, k))
     if anchor:
         peers_k = [anchor[0]] + ([row["cublas_kernel_tflops"]] if "cublas_kernel_tflops" in row else [])
@@ -408,7 +428,8 @@ COLUMNS = [  # (header, key, format)
     ("l2side ev µs", "l2side_ev_us", ".1f"), ("TFLOPS", "l2side_ev_tflops", ".0f"),
     ("cuBLAS ev µs", "cublas_ev_us", ".1f"), ("TFLOPS", "cublas_ev_tflops", ".0f"),
     ("l2side/cuBLAS ev", "speedup_ev", ".2f"),
-    ("% copy BW", "l2side_pct_copy_bw", ".0f"), ("x peer kernel", "x_peer_kernel", ".2f"),
+    ("% copy BW", "l2side_pct_copy_bw", ".0f"), ("l2side kernel µs, clean L2", "l2side_clean_us", ".1f"),
+    ("% copy BW, clean L2", "l2side_pct_copy_bw_clean", ".0f"), ("x peer kernel", "x_peer_kernel", ".2f"),
     ("x peer ev", "x_peer_ev", ".2f"),
     ("l2side kernel µs, fresh inputs", "l2side_fresh_us", ".1f"), ("TFLOPS", "l2side_fresh_tflops", ".0f"),
     ("x DeepGEMM, fresh inputs", "x_deepgemm_fresh", ".2f"),
@@ -526,7 +547,7 @@ def main(argv=None) -> int:
                 "l2side_kernels_per_call", "l2side_ev_us", "l2side_ev_tflops", "l2side_ev_gbs", "cublas_api",
                 "cublas_kernel_us", "cublas_kernel_tflops", "cublas_kernel_gbs", "cublas_kernels_per_call",
                 "cublas_ev_us", "cublas_ev_tflops", "cublas_ev_gbs", "speedup_kernel", "speedup_ev",
-                "l2side_pct_copy_bw", "x_peer_kernel", "x_peer_ev", "l2side_fresh_us", "l2side_fresh_tflops",
+                "l2side_pct_copy_bw", "l2side_clean_us", "l2side_pct_copy_bw_clean", "x_peer_kernel", "x_peer_ev", "l2side_fresh_us", "l2side_fresh_tflops",
                 "x_deepgemm_fresh", "l2side_diff", "cublas_diff", "l2side_error",
                 "cublas_error"]
         for r in rows:

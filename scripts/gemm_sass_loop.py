@@ -27,14 +27,21 @@ def cuobjdump() -> str:
 
 
 def k_loop(sass: str) -> list[str]:
+    """The innermost loop that holds a QGMMA: the shortest back-branch range around one (the math K loop; a
+    first K block peeled out of it, as the overlapped epilogue does, is not part of it)."""
     lines = [(int(m.group(1), 16), m.group(2).strip()) for m in
              (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
-    first_mma = next(a for a, t in lines if "QGMMA" in t)
+    mmas = [a for a, t in lines if "QGMMA" in t]
+    best = None
     for a, t in lines:
         m = re.search(r"BRA 0x([0-9a-f]+)", t)
-        if a > first_mma and m and int(m.group(1), 16) <= first_mma:
-            return [t for b, t in lines if int(m.group(1), 16) <= b <= a]
-    raise RuntimeError("no loop around the first QGMMA")
+        if m and int(m.group(1), 16) <= a:
+            lo = int(m.group(1), 16)
+            if any(lo <= q <= a for q in mmas) and (best is None or a - lo < best[1] - best[0]):
+                best = (lo, a)
+    if best is None:
+        raise RuntimeError("no loop around a QGMMA")
+    return [t for b, t in lines if best[0] <= b <= best[1]]
 
 
 def main() -> int:
