@@ -67,6 +67,7 @@ class GemmConfig:
     packed_b: bool = False     # B from l2side.pack_b's side-aware chunks, tiles from per-side queues
     split_k: int = 1           # > 1: each tile's K blocks in this many ranges on different CTAs, partials summed
     tail_split: int = 1        # > 1: only the tiles of the last, partial wave are split so (see split_schedule)
+    kblocks_per_stage: int = 1  # 2 or 4: a stage holds that many K blocks, loaded by one 3-D TMA box per operand
 
     @property
     def num_math_warpgroups(self) -> int:
@@ -79,20 +80,23 @@ class GemmConfig:
     @property
     def smem_bytes(self) -> int:
         """Dynamic shared memory asked at launch (the layout of SmemLayout + 1024 for the base alignment)."""
-        return smem_layout_bytes(self.block_m, self.block_n, self.stages, self.tma_store) + 1024
+        return smem_layout_bytes(self.block_m, self.block_n, self.stages, self.tma_store,
+                                 self.kblocks_per_stage) + 1024
 
 
-def smem_layout_bytes(block_m: int, block_n: int, stages: int, tma_store: bool = True) -> int:
+def smem_layout_bytes(block_m: int, block_n: int, stages: int, tma_store: bool = True,
+                      kblocks_per_stage: int = 1) -> int:
     """Bytes of SmemLayout (fp8_gemm.cuh): [output tile] [A stages] [B stages] [A-scale stages] [barriers]
     [tile ring: 4 barriers + 4 u32] [split-K flags: 4 u32] [B scales: per math warpgroup 2 x 128 fp32]."""
-    per_stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4
+    per_stage = (block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4) * kblocks_per_stage
     barriers_at = -(-(block_m * block_n * 2 * tma_store + stages * per_stage) // 8) * 8
     return barriers_at + 2 * stages * 8 + 4 * 8 + 4 * 4 + 4 * 4 + block_m // 64 * SB_CHUNK * 2 * 4
 
 
-def max_stages(block_m: int, block_n: int, tma_store: bool) -> int:
-    stages = MAX_STAGES
-    while stages > 1 and smem_layout_bytes(block_m, block_n, stages, tma_store) + 1024 > MAX_SMEM:
+def max_stages(block_m: int, block_n: int, tma_store: bool, kblocks_per_stage: int = 1) -> int:
+    """The most stages that fit (at most MAX_STAGES K blocks in flight)."""
+    stages = MAX_STAGES // kblocks_per_stage
+    while stages > 1 and smem_layout_bytes(block_m, block_n, stages, tma_store, kblocks_per_stage) + 1024 > MAX_SMEM:
         stages -= 1
     return stages
 
@@ -262,6 +266,12 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
                 raise ValueError(f"{name}={splits} leaves a range of K blocks empty (K has {kb} blocks of 128)")
             if config.cluster_n != 1 or config.packed_b:
                 raise ValueError(f"{name} > 1 needs cluster_n == 1 and an unpacked B")
+    if config.kblocks_per_stage not in (1, 2, 4):
+        raise ValueError(f"kblocks_per_stage must be 1, 2 or 4, got {config.kblocks_per_stage}")
+    if config.kblocks_per_stage > 1 and (k % BLOCK_K or config.cluster_n != 1 or config.packed_b
+                                         or config.split_k > 1 or config.tail_split > 1):
+        raise ValueError("kblocks_per_stage > 1 needs K a multiple of 128, cluster_n == 1, an unpacked B and no "
+                         f"split (K={k}, {config})")
     if config.split_k > 1 and config.tail_split > 1:
         raise ValueError("split_k and tail_split are exclusive (split_k already splits every tile)")
     if config.block_n > BLOCK_K + (config.block_n & -config.block_n):
@@ -279,7 +289,7 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
         f"  l2side::fp8_gemm::gemm_body<{n}, {k}, {config.block_m}, {config.block_n}, {config.stages}, "
         f"{config.group_m}, {'true' if config.tma_store else 'false'}, {config.cluster_n}, "
         f"{'true' if config.double_acc else 'false'}, {'true' if config.packed_b else 'false'}, "
-        f"{max(config.split_k, config.tail_split)}, Mma>(\n"
+        f"{max(config.split_k, config.tail_split)}, {config.kblocks_per_stage}, Mma>(\n"
         "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa, tmap_d, packed, split_k);\n"
         "}\n")
 
@@ -461,14 +471,22 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
     kernel = _kernel(dev, n, k, cfg)
     sa = to_native_a_scales(a_scales)
     kb = _ceil_div(k, BLOCK_K)
-    tmap_a = jit.tensor_map(a.data_ptr(), "e4m3", (k, m), (a.stride(0) if m > 1 else k,),
-                            (BLOCK_K, cfg.block_m // cfg.cluster_n), swizzle=128)  # (each CTA loads its half)
+    g = cfg.kblocks_per_stage
+    a_rows = a.stride(0) if m > 1 else k
+    if g > 1:  # [M][K / 128][128] views: one box brings g K blocks' tiles (K % 128 == 0, checked in gemm_source)
+        tmap_a = jit.tensor_map(a.data_ptr(), "e4m3", (BLOCK_K, m, kb), (a_rows, BLOCK_K), (BLOCK_K, cfg.block_m, g))
+    else:
+        tmap_a = jit.tensor_map(a.data_ptr(), "e4m3", (k, m), (a_rows,),
+                                (BLOCK_K, cfg.block_m // cfg.cluster_n), swizzle=128)  # (each CTA loads its half)
     if cfg.packed_b:  # B comes by bulk copies from the packed chunks; the map is not read
         tmap_b = tmap_a
+    elif g > 1:
+        tmap_b = jit.tensor_map(b.data_ptr(), "e4m3", (BLOCK_K, n, kb), (b.stride(0) if n > 1 else k, BLOCK_K),
+                                (BLOCK_K, cfg.block_n, g))
     else:
         tmap_b = jit.tensor_map(b.data_ptr(), "e4m3", (k, n), (b.stride(0) if n > 1 else k,),
                                 (BLOCK_K, cfg.block_n), swizzle=128)
-    tmap_sa = jit.tensor_map(sa.data_ptr(), "f32", (m, kb), (sa.stride(1) * 4,), (cfg.block_m, 1), swizzle=0)
+    tmap_sa = jit.tensor_map(sa.data_ptr(), "f32", (m, kb), (sa.stride(1) * 4,), (cfg.block_m, g), swizzle=0)
     if cfg.tma_store:
         chunk = d_chunk_cols(cfg.block_n)
         tmap_d = jit.tensor_map(out.data_ptr(), "bf16", (n, m), (n * 2,), (chunk, 64),

@@ -83,6 +83,9 @@ def sweep(shapes, spec):
             if item.startswith("auto"):  # 'auto' or 'auto:field=value,...' (gemm_config's choice, fields replaced)
                 changes = dict(kv.split("=") for kv in item[5:].split(",") if kv)
                 c = dataclasses.replace(fp8_gemm.gemm_config(m, n, k), **{f: int(v) for f, v in changes.items()})
+                if "stages" not in changes:  # as many as fit the changed config
+                    c = dataclasses.replace(c, stages=fp8_gemm.max_stages(c.block_m, c.block_n, c.tma_store,
+                                                                          c.kblocks_per_stage))
             else:
                 c = full_config(*(int(v) for v in item.split(",")))
             try:

@@ -1,7 +1,8 @@
 // How fast one producer thread per SM can stream 16 KiB stages into shared memory by each load path the
 // FP8 GEMM uses or could use (scripts/load_paths.py; issue 4: why packed B loads slower than TMA tiles).
 // Each CTA (one per SM) keeps kStages (a launch argument, <= kMaxStages) stages in flight: thread 0 waits for a stage's bytes, then refills it.
-//   mode 0  TMA tensor tile: 128 rows x 128 bytes of a [rows, row_bytes] matrix (the unpacked B tile)
+//   mode 0  TMA tensor tile: 128 rows x 128 bytes of a [rows, row_bytes] matrix (the unpacked B tile), in boxes of
+//           box_rows rows
 //   mode 1  4 bulk copies of 4 KiB, contiguous (a packed tile, plain layout)
 //   mode 2  1 bulk copy of 16 KiB, contiguous
 //   mode 3  4 bulk copies of 4 KiB from the SM's own L2 side (side-s chunk i at 2i + (side(2i) ^ s))
@@ -27,7 +28,7 @@ constexpr uint32_t kStageBytes = 16384;
 extern "C" __global__ void __launch_bounds__(128, 1) l2side_load_paths(
     const __grid_constant__ CUtensorMap tmap, const uint8_t* base, uint64_t side_mask, uint64_t sm_bits0,
     uint64_t sm_bits1, uint64_t sm_bits2, uint64_t sm_bits3, uint32_t mode, uint32_t iters, uint32_t units,
-    uint32_t k_blocks, uint32_t kStages) {
+    uint32_t k_blocks, uint32_t kStages, uint32_t box_rows) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -49,7 +50,10 @@ extern "C" __global__ void __launch_bounds__(128, 1) l2side_load_paths(
     const uint64_t unit = (mode == 7 ? g : static_cast<uint64_t>(blockIdx.x) * iters + g) % units;
     if (mode == 0 || mode == 7) {
       const uint32_t row_block = static_cast<uint32_t>(unit / k_blocks), kb = static_cast<uint32_t>(unit % k_blocks);
-      lp::tma_load_2d(dst, &tmap, full + s, static_cast<int32_t>(kb * 128), static_cast<int32_t>(row_block * 128));
+      // the 128-row tile as 128 / box_rows boxes (the thin tiles of a small-M GEMM load 16- to 64-row boxes)
+      for (uint32_t r = 0; r < 128; r += box_rows)
+        lp::tma_load_2d(dst + r * 128, &tmap, full + s, static_cast<int32_t>(kb * 128),
+                        static_cast<int32_t>(row_block * 128 + r));
     } else if (mode == 1) {
       for (uint32_t p = 0; p < 4; ++p) lp::bulk_load(dst + p * 4096, base + unit * kStageBytes + p * 4096, 4096, full + s);
     } else if (mode == 2) {

@@ -25,6 +25,8 @@ def main() -> int:
     p.add_argument("--in-flight", default="8", help="stages in flight per SM, a list (Little's law: does the rate "
                    f"grow with the bytes in flight?), each <= {MAX_STAGES}")
     p.add_argument("--modes", default="", help="indices into the mode list (default all)")
+    p.add_argument("--box-rows", default="128", help="TMA modes: rows per box, a list (each tile is 128 / this "
+                   "many boxes; 8..128, powers of two): is there a cost per TMA instruction?")
     p.add_argument("--ctas", default="", help="CTAs per launch, a list (default one per SM): does the rate per SM "
                    "stay when fewer SMs stream (a per-SM limit) or grow (a shared one: L2, the crossbar)?")
     args = p.parse_args()
@@ -47,6 +49,8 @@ def main() -> int:
     assert all(1 <= v <= MAX_STAGES for v in in_flight), f"--in-flight values must be 1..{MAX_STAGES}"
     modes = [int(v) for v in args.modes.split(",")] if args.modes else list(range(len(MODES)))
     cta_counts = [int(v) for v in args.ctas.split(",")] if args.ctas else [sms]
+    box_rows = [int(v) for v in args.box_rows.split(",")]
+    assert all(v in (8, 16, 32, 64, 128) for v in box_rows), "--box-rows values must be 8, 16, 32, 64 or 128"
     assert all(1 <= c <= sms for c in cta_counts), f"--ctas values must be 1..{sms} (one CTA per SM)"
     for mib in (int(v) for v in args.sizes_mib.split(",")):
         nbytes = mib << 20
@@ -55,17 +59,19 @@ def main() -> int:
         base = buf.data_ptr()
         assert base % 8192 == 0, "side modes need 8 KiB-aligned chunk pairs"
         rows = nbytes // ROW_BYTES
-        tmap = jit.tensor_map(base, "u8", [ROW_BYTES, rows], [ROW_BYTES], [128, 128])
+        tmaps = {r: jit.tensor_map(base, "u8", [ROW_BYTES, rows], [ROW_BYTES], [128, r]) for r in box_rows}
         print(f"\n{mib} MiB buffer ({'L2-resident' if nbytes <= (40 << 20) else 'DRAM'}), {sms} CTAs x "
               f"{args.stages_per_cta} stages of 16 KiB")
-        for mode, stages, ctas in ((m, s, c) for m in modes for s in in_flight for c in cta_counts):
-            label = f"{MODES[mode]}, {stages:2d} in flight" + (f", {ctas} CTAs" if ctas != sms else "")
+        for mode, stages, ctas, box in ((m, s, c, b) for m in modes for s in in_flight for c in cta_counts
+                                        for b in (box_rows if m in (0, 7) else box_rows[:1])):
+            label = (f"{MODES[mode]}, {stages:2d} in flight" + (f", {ctas} CTAs" if ctas != sms else "")
+                     + (f", {box}-row boxes" if mode in (0, 7) and box != 128 else ""))
             if 3 <= mode <= 6 and not topo.split:
                 continue
             units = nbytes // STAGE_BYTES // (2 if 3 <= mode <= 6 else 1)   # side modes read one chunk of each pair
-            params = (jit.Params().tensor_map(tmap).ptr(base).u64(topo.side_mask).u64(bits[0]).u64(bits[1])
+            params = (jit.Params().tensor_map(tmaps[box]).ptr(base).u64(topo.side_mask).u64(bits[0]).u64(bits[1])
                       .u64(bits[2]).u64(bits[3]).u32(mode).u32(args.stages_per_cta).u32(units)
-                      .u32(ROW_BYTES // 128).u32(stages))
+                      .u32(ROW_BYTES // 128).u32(stages).u32(box))
             ms = median_event_ms(lambda: kernel.launch(ctas, 128, params, smem=smem), args.reps)
             gbs = ctas * args.stages_per_cta * STAGE_BYTES / ms / 1e6
             print(f"   {label:48s} {ms * 1e3:9.1f} us  {gbs:8.0f} GB/s  {gbs / ctas:6.1f} GB/s per SM", flush=True)

@@ -5,6 +5,7 @@ block-size heuristic, the generated source, sm_90a compiles without register spi
 GPU (Hopper): correctness vs l2side.quantize.gemm_reference on the DeepSeek-V3 shapes and unaligned ones, with
 poisoned outputs; scale layouts; torch.compile(fullgraph=True); CUDA graphs; non-default streams."""
 import concurrent.futures
+import dataclasses
 import os
 import random
 import re
@@ -170,7 +171,7 @@ def test_invalid_split_k_is_rejected():
     with pytest.raises(ValueError, match="split_k"):
         fp8_gemm.gemm_source(2048, 7168, fp8_gemm.GemmConfig(64, 128, 4, split_k=2, cluster_n=2))
     src = fp8_gemm.gemm_source(2112, 7168, fp8_gemm.GemmConfig(64, 128, 4, split_k=14))
-    assert "SplitKArgs split_k" in src and re.search(r"\b14, Mma>", src)
+    assert "SplitKArgs split_k" in src and re.search(r"\b14, 1, Mma>", src)
     assert base.split_k == 1
 
 
@@ -232,6 +233,23 @@ def test_tail_split_is_chosen_where_the_last_wave_is_partial_and_long(monkeypatc
 
 
 @needs_module
+@needs_module
+def test_kblocks_per_stage_rules():
+    """Several K blocks per stage: 1, 2 or 4, whole K blocks (K % 128 == 0), no cluster / packed B / split;
+    the stages then count groups of K blocks (at most MAX_STAGES K blocks in flight)."""
+    cfg = fp8_gemm.GemmConfig(64, 16, 3, kblocks_per_stage=4)
+    assert re.search(r"\b1, 4, Mma>", fp8_gemm.gemm_source(2112, 7168, cfg))
+    for bad, k in ((dataclasses.replace(cfg, kblocks_per_stage=3), 7168), (cfg, 7168 + 16),
+                   (dataclasses.replace(cfg, cluster_n=2), 7168), (dataclasses.replace(cfg, split_k=2), 7168),
+                   (dataclasses.replace(cfg, tail_split=2), 7168)):
+        with pytest.raises(ValueError, match="kblocks_per_stage"):
+            fp8_gemm.gemm_source(2112, k, bad)
+    assert fp8_gemm.max_stages(64, 16, True, 4) * 4 <= fp8_gemm.MAX_STAGES
+    assert fp8_gemm.max_stages(64, 16, True, 4) == fp8_gemm.MAX_STAGES // 4
+    assert (fp8_gemm.smem_layout_bytes(64, 16, 3, True, 4) - fp8_gemm.smem_layout_bytes(64, 16, 3, True, 1)
+            == 3 * 3 * (64 * 128 + 16 * 128 + 64 * 4))
+
+
 def test_invalid_tail_split_is_rejected():
     with pytest.raises(ValueError, match="tail_split=57"):
         fp8_gemm.gemm_source(2112, 7168, fp8_gemm.GemmConfig(128, 128, 4, tail_split=57))
@@ -241,7 +259,7 @@ def test_invalid_tail_split_is_rejected():
         fp8_gemm.gemm_source(2048, 7168, fp8_gemm.GemmConfig(128, 128, 4, tail_split=3, cluster_n=2))
     with pytest.raises(ValueError, match="tail_split must be >= 1"):
         fp8_gemm.gemm_source(2048, 7168, fp8_gemm.GemmConfig(128, 128, 4, tail_split=0))
-    assert re.search(r"\b5, Mma>", fp8_gemm.gemm_source(7168, 16384, fp8_gemm.GemmConfig(128, 128, 5, tail_split=5)))
+    assert re.search(r"\b5, 1, Mma>", fp8_gemm.gemm_source(7168, 16384, fp8_gemm.GemmConfig(128, 128, 5, tail_split=5)))
 
 
 @needs_module
@@ -328,13 +346,13 @@ def test_python_smem_layout_matches_the_kernels(tmp_path):
     """smem_layout_bytes (what the launch asks for) == SmemLayout::kBytes (what the kernel addresses), checked by
     static_asserts that nvcc compiles, for every block shape the configs use."""
     from l2side import jit
-    cases = [(bm, bn, st, ts) for bm in (64, 128, 192) for bn in (16, 56, 96, 128, 192) for st in (1, 4, 12)
-             for ts in (True, False)]
+    cases = [(bm, bn, st, ts, g) for bm in (64, 128, 192) for bn in (16, 56, 96, 128, 192) for st in (1, 3, 12)
+             for ts in (True, False) for g in (1, 2, 4)]
     lines = ['#include "fp8_gemm/fp8_gemm.cuh"']
-    for bm, bn, st, ts in cases:
-        want = fp8_gemm.smem_layout_bytes(bm, bn, st, ts)
-        lines.append(f"static_assert(l2side::fp8_gemm::SmemLayout<{bm}, {bn}, {st}, {str(ts).lower()}>::kBytes == "
-                     f"{want}, \"{bm} {bn} {st} {ts}\");")
+    for bm, bn, st, ts, g in cases:
+        want = fp8_gemm.smem_layout_bytes(bm, bn, st, ts, g)
+        lines.append(f"static_assert(l2side::fp8_gemm::SmemLayout<{bm}, {bn}, {st}, {str(ts).lower()}, {g}>::kBytes "
+                     f"== {want}, \"{bm} {bn} {st} {ts} {g}\");")
     src = tmp_path / "layout.cu"
     src.write_text("\n".join(lines) + "\n")
     r = subprocess.run([jit.nvcc_path(), "-c", *jit.DEFAULT_OPTIONS, f"-I{jit.KERNELS_DIR}",
@@ -371,6 +389,7 @@ def prebuilt():
     jobs = {(n, k, fp8_gemm.gemm_config(m, n, k, num_sms)) for m, n, k in DEEPSEEK + UNALIGNED + [(256, 512, 1024)]}
     jobs |= {(c[1], c[2], _split_config(*c)) for c in SPLIT_CASES}
     jobs |= {(n, k, _tail_config(m, n, k, bm, bn, t)) for m, n, k, bm, bn, t in TAIL_CASES}
+    jobs |= {(c[1], c[2], cfg) for c in KBLOCK_CASES for cfg in _kblock_configs(*c)}
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda j: fp8_gemm.build(*j), jobs))
 
@@ -581,6 +600,35 @@ def test_tail_split_matches_reference_and_repeats_bitwise(m, n, k, bm, bn, tail,
     assert splits == tail and first > 0, (first, splits)          # whole tiles first, then the split ones
     a, sa, b, sb = _inputs(m, n, k, seed=m + tail)
     _checked_then_repeated_bitwise(a, sa, b, sb, cfg)
+
+
+KBLOCK_CASES = [  # (m, n, k, block_m, block_n, double_acc, kblocks_per_stage): K blocks not a multiple of the
+    # group (56 = 14 x 4, 17 -> a partial last stage), unaligned M / N, thin double-accumulator tiles, 3 warpgroups
+    (64, 2112, 7168, 64, 16, True, 4), (64, 7168, 2048, 64, 56, False, 4), (128, 4096, 7168, 128, 32, False, 2),
+    (7, 2111, 2176, 64, 24, False, 4), (130, 1000, 2176, 128, 72, True, 2), (300, 520, 1024, 192, 128, False, 2),
+    (1, 48, 128, 64, 16, False, 4)]
+
+
+def _kblock_configs(m, n, k, bm, bn, dacc, g):
+    """The config with one K block per stage and the same with g (as many K blocks in flight)."""
+    tma_store = n % 8 == 0
+    one = fp8_gemm.GemmConfig(bm, bn, fp8_gemm.max_stages(bm, bn, tma_store), tma_store=tma_store, double_acc=dacc)
+    return one, dataclasses.replace(one, stages=fp8_gemm.max_stages(bm, bn, tma_store, g), kblocks_per_stage=g)
+
+
+@pytest.mark.parametrize("m,n,k,bm,bn,dacc,g", KBLOCK_CASES, ids=[f"{c[0]}x{c[1]}x{c[2]}-{c[3]}x{c[4]}-g{c[6]}"
+                                                                   for c in KBLOCK_CASES])
+@pytest.mark.gpu
+@requires_hopper
+@needs_module
+def test_kblocks_per_stage_is_bitwise_the_one_block_kernel(m, n, k, bm, bn, dacc, g, prebuilt):
+    """3-D boxes of g K blocks per stage change how the tiles arrive, not the arithmetic: the same bits as one K
+    block per stage (checked against the reference first, repeatable)."""
+    one, grouped = _kblock_configs(m, n, k, bm, bn, dacc, g)
+    a, sa, b, sb = _inputs(m, n, k, seed=k + g)
+    want = _checked_then_repeated_bitwise(a, sa, b, sb, one)
+    got = _checked_then_repeated_bitwise(a, sa, b, sb, grouped)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.gpu

@@ -49,12 +49,13 @@ constexpr uint32_t kProducerRegisters = kMathWarpgroups == 3 ? 24 : 40;
 
 __host__ __device__ constexpr uint32_t align_up(uint32_t x, uint32_t a) { return (x + a - 1) / a * a; }
 
-// Shared memory of one CTA (offsets from a 1024-byte-aligned base: the 128-byte swizzle needs it).
-template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kStages, bool kTmaStore>
+// Shared memory of one CTA (offsets from a 1024-byte-aligned base: the 128-byte swizzle needs it). A stage holds
+// kKBlocks consecutive K blocks: their A tiles one after another, likewise their B tiles and A scales.
+template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kStages, bool kTmaStore, uint32_t kKBlocks = 1>
 struct SmemLayout {
-  static constexpr uint32_t kAStage = BLOCK_M * BLOCK_K;        // e4m3 bytes
-  static constexpr uint32_t kBStage = BLOCK_N * BLOCK_K;
-  static constexpr uint32_t kSaStage = BLOCK_M * sizeof(float);
+  static constexpr uint32_t kAStage = kKBlocks * BLOCK_M * BLOCK_K;        // e4m3 bytes
+  static constexpr uint32_t kBStage = kKBlocks * BLOCK_N * BLOCK_K;
+  static constexpr uint32_t kSaStage = kKBlocks * BLOCK_M * sizeof(float);
   static constexpr uint32_t kD = 0;                             // the bf16 output tile (TMA store)
   static constexpr uint32_t kDBytes = kTmaStore ? BLOCK_M * BLOCK_N * 2 : 0;
   static constexpr uint32_t kA = kD + kDBytes;
@@ -109,7 +110,7 @@ __host__ __device__ constexpr uint32_t d_chunk_cols() {
 
 template <uint32_t SHAPE_N, uint32_t SHAPE_K, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kStages,
           uint32_t kGroupM, bool kTmaStore, uint32_t kClusterN, bool kDoubleAcc, bool kPackedB, uint32_t kMaxSplit,
-          class Mma>
+          uint32_t kStageKBlocks, class Mma>
 __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const float* __restrict__ scales_b,
                                           uint32_t sb_stride_n, uint32_t sb_stride_k, uint32_t shape_m,
                                           const CUtensorMap& tmap_a, const CUtensorMap& tmap_b,
@@ -131,10 +132,14 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   static_assert(kMaxSplit >= 1 && (kMaxSplit - 1) * ceil_div(kNumKBlocks, kMaxSplit) < kNumKBlocks,
                 "every split has K blocks");
   static_assert(kMaxSplit == 1 || (kClusterN == 1 && !kPackedB), "split-K: no clusters, no packed B");
+  // kStageKBlocks > 1: each stage is loaded by 3-D boxes over [rows][K / 128][128] views (whole K blocks only)
+  static_assert(kStageKBlocks == 1 || kStageKBlocks == 2 || kStageKBlocks == 4, "1, 2 or 4 K blocks per stage");
+  static_assert(kStageKBlocks == 1 || (kClusterN == 1 && !kPackedB && kMaxSplit == 1 && SHAPE_K % BLOCK_K == 0),
+                "several K blocks per stage: no clusters, packed B or split, and K a multiple of 128");
   constexpr uint32_t kNumAccum = BLOCK_N / 2;  // fp32 per thread for 64 x BLOCK_N per warpgroup
   // A tile never straddles two 128-wide B-scale blocks when BLOCK_N divides 128.
   constexpr bool kUniformScaleB = (BLOCK_K % BLOCK_N == 0);
-  using Smem = SmemLayout<BLOCK_M, BLOCK_N, kStages, kTmaStore>;
+  using Smem = SmemLayout<BLOCK_M, BLOCK_N, kStages, kTmaStore, kStageKBlocks>;
   static_assert(!kTmaStore || SHAPE_N % 8 == 0, "the TMA store needs 16-byte output rows");
   constexpr uint32_t kDChunk = d_chunk_cols<BLOCK_N>();
 
@@ -229,11 +234,19 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       while (next_tile(m_block, n_block)) {
         const int32_t m0 = static_cast<int32_t>(m_block * BLOCK_M), n0 = static_cast<int32_t>(n_block * BLOCK_N);
 #pragma unroll 1
-        for (uint32_t kb = kb_begin(), end = kb_end(); kb < end; ++kb) {
+        for (uint32_t kb = kb_begin(), end = kb_end(); kb < end; kb += kStageKBlocks) {
           ptx::mbar_wait(empty + stage, phase ^ 1);  // first pass: the "previous" phase counts as done
           uint64_t* bar = full + stage;
-          ptx::mbar_arrive_expect_tx(bar, Smem::kTxBytes);
+          ptx::mbar_arrive_expect_tx(bar, Smem::kTxBytes);  // (K blocks past K arrive zero-filled: counted too)
           const int32_t k0 = static_cast<int32_t>(kb * BLOCK_K);
+          if constexpr (kStageKBlocks > 1) {  // (the maps are [rows][K / 128][128] views: box 128 x rows x kb)
+            const int32_t kb0 = static_cast<int32_t>(kb);
+            ptx::tma_load_3d(smem + Smem::kA + stage * Smem::kAStage, &tmap_a, bar, 0, m0, kb0);
+            ptx::tma_load_2d(smem + Smem::kSa + stage * Smem::kSaStage, &tmap_sa, bar, m0, kb0);
+            ptx::tma_load_3d(smem + Smem::kB + stage * Smem::kBStage, &tmap_b, bar, 0, n0, kb0);
+            if (++stage == kStages) { stage = 0; phase ^= 1; }
+            continue;
+          }
           if constexpr (kClusterN > 1) {
             // this CTA's share of the A tile, written into every CTA's stage (and counted on every barrier)
             constexpr uint32_t kShare = BLOCK_M / kClusterN;
@@ -284,17 +297,21 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
     uint32_t stage = 0, phase = 0;
     float out[kNumAccum];
 
-    // One 128-deep K block: wait for its stage, read this thread's A scales, issue the four wgmma into `acc`
-    // and commit them as one group. Returns the stage it used (released by `finish` once the group is done).
-    auto issue = [&](float (&acc)[kNumAccum], float& sa0, float& sa1) -> uint32_t {
-      const uint32_t s = stage;
-      ptx::mbar_wait(full + s, phase);
-      if (++stage == kStages) { stage = 0; phase ^= 1; }
-      const float* sa = reinterpret_cast<const float*>(smem + Smem::kSa + s * Smem::kSaStage);
+    // K block j of the unit's num_kb: wait for its stage (at the stage's first K block), read this thread's A
+    // scales, issue the four wgmma into `acc` and commit them as one group. Returns the stage it used; `release`
+    // says whether it is the stage's last K block (then `finish` releases the stage once the group is done).
+    auto issue = [&](float (&acc)[kNumAccum], float& sa0, float& sa1, uint32_t j, uint32_t num_kb,
+                     bool& release) -> uint32_t {
+      const uint32_t s = stage, g = j % kStageKBlocks;  // g: the K block's place in its stage
+      if (g == 0) ptx::mbar_wait(full + s, phase);
+      release = g == kStageKBlocks - 1 || j + 1 == num_kb;
+      if (release && ++stage == kStages) { stage = 0; phase ^= 1; }
+      const float* sa = reinterpret_cast<const float*>(smem + Smem::kSa + s * Smem::kSaStage) + g * BLOCK_M;
       sa0 = ptx::ld_shared_f32(sa + row);
       sa1 = ptx::ld_shared_f32(sa + row + 8);
-      const uint64_t desc_a = ptx::kmajor_sw128_desc(smem + Smem::kA + s * Smem::kAStage + wg * 64 * BLOCK_K);
-      const uint64_t desc_b = ptx::kmajor_sw128_desc(smem + Smem::kB + s * Smem::kBStage);
+      const uint64_t desc_a =
+          ptx::kmajor_sw128_desc(smem + Smem::kA + s * Smem::kAStage + g * BLOCK_M * BLOCK_K + wg * 64 * BLOCK_K);
+      const uint64_t desc_b = ptx::kmajor_sw128_desc(smem + Smem::kB + s * Smem::kBStage + g * BLOCK_N * BLOCK_K);
       // (the wgmma operands "+f"(acc) order it after the promotion that read acc; no extra register fence,
       // which ptxas would take for a use of registers another in-flight group defines)
       ptx::wgmma_fence();
@@ -306,15 +323,15 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
     // After the group of K block `kb` completed: release its stage (this warp has read it: wgmma operands,
     // scales in registers; with clusters the peer's producer writes into it too, so the peer hears as well)
     // and promote: out += (sa * sb) * partial.
-    auto finish_at = [&](float (&acc)[kNumAccum], uint32_t s, float sa0, float sa1, float sb0, float sb1,
-                         uint32_t boundary) {
+    auto finish_at = [&](float (&acc)[kNumAccum], uint32_t s, bool release, float sa0, float sa1, float sb0,
+                         float sb1, uint32_t boundary) {
 #pragma unroll
       for (uint32_t i = 0; i < kNumAccum; ++i) ptx::fence_operand(acc[i]);
       __syncwarp();
       if constexpr (kClusterN > 1) {
-        if (lane < kClusterN) ptx::mbar_arrive_cluster(empty + s, lane);  // lane r tells CTA r
+        if (release && lane < kClusterN) ptx::mbar_arrive_cluster(empty + s, lane);  // lane r tells CTA r
       } else {
-        if (lane == 0) ptx::mbar_arrive(empty + s);
+        if (release && lane == 0) ptx::mbar_arrive(empty + s);
       }
       const float s00 = sa0 * sb0, s10 = sa1 * sb0, s01 = sa0 * sb1, s11 = sa1 * sb1;
 #pragma unroll
@@ -331,14 +348,14 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
     // Tiles straddling two B-scale blocks pick a scale per 8 columns. When BLOCK_N is an odd multiple of 64
     // the boundary is 128 or 64 columns: promote with it as a constant (no per-column select; as a run-time
     // value it cost BLOCK_N / 4 FSELs per K block: 4096 x 2112 x 7168 with 192-wide tiles ran 6% slower).
-    auto finish = [&](float (&acc)[kNumAccum], uint32_t s, float sa0, float sa1, float sb0, float sb1,
-                      uint32_t boundary) {
+    auto finish = [&](float (&acc)[kNumAccum], uint32_t s, bool release, float sa0, float sa1, float sb0,
+                      float sb1, uint32_t boundary) {
       if constexpr (!kUniformScaleB && BLOCK_N % 64 == 0) {
         // (literal boundaries: once finish_at is inlined, each column's scale is known at compile time)
-        if (boundary == BLOCK_K) finish_at(acc, s, sa0, sa1, sb0, sb1, BLOCK_K);
-        else finish_at(acc, s, sa0, sa1, sb0, sb1, BLOCK_K - 64);
+        if (boundary == BLOCK_K) finish_at(acc, s, release, sa0, sa1, sb0, sb1, BLOCK_K);
+        else finish_at(acc, s, release, sa0, sa1, sb0, sb1, BLOCK_K - 64);
       } else {
-        finish_at(acc, s, sa0, sa1, sb0, sb1, boundary);
+        finish_at(acc, s, release, sa0, sa1, sb0, sb1, boundary);
       }
     };
 
@@ -406,28 +423,29 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         // two accumulators: block kb+1's wgmma run on the tensor cores while block kb is promoted
         float acc0[kNumAccum], acc1[kNumAccum];
         float sa0_0, sa1_0, sa0_1, sa1_1, sb0, sb1;
-        uint32_t s0 = issue(acc0, sa0_0, sa1_0), s1 = 0;
+        bool r0, r1 = false;
+        uint32_t s0 = issue(acc0, sa0_0, sa1_0, 0, num_kb, r0), s1 = 0;
 #pragma unroll 1
         for (uint32_t j = 0; j < num_kb; j += 2) {
           if (j + 1 < num_kb) {
-            s1 = issue(acc1, sa0_1, sa1_1);
+            s1 = issue(acc1, sa0_1, sa1_1, j + 1, num_kb, r1);
             sb_of(j, sb0, sb1);
             ptx::wgmma_wait<1>();
           } else {
             sb_of(j, sb0, sb1);
             ptx::wgmma_wait<0>();
           }
-          finish(acc0, s0, sa0_0, sa1_0, sb0, sb1, boundary);
+          finish(acc0, s0, r0, sa0_0, sa1_0, sb0, sb1, boundary);
           if (j + 1 < num_kb) {
             if (j + 2 < num_kb) {
-              s0 = issue(acc0, sa0_0, sa1_0);
+              s0 = issue(acc0, sa0_0, sa1_0, j + 2, num_kb, r0);
               sb_of(j + 1, sb0, sb1);
               ptx::wgmma_wait<1>();
             } else {
               sb_of(j + 1, sb0, sb1);
               ptx::wgmma_wait<0>();
             }
-            finish(acc1, s1, sa0_1, sa1_1, sb0, sb1, boundary);
+            finish(acc1, s1, r1, sa0_1, sa1_1, sb0, sb1, boundary);
           }
         }
       } else {
@@ -435,10 +453,11 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
 #pragma unroll 1
         for (uint32_t j = 0; j < num_kb; ++j) {
           float sa0, sa1, sb0, sb1;
-          const uint32_t s = issue(acc, sa0, sa1);
+          bool release;
+          const uint32_t s = issue(acc, sa0, sa1, j, num_kb, release);
           sb_of(j, sb0, sb1);  // (after the wgmma are issued: the first wait for the copied scales overlaps them)
           ptx::wgmma_wait<0>();
-          finish(acc, s, sa0, sa1, sb0, sb1, boundary);
+          finish(acc, s, release, sa0, sa1, sb0, sb1, boundary);
         }
       }
 

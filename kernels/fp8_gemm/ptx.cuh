@@ -75,6 +75,15 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const void* tmap, uint64_
       ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(tmap)), "r"(smem_addr(bar)), "r"(c0), "r"(c1)
       : "memory");
 }
+// 3-D tile load (c0 innermost): with a [rows][K / 128][128] view of a K-major operand, one instruction brings
+// several consecutive K blocks' tiles, stored one after another (TMA's cost is partly per instruction).
+__device__ __forceinline__ void tma_load_3d(void* dst, const void* tmap, uint64_t* bar, int32_t c0, int32_t c1,
+                                            int32_t c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];"
+      ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(tmap)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
 // Same, delivered to the same shared-memory offset (and counted on the same barrier offset) in every CTA
 // of the cluster whose bit is set in `cta_mask`.
 __device__ __forceinline__ void tma_load_2d_multicast(void* dst, const void* tmap, uint64_t* bar, int32_t c0,
