@@ -25,7 +25,9 @@ tile sums the fp32 partials in split order, so the result is deterministic) is a
 default: it measured slower than the above on every DeepSeek shape (docs/perf-notes.md). Tail split
 (`GemmConfig.tail_split`; with L2SIDE_GEMM_TAIL_SPLIT=1 chosen for M >= 512 by `tail_split_for`): only the
 tiles of the last, partial wave are split that way, so the last wave ends sooner; opt-in, it measured slower.
-Stages: as many as fit in shared memory next to the output tile, at most 12.
+Stages: as many as fit in shared memory next to the output tile, at most 12 K blocks in flight.
+`GemmConfig.kblocks_per_stage` (2 or 4; K a multiple of 128): a stage holds that many K blocks, each operand
+loaded by one 3-D TMA box (fewer TMA instructions; bitwise the same result); not chosen: no gain measured.
 
 `b` may also be a `PackedB` from `l2side.pack_b` (side-aware packed weight, docs/packed-b.md): then every SM
 computes the tiles of the N-blocks stored on its own L2 side (`side_mode` switches this for measurements).
