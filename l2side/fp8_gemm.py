@@ -19,7 +19,8 @@ minimises the estimated time waves * (BLOCK_N * cost_per_column + 16), where wav
 the kernel is persistent, so the last wave's idle SMs are the cost that smaller tiles buy back, and the +16
 stands for the per-tile cost that does not shrink with BLOCK_N. For M < 512 (memory-bound) BLOCK_N is any multiple of 8 in 16..128;
 for larger M only 64, 128 and 192, weighted by their measured efficiency (see `_block_n_candidates`).
-Memory-bound tiles narrower than 32 columns (few N-blocks, e.g. N = 2112) use double accumulators.
+Memory-bound tiles narrower than 32 columns (few N-blocks, e.g. N = 2112) use double accumulators and, when
+K is a multiple of 128, two K blocks per stage.
 Split-K (`GemmConfig.split_k`: each tile's K blocks in that many ranges on different CTAs, the last CTA of a
 tile sums the fp32 partials in split order, so the result is deterministic) is available but not chosen by
 default: it measured slower than the above on every DeepSeek shape (docs/perf-notes.md). Tail split
@@ -27,7 +28,8 @@ default: it measured slower than the above on every DeepSeek shape (docs/perf-no
 tiles of the last, partial wave are split that way, so the last wave ends sooner; opt-in, it measured slower.
 Stages: as many as fit in shared memory next to the output tile, at most 12 K blocks in flight.
 `GemmConfig.kblocks_per_stage` (2 or 4; K a multiple of 128): a stage holds that many K blocks, each operand
-loaded by one 3-D TMA box (fewer TMA instructions; bitwise the same result); not chosen: no gain measured.
+loaded by one 3-D TMA box (fewer TMA instructions; bitwise the same result): 2 for the thin tiles above (3-5%
+faster), no gain measured elsewhere.
 
 `b` may also be a `PackedB` from `l2side.pack_b` (side-aware packed weight, docs/packed-b.md): then every SM
 computes the tiles of the N-blocks stored on its own L2 side (`side_mode` switches this for measurements).
@@ -158,14 +160,19 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     # H100, 2112 x 7168, CUDA events: M=64 18.1 -> 14.9 us, M=128 16.4 -> 15.6 us; split-K over 64-wide
     # tiles gave 15.7 / 16.5 us, and both changes lose on tiles >= 32 wide (docs/perf-notes.md).
     double_acc = m < COMPUTE_BOUND_M and block_n < THIN_BLOCK_N
+    # ... and take two K blocks per stage (one 3-D TMA box per operand: half the TMA instructions). H100, L2
+    # flushed, two runs: 64 x 2112 x 7168 14.3 -> 13.6 and 14.2 -> 13.7 us, 128 x 2112 x 7168 15.9 -> 15.8 and
+    # 15.6; fresh inputs (B partly in L2): 11.0 -> 9.0 and 12.8 -> 12.1; no gain on wider tiles (perf-notes).
+    kblocks_per_stage = 2 if double_acc and k % BLOCK_K == 0 else 1
     tma_store = n % 8 == 0
     # Compute-bound shapes whose tiles end in a partial wave split that wave's tiles along K (tail_split_for).
     tail_split = 1
     if m >= COMPUTE_BOUND_M and TAIL_SPLIT and block_m != 192:
         tail_split = tail_split_for(num_m_blocks * _ceil_div(n, block_n), _ceil_div(k, BLOCK_K), num_sms)
     # (cluster_n stays 1: A multicast in clusters of 2 / 4 measured no faster: docs/perf-notes.md)
-    return GemmConfig(block_m=block_m, block_n=block_n, stages=max_stages(block_m, block_n, tma_store),
-                      tma_store=tma_store, double_acc=double_acc, tail_split=tail_split)
+    return GemmConfig(block_m=block_m, block_n=block_n,
+                      stages=max_stages(block_m, block_n, tma_store, kblocks_per_stage), tma_store=tma_store,
+                      double_acc=double_acc, tail_split=tail_split, kblocks_per_stage=kblocks_per_stage)
 
 
 def split_schedule(m: int, n: int, config: GemmConfig, num_sms: int) -> tuple[int, int]:
