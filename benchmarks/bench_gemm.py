@@ -190,9 +190,10 @@ def make_inputs(torch, m, n, k, seed):
     return a, sa, b, sb
 
 
-def fresh_inputs_call(torch, l2side, m, n, k):
+def fresh_inputs_call(torch, l2side, m, n, k, config=None):
     """One call the way DeepGEMM's test_core.py times one (construct() before every call): bf16 randn inputs,
-    the bf16 reference matmul, per-token / per-block quantisation, then the GEMM."""
+    the bf16 reference matmul, per-token / per-block quantisation, then the GEMM (with `config`, that block
+    configuration)."""
     from l2side.quantize import quantize_activation, quantize_weight
     x = torch.randn((m, k), device="cuda", dtype=torch.bfloat16)
     y = torch.randn((n, k), device="cuda", dtype=torch.bfloat16)
@@ -200,7 +201,7 @@ def fresh_inputs_call(torch, l2side, m, n, k):
     x @ y.t()
     a, sa = quantize_activation(x, scale_layout="mn")
     b, sb = quantize_weight(y)
-    l2side.gemm(a, sa, b, sb, out=out)
+    l2side.gemm(a, sa, b, sb, out=out, **({"config": config} if config is not None else {}))
 
 
 def cublas_variants(torch, a, sa, b, sb):

@@ -71,7 +71,17 @@ def full_config(bm, bn, cluster=1, double_acc=0, group_m=8, stages=0, split_k=1,
                                double_acc=bool(double_acc), group_m=group_m, split_k=split_k, tail_split=tail_split)
 
 
-def sweep(shapes, spec):
+def fresh_inputs_us(m, n, k, config):
+    """Kernel-only µs the way the DeepGEMM anchors were timed (new inputs before every call, no flush: B partly
+    in L2), with benchmarks/bench_gemm.py's call and timer."""
+    import l2side
+    from l2side import fp8_gemm
+    bench = _bench_gemm()
+    return bench.Bench(torch, 20, 3).kernel_us_fresh_inputs(
+        lambda: bench.fresh_inputs_call(torch, l2side, m, n, k, config), fp8_gemm.KERNEL_NAME)
+
+
+def sweep(shapes, spec, fresh=False):
     import l2side
     from l2side import fp8_gemm
     from concurrent.futures import ThreadPoolExecutor
@@ -116,6 +126,8 @@ def sweep(shapes, spec):
                                                                                c.smem_bytes, c.cluster_n))
             d = diff(out, ref)
             t = time_fn(lambda: l2side.gemm(a, sa, b, sb, out=out, config=c), flush)
+            if fresh:
+                t = fresh_inputs_us(m, n, k, c)
             mark = "*" if c == auto[(m, n, k)] else " "
             print(f"{m:5d} {n:6d} {k:6d} {mark} bm={c.block_m} bn={c.block_n} st={c.stages} cl={c.cluster_n} "
                   f"dacc={int(c.double_acc)} g={c.group_m} sk={c.split_k} ts={c.tail_split} diff={d:.1e} {t:8.1f} us "
@@ -259,11 +271,13 @@ def main():
     p.add_argument("--sweep", default="", help="BM,BN[,CLUSTER[,DOUBLE_ACC[,GROUP_M[,STAGES[,SPLIT_K[,TAIL_SPLIT]]]]]];... : time each config on each "
                         "shape (STAGES 0: as many as fit; 'auto': gemm_config's choice; 'auto:cluster_n=2,...': that choice "
                         "with those fields replaced)")
+    p.add_argument("--fresh", action="store_true", help="with --sweep: kernel-only time with fresh inputs before "
+                   "each call and no flush (how the DeepGEMM anchors were timed) instead of events with L2 flushed")
     args = p.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes else EDGE + DEEPSEEK
     torch.manual_seed(0)
     if args.sweep:
-        return sweep(shapes, args.sweep)
+        return sweep(shapes, args.sweep, fresh=args.fresh)
     if args.host:
         return host_parts()
     if args.packed:
