@@ -28,8 +28,8 @@ default: it measured slower than the above on every DeepSeek shape (docs/perf-no
 tiles of the last, partial wave are split that way, so the last wave ends sooner; opt-in, it measured slower.
 Stages: as many as fit in shared memory next to the output tile, at most 12 K blocks in flight.
 `GemmConfig.kblocks_per_stage` (2 or 4; K a multiple of 128): a stage holds that many K blocks, each operand
-loaded by one 3-D TMA box (fewer TMA instructions; bitwise the same result): 2 for the thin tiles above (3-5%
-faster), no gain measured elsewhere.
+loaded by one 3-D TMA box (fewer TMA instructions; bitwise the same result): 2 for the thin tiles above (2-5%
+faster with L2 flushed, 5-18% with fresh inputs), no gain measured elsewhere.
 
 `b` may also be a `PackedB` from `l2side.pack_b` (side-aware packed weight, docs/packed-b.md): then every SM
 computes the tiles of the N-blocks stored on its own L2 side (`side_mode` switches this for measurements).
@@ -283,6 +283,11 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
                          f"split (K={k}, {config})")
     if config.split_k > 1 and config.tail_split > 1:
         raise ValueError("split_k and tail_split are exclusive (split_k already splits every tile)")
+    if config.double_acc and config.stages < 2:  # (K block j + 1 waits for a stage that only j's release frees)
+        raise ValueError(f"double_acc needs at least 2 stages, got {config.stages}")
+    if config.smem_bytes > MAX_SMEM:
+        raise ValueError(f"the config needs {config.smem_bytes} bytes of shared memory, more than the {MAX_SMEM} "
+                         f"a CTA can have (fewer stages or smaller tiles): {config}")
     if config.block_n > BLOCK_K + (config.block_n & -config.block_n):
         raise ValueError(f"block_n={config.block_n} lets a tile span three 128-wide B-scale blocks")
     return (
@@ -575,6 +580,20 @@ def _queues(packed):
     return cached
 
 
+def packed_config(m: int, n: int, k: int, block_n: int, config: GemmConfig | None = None,
+                  num_sms: int = 132) -> GemmConfig:
+    """The block configuration of a packed-B call: `config` (or gemm_config's choice, with 128-row tiles) on the
+    packed tile width, with what the packed path does not have turned off (clusters, splits, several K blocks
+    per stage: its B tiles arrive by bulk copies, one K block at a time)."""
+    cfg = config or gemm_config(m, n, k, num_sms)
+    if config is None and cfg.block_m == 192:  # (the short-K three-warpgroup rule was measured unpacked)
+        cfg = dataclasses.replace(cfg, block_m=128)
+    stages = max_stages(cfg.block_m, block_n, cfg.tma_store and n % 8 == 0)
+    return dataclasses.replace(cfg, block_n=block_n, stages=min(cfg.stages, stages) if config else stages,
+                               cluster_n=1, packed_b=True, split_k=1, tail_split=1, kblocks_per_stage=1,
+                               tma_store=cfg.tma_store and n % 8 == 0)
+
+
 def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
     """l2side.gemm with B from l2side.pack_b: each SM takes the tiles of the N-blocks stored on its side."""
     if side_mode not in SIDE_MODES:
@@ -590,13 +609,7 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
 
     def prepare():
         dev = _device(index)
-        cfg = config or gemm_config(m, n, k, dev.num_sms)
-        if config is None and cfg.block_m == 192:  # (the short-K three-warpgroup rule was measured unpacked)
-            cfg = dataclasses.replace(cfg, block_m=128)
-        stages = max_stages(cfg.block_m, packed.block_n, cfg.tma_store and n % 8 == 0)
-        cfg = dataclasses.replace(cfg, block_n=packed.block_n, stages=min(cfg.stages, stages) if config else stages,
-                                  cluster_n=1, packed_b=True, split_k=1, tail_split=1,
-                                  tma_store=cfg.tma_store and n % 8 == 0)
+        cfg = packed_config(m, n, k, packed.block_n, config, dev.num_sms)
         table, width, lengths = _queues(packed)
         lay = packed.layout
         from .topology import topology

@@ -233,7 +233,6 @@ def test_tail_split_is_chosen_where_the_last_wave_is_partial_and_long(monkeypatc
 
 
 @needs_module
-@needs_module
 def test_kblocks_per_stage_rules():
     """Several K blocks per stage: 1, 2 or 4, whole K blocks (K % 128 == 0), no cluster / packed B / split;
     the stages then count groups of K blocks (at most MAX_STAGES K blocks in flight)."""
@@ -248,8 +247,43 @@ def test_kblocks_per_stage_rules():
     assert fp8_gemm.max_stages(64, 16, True, 4) == fp8_gemm.MAX_STAGES // 4
     assert (fp8_gemm.smem_layout_bytes(64, 16, 3, True, 4) - fp8_gemm.smem_layout_bytes(64, 16, 3, True, 1)
             == 3 * 3 * (64 * 128 + 16 * 128 + 64 * 4))
+    with pytest.raises(ValueError, match="kblocks_per_stage"):
+        fp8_gemm.gemm_source(2112, 7168, dataclasses.replace(cfg, packed_b=True, block_n=32))
+    # gemm_config: two per stage exactly for the thin double-accumulator tiles with whole K blocks
+    for m, n, k in DEEPSEEK + UNALIGNED:
+        c = fp8_gemm.gemm_config(m, n, k)
+        assert c.kblocks_per_stage == (2 if c.double_acc and k % 128 == 0 else 1), (m, n, k, c)
+    assert fp8_gemm.gemm_config(64, 2112, 7168).kblocks_per_stage == 2
+    assert fp8_gemm.gemm_config(64, 2112, 7184).kblocks_per_stage == 1
 
 
+@needs_module
+def test_configs_that_cannot_run_are_rejected():
+    """Double accumulators need two stages (K block j + 1 waits for a stage only j's release frees: one stage
+    would hang), and no config may ask for more shared memory than a CTA has."""
+    with pytest.raises(ValueError, match="double_acc needs at least 2 stages"):
+        fp8_gemm.gemm_source(2112, 7168, fp8_gemm.GemmConfig(64, 16, 1, double_acc=True))
+    with pytest.raises(ValueError, match="shared memory"):
+        fp8_gemm.gemm_source(2112, 7168, fp8_gemm.GemmConfig(192, 256, 4, kblocks_per_stage=4))
+    for m, n, k in DEEPSEEK + UNALIGNED:
+        fp8_gemm.gemm_source(n, k, fp8_gemm.gemm_config(m, n, k))  # every default config is valid
+
+
+@needs_module
+@pytest.mark.parametrize("m,n,k", DEEPSEEK + UNALIGNED, ids=[f"{m}x{n}x{k}" for m, n, k in DEEPSEEK + UNALIGNED])
+def test_packed_configs_are_valid(m, n, k):
+    """The packed path turns off what it cannot do (clusters, splits, several K blocks per stage) whatever the
+    unpacked default picked: its config passes the source checks for every shape and packed tile width."""
+    for block_n in (32, 64, 128):
+        cfg = fp8_gemm.packed_config(m, n, k, block_n)
+        assert cfg.packed_b and cfg.kblocks_per_stage == 1 and cfg.block_n == block_n
+        fp8_gemm.gemm_source(n, k, cfg)
+        user = fp8_gemm.packed_config(m, n, k, block_n, dataclasses.replace(fp8_gemm.gemm_config(m, n, k),
+                                                                             kblocks_per_stage=1))
+        fp8_gemm.gemm_source(n, k, user)
+
+
+@needs_module
 def test_invalid_tail_split_is_rejected():
     with pytest.raises(ValueError, match="tail_split=57"):
         fp8_gemm.gemm_source(2112, 7168, fp8_gemm.GemmConfig(128, 128, 4, tail_split=57))

@@ -239,7 +239,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           uint64_t* bar = full + stage;
           ptx::mbar_arrive_expect_tx(bar, Smem::kTxBytes);  // (K blocks past K arrive zero-filled: counted too)
           const int32_t k0 = static_cast<int32_t>(kb * BLOCK_K);
-          if constexpr (kStageKBlocks > 1) {  // (the maps are [rows][K / 128][128] views: box 128 x rows x kb)
+          if constexpr (kStageKBlocks > 1) {  // ([rows][K / 128][128] views: box 128 x rows x kStageKBlocks)
             const int32_t kb0 = static_cast<int32_t>(kb);
             ptx::tma_load_3d(smem + Smem::kA + stage * Smem::kAStage, &tmap_a, bar, 0, m0, kb0);
             ptx::tma_load_2d(smem + Smem::kSa + stage * Smem::kSaStage, &tmap_sa, bar, m0, kb0);
@@ -320,9 +320,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       ptx::wgmma_commit();  // (no register fence after it: touching acc before the wait makes ptxas wait here)
       return s;
     };
-    // After the group of K block `kb` completed: release its stage (this warp has read it: wgmma operands,
-    // scales in registers; with clusters the peer's producer writes into it too, so the peer hears as well)
-    // and promote: out += (sa * sb) * partial.
+    // After the group of a K block completed: release its stage if it was the stage's last K block (this warp
+    // has read it: wgmma operands, scales in registers; with clusters the peer's producer writes into it too, so
+    // the peer hears as well) and promote: out += (sa * sb) * partial.
     auto finish_at = [&](float (&acc)[kNumAccum], uint32_t s, bool release, float sa0, float sa1, float sb0,
                          float sb1, uint32_t boundary) {
 #pragma unroll
