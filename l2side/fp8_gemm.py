@@ -475,6 +475,17 @@ def packed_b_args(base: int, side_mask: int, queue_blocks: int, block_first: int
                              queue_width, queue_len[0], queue_len[1], n_blocks, mode, int(paired))
 
 
+def _kmajor_map(t, rows: int, k: int, box_rows: int, kblocks: int) -> bytes:
+    """TMA map of a K-major e4m3 operand [rows, K] (A or B), 128-byte swizzle: boxes of one K block x box_rows,
+    or with kblocks > 1 3-D boxes of that many consecutive K blocks over its [rows][K / 128][128] view (the tiles
+    land one after another; K % 128 == 0, checked in gemm_source)."""
+    row_bytes = t.stride(0) if rows > 1 else k
+    if kblocks > 1:
+        return jit.tensor_map(t.data_ptr(), "e4m3", (BLOCK_K, rows, _ceil_div(k, BLOCK_K)), (row_bytes, BLOCK_K),
+                              (BLOCK_K, box_rows, kblocks), swizzle=128)
+    return jit.tensor_map(t.data_ptr(), "e4m3", (k, rows), (row_bytes,), (BLOCK_K, box_rows), swizzle=128)
+
+
 def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmConfig | None, index: int,
              stream: int, packed_args: bytes | None = None):
     """Everything a launch needs: the kernel, grid, block, shared memory and the parameter buffer."""
@@ -486,20 +497,9 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
     sa = to_native_a_scales(a_scales)
     kb = _ceil_div(k, BLOCK_K)
     g = cfg.kblocks_per_stage
-    a_rows = a.stride(0) if m > 1 else k
-    if g > 1:  # [M][K / 128][128] views: one box brings g K blocks' tiles (K % 128 == 0, checked in gemm_source)
-        tmap_a = jit.tensor_map(a.data_ptr(), "e4m3", (BLOCK_K, m, kb), (a_rows, BLOCK_K), (BLOCK_K, cfg.block_m, g))
-    else:
-        tmap_a = jit.tensor_map(a.data_ptr(), "e4m3", (k, m), (a_rows,),
-                                (BLOCK_K, cfg.block_m // cfg.cluster_n), swizzle=128)  # (each CTA loads its half)
-    if cfg.packed_b:  # B comes by bulk copies from the packed chunks; the map is not read
-        tmap_b = tmap_a
-    elif g > 1:
-        tmap_b = jit.tensor_map(b.data_ptr(), "e4m3", (BLOCK_K, n, kb), (b.stride(0) if n > 1 else k, BLOCK_K),
-                                (BLOCK_K, cfg.block_n, g))
-    else:
-        tmap_b = jit.tensor_map(b.data_ptr(), "e4m3", (k, n), (b.stride(0) if n > 1 else k,),
-                                (BLOCK_K, cfg.block_n), swizzle=128)
+    tmap_a = _kmajor_map(a, m, k, cfg.block_m // cfg.cluster_n, g)  # (in a cluster each CTA loads its share)
+    # (packed B comes by bulk copies from the packed chunks; the map is not read)
+    tmap_b = tmap_a if cfg.packed_b else _kmajor_map(b, n, k, cfg.block_n, g)
     tmap_sa = jit.tensor_map(sa.data_ptr(), "f32", (m, kb), (sa.stride(1) * 4,), (cfg.block_m, g), swizzle=0)
     if cfg.tma_store:
         chunk = d_chunk_cols(cfg.block_n)

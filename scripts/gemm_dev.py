@@ -173,23 +173,17 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0):
         calls = {"unpacked": lambda: l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg)}
         t_ref = clock(calls["unpacked"], flush)
         line = f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={bn} {packed.kind:5s} diff={d:.1e} | unpacked {t_ref:7.1f} us"
-        for mode in ("near", "ignore", "far"):
+        # "plain": the same tiles packed contiguously (chunk i = i, both sides): the chunk pattern without side purity
+        plain = l2side.pack_b(b, sb, block_n=bn, layout="plain")
+        for name, weight, mode in (("near", packed, "near"), ("ignore", packed, "ignore"), ("far", packed, "far"),
+                                   ("plain", plain, "ignore")):
             out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-            l2side.gemm(a, sa, packed, out=out, side_mode=mode)
+            l2side.gemm(a, sa, weight, out=out, side_mode=mode)
             same = torch.equal(out, ref_out)
             bad += not same
-            calls[mode] = lambda out=out, mode=mode: l2side.gemm(a, sa, packed, out=out, side_mode=mode)
-            t = clock(calls[mode], flush)
-            line += f" | {mode} {t:7.1f} us {2 * m * n * k / t / 1e6:6.0f} TF{'' if same else ' MISMATCH'}"
-        # the same tiles packed contiguously (chunk i = i, both sides): the chunk pattern without side purity
-        plain = l2side.pack_b(b, sb, block_n=bn, layout="plain")
-        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-        l2side.gemm(a, sa, plain, out=out, side_mode="ignore")
-        same = torch.equal(out, ref_out)
-        bad += not same
-        calls["plain"] = lambda out=out: l2side.gemm(a, sa, plain, out=out, side_mode="ignore")
-        t = clock(calls["plain"], flush)
-        line += f" | plain {t:7.1f} us{'' if same else ' MISMATCH'}"
+            calls[name] = lambda out=out, weight=weight, mode=mode: l2side.gemm(a, sa, weight, out=out, side_mode=mode)
+            t = clock(calls[name], flush)
+            line += f" | {name} {t:7.1f} us {2 * m * n * k / t / 1e6:6.0f} TF{'' if same else ' MISMATCH'}"
         f = cublas_fn(a, sa, b, sb) if timed else None
         if f is not None:
             calls["cuBLAS"] = f
