@@ -72,7 +72,7 @@ class GemmConfig:
     split_k: int = 1           # > 1: each tile's K blocks in this many ranges on different CTAs, partials summed
     tail_split: int = 1        # > 1: only the tiles of the last, partial wave are split so (see split_schedule)
     kblocks_per_stage: int = 1  # 2 or 4: a stage holds that many K blocks, loaded by one 3-D TMA box per operand
-    dacc_pairs: bool = False   # double_acc loop over pairs of blocks (none in flight across iterations): A/B only
+    dacc_pairs: bool = False   # double_acc: K blocks in pairs, none in flight across loop iterations (see kernel)
 
     @property
     def num_math_warpgroups(self) -> int:
@@ -165,6 +165,10 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     # flushed, two runs: 64 x 2112 x 7168 14.3 -> 13.6 and 14.2 -> 13.7 us, 128 x 2112 x 7168 15.9 -> 15.8 and
     # 15.6; fresh inputs (B partly in L2): 11.0 -> 9.0 and 12.8 -> 12.1; no gain on wider tiles (perf-notes).
     kblocks_per_stage = 2 if double_acc and k % BLOCK_K == 0 else 1
+    # Two math warpgroups promote in pairs of K blocks (GemmConfig.dacc_pairs). H100, 128 x 2112 x 7168, two
+    # rounds: L2 flushed 15.9 -> 15.5 and 15.7 -> 15.2 us, fresh inputs 12.0 -> 11.7 and 11.9 -> 11.6; at M = 64
+    # (one warpgroup) 8.9 -> 9.1 / 9.0 fresh, so that keeps the rolling loop.
+    dacc_pairs = double_acc and block_m >= 128
     tma_store = n % 8 == 0
     # Compute-bound shapes whose tiles end in a partial wave split that wave's tiles along K (tail_split_for).
     tail_split = 1
@@ -173,7 +177,8 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     # (cluster_n stays 1: A multicast in clusters of 2 / 4 measured no faster: docs/perf-notes.md)
     return GemmConfig(block_m=block_m, block_n=block_n,
                       stages=max_stages(block_m, block_n, tma_store, kblocks_per_stage), tma_store=tma_store,
-                      double_acc=double_acc, tail_split=tail_split, kblocks_per_stage=kblocks_per_stage)
+                      double_acc=double_acc, tail_split=tail_split, kblocks_per_stage=kblocks_per_stage,
+                      dacc_pairs=dacc_pairs)
 
 
 def split_schedule(m: int, n: int, config: GemmConfig, num_sms: int) -> tuple[int, int]:

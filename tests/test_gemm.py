@@ -255,6 +255,8 @@ def test_kblocks_per_stage_rules():
         assert c.kblocks_per_stage == (2 if c.double_acc and k % 128 == 0 else 1), (m, n, k, c)
     assert fp8_gemm.gemm_config(64, 2112, 7168).kblocks_per_stage == 2
     assert fp8_gemm.gemm_config(64, 2112, 7184).kblocks_per_stage == 1
+    # pairs of K blocks with two math warpgroups only (measured: perf-notes session 6)
+    assert fp8_gemm.gemm_config(128, 2112, 7168).dacc_pairs and not fp8_gemm.gemm_config(64, 2112, 7168).dacc_pairs
 
 
 @needs_module
