@@ -13,12 +13,15 @@
 The kernel (kernels/fp8_gemm/fp8_gemm.cuh) is compiled per (N, K, block config) — M is a run-time
 argument — with nvcc for sm_90a and cached on disk (l2side.jit).
 
-Block configuration (`gemm_config`): BLOCK_K = 128 (the scale granularity); BLOCK_M = 64 (one math
-warpgroup) when M <= 64, 192 x 128 tiles (three) when M >= 2048 and K <= 2048, else 128 (two). BLOCK_N
-minimises the estimated time waves * (BLOCK_N * cost_per_column + 16), where waves = ceil(tiles / SMs):
-the kernel is persistent, so the last wave's idle SMs are the cost that smaller tiles buy back, and the +16
-stands for the per-tile cost that does not shrink with BLOCK_N. For M < 512 (memory-bound) BLOCK_N is any multiple of 8 in 16..128;
-for larger M only 64, 128 and 192, weighted by their measured efficiency (see `_block_n_candidates`).
+Block configuration (`gemm_config`): BLOCK_K = 128 (the scale granularity). Memory-bound (M < 512): BLOCK_M
+64 (one math warpgroup) or, when M > 64, 128 (two); the tile minimises waves * (K blocks * (BLOCK_M + BLOCK_N) +
+a fixed cost when BLOCK_N does not divide 128), where waves = ceil(tiles / SMs): every SM pulls its A and B
+tiles from L2 at a per-SM rate, so the rows a tile loads per K block set its time (`_memory_bound_tile`;
+BLOCK_N any multiple of 8 in 16..128, at most 64 for a 64-row tile when M > 64). Compute-bound: 192 x 128
+tiles (three math warpgroups) when M >= 2048 and K <= 2048, else BLOCK_M 128 and BLOCK_N 64, 128 or 192
+minimising waves * (BLOCK_N * cost_per_column + 16), weighted by their measured efficiency
+(`_block_n_candidates`): the kernel is persistent, so the last wave's idle SMs are the cost that smaller tiles
+buy back, and the +16 stands for the per-tile cost that does not shrink with BLOCK_N.
 Memory-bound tiles narrower than 32 columns (few N-blocks, e.g. N = 2112) use double accumulators and, when
 K is a multiple of 128, two K blocks per stage.
 Split-K (`GemmConfig.split_k`: each tile's K blocks in that many ranges on different CTAs, the last CTA of a
@@ -119,12 +122,36 @@ COMPUTE_BOUND_M = 512
 
 
 def _block_n_candidates(m: int):
-    """(BLOCK_N, relative time per column of a tile). Memory-bound (small M): any multiple of 8 up to 128, all
-    alike. Compute-bound: only 64, 128, 192 (on the H100, 128 x 112 / 96 tiles ran 0.78x / 0.75x the TFLOPS of
-    128 x 128, and 192 about 0.9-1.05x: docs/perf-notes.md)."""
-    if m < COMPUTE_BOUND_M:
-        return [(bn, 1.0) for bn in range(16, 129, 8)]
+    """Compute-bound (M >= COMPUTE_BOUND_M) BLOCK_N candidates, (BLOCK_N, relative time per column of a tile): only
+    64, 128, 192 (on the H100, 128 x 112 / 96 tiles ran 0.78x / 0.75x the TFLOPS of 128 x 128, and 192 about
+    0.9-1.05x: docs/perf-notes.md)."""
     return [(64, 1.4), (128, 1.0), (192, 1.05)]
+
+
+# Memory-bound tiles (M < COMPUTE_BOUND_M): a tile's time is about its K blocks x the operand rows it loads per
+# K block (BLOCK_M + BLOCK_N: every SM pulls its A and B tiles from L2 at a per-SM rate), plus a fixed cost
+# for a width that does not divide 128 (its columns straddle two B-scale blocks), worth this many row x K
+# blocks. Fitted on the H100 (perf-notes session 6: 56- vs 64-wide tiles at K = 2048 and 16384, ~0.7 us).
+STRADDLE_COST = 240
+
+
+def _memory_bound_tile(m: int, n: int, k: int, num_sms: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) minimising waves x (K blocks x (BLOCK_M + BLOCK_N) + straddle cost). BLOCK_N: multiples
+    of 8 in 16..128; BLOCK_M 64, or 128 when M > 64 (two math warpgroups). A 64-row tile at M > 64 stays at most
+    64 wide: one warpgroup's wgmma -> promotion chain then sets the pace (128 x 7168 x 2048: 64 x 112 tiles
+    9.0 us against 128 x 64's 7.8, fresh inputs)."""
+    kb = _ceil_div(k, BLOCK_K)
+    best = None
+    for block_m in (64, 128) if m > 64 else (64,):
+        for block_n in range(16, 129, 8):
+            if block_m == 64 and m > 64 and block_n > 64:
+                continue
+            waves = _ceil_div(_ceil_div(m, block_m) * _ceil_div(n, block_n), num_sms)
+            cost = waves * (kb * (block_m + block_n) + (STRADDLE_COST if BLOCK_K % block_n else 0))
+            key = (cost, -block_n, -block_m)
+            if best is None or key < best[0]:
+                best = (key, block_m, block_n)
+    return best[1], best[2]
 
 
 THIN_BLOCK_N = 32            # memory-bound tiles narrower than this get double accumulators (gemm_config)
@@ -142,20 +169,18 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     """The block configuration for a shape (see the module docstring for the rule)."""
     if m < 1 or n < 1 or k < 1:
         raise ValueError(f"gemm_config needs positive sizes, got m={m}, n={n}, k={k}")
-    block_m = 64 if m <= 64 else 128
-    if m >= THREE_WARPGROUPS_MIN_M and k <= THREE_WARPGROUPS_MAX_K:
-        block_m = 192
-    num_m_blocks = _ceil_div(m, block_m)
-    best = None
-    candidates = [(128, 1.0)] if block_m == 192 else _block_n_candidates(m)
-    for block_n, cost_per_column in candidates:
-        tiles = num_m_blocks * _ceil_div(n, block_n)
-        waves = _ceil_div(tiles, num_sms)
-        cost = waves * block_n * cost_per_column + waves * 16
-        key = (cost, -block_n)
-        if best is None or key < best[0]:
-            best = (key, block_n)
-    block_n = best[1]
+    if m < COMPUTE_BOUND_M:
+        block_m, block_n = _memory_bound_tile(m, n, k, num_sms)
+    else:
+        block_m = 192 if m >= THREE_WARPGROUPS_MIN_M and k <= THREE_WARPGROUPS_MAX_K else 128
+        num_m_blocks = _ceil_div(m, block_m)
+        best = None
+        for block_n, cost_per_column in [(128, 1.0)] if block_m == 192 else _block_n_candidates(m):
+            waves = _ceil_div(num_m_blocks * _ceil_div(n, block_n), num_sms)
+            key = (waves * block_n * cost_per_column + waves * 16, -block_n)
+            if best is None or key < best[0]:
+                best = (key, block_n)
+        block_n = best[1]
     # Thin memory-bound tiles (few N-blocks, e.g. N = 2112): one math warpgroup's wgmma -> promotion chain
     # is the critical path, so let block k+1's wgmma run while block k is promoted (double accumulators).
     # H100, 2112 x 7168, CUDA events: M=64 18.1 -> 14.9 us, M=128 16.4 -> 15.6 us; split-K over 64-wide
