@@ -22,8 +22,8 @@ tiles (three math warpgroups) when M >= 2048 and K <= 2048, else BLOCK_M 128 and
 minimising waves * (BLOCK_N * cost_per_column + 16), weighted by their measured efficiency
 (`_block_n_candidates`): the kernel is persistent, so the last wave's idle SMs are the cost that smaller tiles
 buy back, and the +16 stands for the per-tile cost that does not shrink with BLOCK_N.
-Memory-bound tiles narrower than 32 columns (few N-blocks, e.g. N = 2112) use double accumulators and, when
-K is a multiple of 128, two K blocks per stage.
+Memory-bound tiles up to 64 columns wide use double accumulators and, when K is a multiple of 128, two K blocks
+per stage.
 Split-K (`GemmConfig.split_k`: each tile's K blocks in that many ranges on different CTAs, the last CTA of a
 tile sums the fp32 partials in split order, so the result is deterministic) is available but not chosen by
 default: it measured slower than the above on every DeepSeek shape (docs/perf-notes.md). Tail split
@@ -31,7 +31,7 @@ default: it measured slower than the above on every DeepSeek shape (docs/perf-no
 tiles of the last, partial wave are split that way, so the last wave ends sooner; opt-in, it measured slower.
 Stages: as many as fit in shared memory next to the output tile, at most 12 K blocks in flight.
 `GemmConfig.kblocks_per_stage` (2 or 4; K a multiple of 128): a stage holds that many K blocks, each operand
-loaded by one 3-D TMA box (fewer TMA instructions; bitwise the same result): 2 for the thin tiles above (2-5%
+loaded by one 3-D TMA box (fewer TMA instructions; bitwise the same result): 2 for the double-accumulator tiles above (2-5%
 faster with L2 flushed, 5-18% with fresh inputs), no gain measured elsewhere.
 
 `b` may also be a `PackedB` from `l2side.pack_b` (side-aware packed weight, docs/packed-b.md): then every SM
@@ -154,7 +154,7 @@ def _memory_bound_tile(m: int, n: int, k: int, num_sms: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-THIN_BLOCK_N = 32            # memory-bound tiles narrower than this get double accumulators (gemm_config)
+DOUBLE_ACC_MAX_BLOCK_N = 64  # memory-bound tiles up to this wide get double accumulators (gemm_config)
 # Large M with short K: 192 x 128 tiles (three math warpgroups). H100, one process each, two machines:
 # 4096 x 24576 x 1536 259.3 -> 251.0 and 262.2 -> 253.7 us, 4096 x 7168 x 2048 104.2 -> 101.7, 4096 x 32768 x
 # 512 151.8 -> 142.6; but K = 7168 / 16384 lose 4-11% (docs/perf-notes.md, session 4).
@@ -181,18 +181,17 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
             if best is None or key < best[0]:
                 best = (key, block_n)
         block_n = best[1]
-    # Thin memory-bound tiles (few N-blocks, e.g. N = 2112): one math warpgroup's wgmma -> promotion chain
-    # is the critical path, so let block k+1's wgmma run while block k is promoted (double accumulators).
-    # H100, 2112 x 7168, CUDA events: M=64 18.1 -> 14.9 us, M=128 16.4 -> 15.6 us; split-K over 64-wide
-    # tiles gave 15.7 / 16.5 us, and both changes lose on tiles >= 32 wide (docs/perf-notes.md).
-    double_acc = m < COMPUTE_BOUND_M and block_n < THIN_BLOCK_N
-    # ... and take two K blocks per stage (one 3-D TMA box per operand: half the TMA instructions). H100, L2
-    # flushed, two runs: 64 x 2112 x 7168 14.3 -> 13.6 and 14.2 -> 13.7 us, 128 x 2112 x 7168 15.9 -> 15.8 and
-    # 15.6; fresh inputs (B partly in L2): 11.0 -> 9.0 and 12.8 -> 12.1; no gain on wider tiles (perf-notes).
+    # Memory-bound tiles: one math warpgroup's wgmma -> promotion chain is on the critical path, so let block
+    # k+1's wgmma run while block k is promoted (double accumulators), and take two K blocks per stage (one 3-D
+    # TMA box per operand: half the TMA instructions). H100 (perf-notes session 6), events with L2 flushed /
+    # fresh inputs, us: 128 x 2112 x 7168 (64 x 32 tiles) 14.8 -> 14.3 / 11.6 -> 9.7, 128 x 4096 x 7168 19.8 ->
+    # 19.8 / 14.1 -> 13.7, 64 x 7168 x 2048 12.1 -> 12.0 / 6.5 -> 6.3; 64 x 2112 x 7168 (16 wide) 14.3 -> 13.6 /
+    # 11.0 -> 9.0 (session 5). Wider than 64: three 64 x BLOCK_N fp32 register tiles would not fit.
+    double_acc = m < COMPUTE_BOUND_M and block_n <= DOUBLE_ACC_MAX_BLOCK_N
     kblocks_per_stage = 2 if double_acc and k % BLOCK_K == 0 else 1
-    # Two math warpgroups promote in pairs of K blocks (GemmConfig.dacc_pairs). H100, 128 x 2112 x 7168, two
-    # rounds: L2 flushed 15.9 -> 15.5 and 15.7 -> 15.2 us, fresh inputs 12.0 -> 11.7 and 11.9 -> 11.6; at M = 64
-    # (one warpgroup) 8.9 -> 9.1 / 9.0 fresh, so that keeps the rolling loop.
+    # Two math warpgroups promote in pairs of K blocks (GemmConfig.dacc_pairs). H100, 128 x 16 tiles at 128 x 2112
+    # x 7168, two rounds: L2 flushed 15.9 -> 15.5 and 15.7 -> 15.2 us, fresh inputs 12.0 -> 11.7 and 11.9 -> 11.6;
+    # with one warpgroup (M = 64) 8.9 -> 9.1 / 9.0 fresh, so that keeps the rolling loop.
     dacc_pairs = double_acc and block_m >= 128
     tma_store = n % 8 == 0
     # Compute-bound shapes whose tiles end in a partial wave split that wave's tiles along K (tail_split_for).

@@ -163,7 +163,7 @@ def test_memory_bound_tiles_minimise_the_per_sm_intake(m, n, k):
 @needs_module
 def test_thin_memory_bound_tiles_get_double_accumulators():
     c = fp8_gemm.gemm_config(64, 2112, 7168, 132)        # 2112 / 16 = 132 thin tiles for 132 SMs
-    assert c.block_n < fp8_gemm.THIN_BLOCK_N and c.double_acc and c.split_k == 1
+    assert c.block_n <= fp8_gemm.DOUBLE_ACC_MAX_BLOCK_N and c.double_acc and c.split_k == 1
     assert not fp8_gemm.gemm_config(4096, 7168, 16384, 132).double_acc
     assert not fp8_gemm.gemm_config(64, 32768, 512, 132).double_acc   # wide tiles already
     cfg = fp8_gemm.GemmConfig(64, 64, 12, split_k=4)
@@ -328,7 +328,7 @@ def test_source_carries_the_shape_constants():
 def _compile_cases():
     cases = {}
     for m, n, k in [(64, 2112, 7168), (128, 24576, 1536), (4096, 7168, 16384), (300, 1000, 4112), (7, 200, 272),
-                    (4096, 2112, 7168), (64, 32768, 512)]:
+                    (4096, 2112, 7168), (64, 32768, 512), (128, 7168, 2048), (64, 7168, 16384)]:
         c = fp8_gemm.gemm_config(m, n, k)
         cases[(n, k, c)] = (m, n, k)
     for c in (fp8_gemm.GemmConfig(128, 112, 6, split_k=2), fp8_gemm.GemmConfig(64, 96, 10, split_k=3, double_acc=True)):
