@@ -75,7 +75,6 @@ class GemmConfig:
     split_k: int = 1           # > 1: each tile's K blocks in this many ranges on different CTAs, partials summed
     tail_split: int = 1        # > 1: only the tiles of the last, partial wave are split so (see split_schedule)
     kblocks_per_stage: int = 1  # 2 or 4: a stage holds that many K blocks, loaded by one 3-D TMA box per operand
-    dacc_pairs: bool = False   # double_acc: K blocks in pairs, none in flight across loop iterations (see kernel)
 
     @property
     def num_math_warpgroups(self) -> int:
@@ -189,10 +188,6 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     # 11.0 -> 9.0 (session 5). Wider than 64: three 64 x BLOCK_N fp32 register tiles would not fit.
     double_acc = m < COMPUTE_BOUND_M and block_n <= DOUBLE_ACC_MAX_BLOCK_N
     kblocks_per_stage = 2 if double_acc and k % BLOCK_K == 0 else 1
-    # Two math warpgroups promote in pairs of K blocks (GemmConfig.dacc_pairs). H100, 128 x 16 tiles at 128 x 2112
-    # x 7168, two rounds: L2 flushed 15.9 -> 15.5 and 15.7 -> 15.2 us, fresh inputs 12.0 -> 11.7 and 11.9 -> 11.6;
-    # with one warpgroup (M = 64) 8.9 -> 9.1 / 9.0 fresh, so that keeps the rolling loop.
-    dacc_pairs = double_acc and block_m >= 128
     tma_store = n % 8 == 0
     # Compute-bound shapes whose tiles end in a partial wave split that wave's tiles along K (tail_split_for).
     tail_split = 1
@@ -201,8 +196,7 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     # (cluster_n stays 1: A multicast in clusters of 2 / 4 measured no faster: docs/perf-notes.md)
     return GemmConfig(block_m=block_m, block_n=block_n,
                       stages=max_stages(block_m, block_n, tma_store, kblocks_per_stage), tma_store=tma_store,
-                      double_acc=double_acc, tail_split=tail_split, kblocks_per_stage=kblocks_per_stage,
-                      dacc_pairs=dacc_pairs)
+                      double_acc=double_acc, tail_split=tail_split, kblocks_per_stage=kblocks_per_stage)
 
 
 def split_schedule(m: int, n: int, config: GemmConfig, num_sms: int) -> tuple[int, int]:
@@ -333,8 +327,7 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
         f"  l2side::fp8_gemm::gemm_body<{n}, {k}, {config.block_m}, {config.block_n}, {config.stages}, "
         f"{config.group_m}, {'true' if config.tma_store else 'false'}, {config.cluster_n}, "
         f"{'true' if config.double_acc else 'false'}, {'true' if config.packed_b else 'false'}, "
-        f"{max(config.split_k, config.tail_split)}, {config.kblocks_per_stage}, "
-        f"{'true' if config.dacc_pairs else 'false'}, Mma>(\n"
+        f"{max(config.split_k, config.tail_split)}, {config.kblocks_per_stage}, Mma>(\n"
         "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa, tmap_d, packed, split_k);\n"
         "}\n")
 

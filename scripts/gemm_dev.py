@@ -130,7 +130,7 @@ def sweep(shapes, spec, fresh=False):
                 t = fresh_inputs_us(m, n, k, c)
             mark = "*" if c == auto[(m, n, k)] else " "
             print(f"{m:5d} {n:6d} {k:6d} {mark} bm={c.block_m} bn={c.block_n} st={c.stages} cl={c.cluster_n} "
-                  f"dacc={int(c.double_acc)}{'p' if c.dacc_pairs else ''} kb={c.kblocks_per_stage} gm={c.group_m} sk={c.split_k} "
+                  f"dacc={int(c.double_acc)} kb={c.kblocks_per_stage} gm={c.group_m} sk={c.split_k} "
                   f"ts={c.tail_split} diff={d:.1e} {t:8.1f} us {2 * m * n * k / t / 1e6:7.1f} TFLOPS "
                   f"{(m * k + n * k + 2 * m * n) / t / 1e3:6.0f} GB/s", flush=True)
     return 0

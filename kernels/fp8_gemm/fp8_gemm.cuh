@@ -110,7 +110,7 @@ __host__ __device__ constexpr uint32_t d_chunk_cols() {
 
 template <uint32_t SHAPE_N, uint32_t SHAPE_K, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kStages,
           uint32_t kGroupM, bool kTmaStore, uint32_t kClusterN, bool kDoubleAcc, bool kPackedB, uint32_t kMaxSplit,
-          uint32_t kStageKBlocks, bool kDaccPairs, class Mma>
+          uint32_t kStageKBlocks, class Mma>
 __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const float* __restrict__ scales_b,
                                           uint32_t sb_stride_n, uint32_t sb_stride_k, uint32_t shape_m,
                                           const CUtensorMap& tmap_a, const CUtensorMap& tmap_b,
@@ -419,32 +419,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
 #pragma unroll
       for (uint32_t i = 0; i < kNumAccum; ++i) out[i] = 0.0f;
 
-      if constexpr (kDoubleAcc && kDaccPairs) {
-        // two accumulators, blocks in pairs: both groups issued at the top of each iteration and none in flight
-        // across it, so block j's promotion overlaps block j + 1's wgmma. (The rolling loop below keeps block
-        // j + 2 in flight across the back edge; ptxas adds a full wait before each of its promotions, C7517.)
-        float acc0[kNumAccum], acc1[kNumAccum];
-        float sa0_0, sa1_0, sa0_1, sa1_1, sb0, sb1;
-        bool r0, r1;
-        uint32_t j = 0;
-#pragma unroll 1
-        for (; j + 1 < num_kb; j += 2) {
-          const uint32_t s0 = issue(acc0, sa0_0, sa1_0, j, num_kb, r0);
-          const uint32_t s1 = issue(acc1, sa0_1, sa1_1, j + 1, num_kb, r1);
-          sb_of(j, sb0, sb1);
-          ptx::wgmma_wait<1>();
-          finish(acc0, s0, r0, sa0_0, sa1_0, sb0, sb1, boundary);
-          sb_of(j + 1, sb0, sb1);
-          ptx::wgmma_wait<0>();
-          finish(acc1, s1, r1, sa0_1, sa1_1, sb0, sb1, boundary);
-        }
-        if (j < num_kb) {  // an odd block count's last block
-          const uint32_t s0 = issue(acc0, sa0_0, sa1_0, j, num_kb, r0);
-          sb_of(j, sb0, sb1);
-          ptx::wgmma_wait<0>();
-          finish(acc0, s0, r0, sa0_0, sa1_0, sb0, sb1, boundary);
-        }
-      } else if constexpr (kDoubleAcc) {
+      if constexpr (kDoubleAcc) {
         // two accumulators: block kb+1's wgmma run on the tensor cores while block kb is promoted
         float acc0[kNumAccum], acc1[kNumAccum];
         float sa0_0, sa1_0, sa0_1, sa1_1, sb0, sb1;
