@@ -47,7 +47,8 @@ def k_loop(sass: str) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="7168,16384", help="N,K")
-    p.add_argument("--configs", default="128,128;128,128,ts5", help="BM,BN[,tsS|skS];...")
+    p.add_argument("--configs", default="128,128;128,128,ts5",
+                   help="BM,BN[,tsS|skS|da|kbG];... (da: double accumulators, kbG: G K blocks per stage)")
     args = p.parse_args()
     from l2side import fp8_gemm
     n, k = (int(v) for v in args.shape.split(","))
@@ -55,8 +56,12 @@ def main() -> int:
         bm, bn, *rest = item.split(",")
         extra = {}
         for r in rest:
-            extra["tail_split" if r.startswith("ts") else "split_k"] = int(r[2:])
-        cfg = fp8_gemm.GemmConfig(int(bm), int(bn), fp8_gemm.max_stages(int(bm), int(bn), True), **extra)
+            if r == "da":
+                extra["double_acc"] = True
+            else:
+                extra[{"ts": "tail_split", "sk": "split_k", "kb": "kblocks_per_stage"}[r[:2]]] = int(r[2:])
+        stages = fp8_gemm.max_stages(int(bm), int(bn), True, extra.get("kblocks_per_stage", 1))
+        cfg = fp8_gemm.GemmConfig(int(bm), int(bn), stages, **extra)
         with tempfile.TemporaryDirectory() as tmp:
             cubin = os.path.join(tmp, "k.cubin")
             with open(cubin, "wb") as f:
@@ -64,7 +69,8 @@ def main() -> int:
             sass = subprocess.run([cuobjdump(), "-sass", cubin], capture_output=True, text=True, check=True).stdout
         loop = k_loop(sass)
         print(f"N={n} K={k} {item:18s} K loop: {len(loop):4d} instructions, {sum('S2UR' in t for t in loop)} S2UR, "
-              f"{sum('QGMMA' in t for t in loop)} QGMMA, {sum('FFMA' in t for t in loop)} FFMA")
+              f"{sum('QGMMA' in t for t in loop)} QGMMA, {sum('FFMA' in t for t in loop)} FFMA, "
+              f"{sum('FSEL' in t for t in loop)} FSEL")
     return 0
 
 
