@@ -31,8 +31,8 @@ default: it measured slower than the above on every DeepSeek shape (docs/perf-no
 tiles of the last, partial wave are split that way, so the last wave ends sooner; opt-in, it measured slower.
 Stages: as many as fit in shared memory next to the output tile, at most 12 K blocks in flight.
 `GemmConfig.kblocks_per_stage` (2 or 4; K a multiple of 128): a stage holds that many K blocks, each operand
-loaded by one 3-D TMA box (fewer TMA instructions; bitwise the same result): 2 for the double-accumulator tiles above (2-5%
-faster with L2 flushed, 5-18% with fresh inputs), no gain measured elsewhere.
+loaded by one 3-D TMA box (fewer TMA instructions; bitwise the same result): 2 for the double-accumulator tiles above
+(with double accumulators: 0-5% faster with L2 flushed, 2-18% with fresh inputs; perf-notes sessions 5 and 6).
 
 `b` may also be a `PackedB` from `l2side.pack_b` (side-aware packed weight, docs/packed-b.md): then every SM
 computes the tiles of the N-blocks stored on its own L2 side (`side_mode` switches this for measurements).
@@ -120,7 +120,7 @@ def _ceil_div(a: int, b: int) -> int:
 COMPUTE_BOUND_M = 512
 
 
-def _block_n_candidates(m: int):
+def _block_n_candidates():
     """Compute-bound (M >= COMPUTE_BOUND_M) BLOCK_N candidates, (BLOCK_N, relative time per column of a tile): only
     64, 128, 192 (on the H100, 128 x 112 / 96 tiles ran 0.78x / 0.75x the TFLOPS of 128 x 128, and 192 about
     0.9-1.05x: docs/perf-notes.md)."""
@@ -172,19 +172,19 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
         block_m, block_n = _memory_bound_tile(m, n, k, num_sms)
     else:
         block_m = 192 if m >= THREE_WARPGROUPS_MIN_M and k <= THREE_WARPGROUPS_MAX_K else 128
-        num_m_blocks = _ceil_div(m, block_m)
         best = None
-        for block_n, cost_per_column in [(128, 1.0)] if block_m == 192 else _block_n_candidates(m):
-            waves = _ceil_div(num_m_blocks * _ceil_div(n, block_n), num_sms)
+        for block_n, cost_per_column in [(128, 1.0)] if block_m == 192 else _block_n_candidates():
+            waves = _ceil_div(_ceil_div(m, block_m) * _ceil_div(n, block_n), num_sms)
             key = (waves * block_n * cost_per_column + waves * 16, -block_n)
             if best is None or key < best[0]:
                 best = (key, block_n)
         block_n = best[1]
+    num_m_blocks = _ceil_div(m, block_m)
     # Memory-bound tiles: one math warpgroup's wgmma -> promotion chain is on the critical path, so let block
     # k+1's wgmma run while block k is promoted (double accumulators), and take two K blocks per stage (one 3-D
     # TMA box per operand: half the TMA instructions). H100 (perf-notes session 6), events with L2 flushed /
     # fresh inputs, us: 128 x 2112 x 7168 (64 x 32 tiles) 14.8 -> 14.3 / 11.6 -> 9.7, 128 x 4096 x 7168 19.8 ->
-    # 19.8 / 14.1 -> 13.7, 64 x 7168 x 2048 12.1 -> 12.0 / 6.5 -> 6.3; 64 x 2112 x 7168 (16 wide) 14.3 -> 13.6 /
+    # 19.8 / 14.1 -> 13.7, 64 x 7168 x 2048 12.1 -> 11.8 / 6.6 -> 6.3; 64 x 2112 x 7168 (16 wide) 14.3 -> 13.6 /
     # 11.0 -> 9.0 (session 5). Wider than 64: three 64 x BLOCK_N fp32 register tiles would not fit.
     double_acc = m < COMPUTE_BOUND_M and block_n <= DOUBLE_ACC_MAX_BLOCK_N
     kblocks_per_stage = 2 if double_acc and k % BLOCK_K == 0 else 1
@@ -606,12 +606,16 @@ def _queues(packed):
 
 def packed_config(m: int, n: int, k: int, block_n: int, config: GemmConfig | None = None,
                   num_sms: int = 132) -> GemmConfig:
-    """The block configuration of a packed-B call: `config` (or gemm_config's choice, with 128-row tiles) on the
+    """The block configuration of a packed-B call: `config` (or gemm_config's choice, adjusted below) on the
     packed tile width, with what the packed path does not have turned off (clusters, splits, several K blocks
     per stage: its B tiles arrive by bulk copies, one K block at a time)."""
     cfg = config or gemm_config(m, n, k, num_sms)
-    if config is None and cfg.block_m == 192:  # (the short-K three-warpgroup rule was measured unpacked)
-        cfg = dataclasses.replace(cfg, block_m=128)
+    if config is None:
+        # 64-row tiles only for M <= 64 and 128 otherwise (how the packed path was measured: the short-K
+        # three-warpgroup rule and the 64-row tiles at M > 64 were measured unpacked), and double accumulators
+        # by the packed width (gemm_config decided them for its own, narrower tile)
+        cfg = dataclasses.replace(cfg, block_m=64 if m <= 64 else 128,
+                                  double_acc=m < COMPUTE_BOUND_M and block_n <= DOUBLE_ACC_MAX_BLOCK_N)
     stages = max_stages(cfg.block_m, block_n, cfg.tma_store and n % 8 == 0)
     return dataclasses.replace(cfg, block_n=block_n, stages=min(cfg.stages, stages) if config else stages,
                                cluster_n=1, packed_b=True, split_k=1, tail_split=1, kblocks_per_stage=1,

@@ -161,11 +161,36 @@ def test_memory_bound_tiles_minimise_the_per_sm_intake(m, n, k):
 
 
 @needs_module
-def test_thin_memory_bound_tiles_get_double_accumulators():
+def test_memory_bound_tiles_up_to_64_wide_get_double_accumulators():
     c = fp8_gemm.gemm_config(64, 2112, 7168, 132)        # 2112 / 16 = 132 thin tiles for 132 SMs
     assert c.block_n <= fp8_gemm.DOUBLE_ACC_MAX_BLOCK_N and c.double_acc and c.split_k == 1
+    c = fp8_gemm.gemm_config(64, 7168, 2048, 132)        # 64 wide: still double, two K blocks per stage
+    assert (c.block_n, c.double_acc, c.kblocks_per_stage) == (64, True, 2)
+    c = fp8_gemm.gemm_config(64, 24576, 1536, 132)       # 96 wide: one accumulator
+    assert (c.block_n, c.double_acc, c.kblocks_per_stage) == (96, False, 1)
     assert not fp8_gemm.gemm_config(4096, 7168, 16384, 132).double_acc
     assert not fp8_gemm.gemm_config(64, 32768, 512, 132).double_acc   # wide tiles already
+    assert fp8_gemm.gemm_config(64, 7168, 2050, 132).kblocks_per_stage == 1  # K not a multiple of 128
+    for m in (65, 300, 511):  # between the DeepSeek sizes: the same rule, 64-row tiles at most 64 wide
+        for n, k in ((2112, 7168), (7168, 2048), (24576, 1536)):
+            c = fp8_gemm.gemm_config(m, n, k, 132)
+            assert c.double_acc == (c.block_n <= 64) and not (c.block_m == 64 and c.block_n > 64), (m, n, k, c)
+    c = fp8_gemm.gemm_config(512, 7168, 2048, 132)       # compute-bound from M = 512
+    assert c.block_m >= 128 and not c.double_acc
+
+
+@needs_module
+@pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (128, 4096, 7168), (128, 2112, 7168), (300, 7168, 2048),
+                                   (4096, 7168, 2048)])
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_packed_config_uses_the_packed_width(m, n, k, block_n):
+    """Packed B: 64-row tiles only at M <= 64 (the measured packed configs), double accumulators decided by the
+    packed width, one K block per stage."""
+    c = fp8_gemm.packed_config(m, n, k, block_n)
+    assert c.block_n == block_n and c.packed_b and c.kblocks_per_stage == 1 and c.split_k == c.tail_split == 1
+    assert c.block_m == (64 if m <= 64 else 128)
+    assert c.double_acc == (m < fp8_gemm.COMPUTE_BOUND_M and block_n <= fp8_gemm.DOUBLE_ACC_MAX_BLOCK_N)
+    fp8_gemm.gemm_source(n, k, c)
     cfg = fp8_gemm.GemmConfig(64, 64, 12, split_k=4)
     parts, counters = fp8_gemm.split_k_workspace(64, 2112, cfg)
     tiles = ceil_div(2112, 64)
@@ -333,6 +358,8 @@ def _compile_cases():
         cases[(n, k, c)] = (m, n, k)
     for c in (fp8_gemm.GemmConfig(128, 112, 6, split_k=2), fp8_gemm.GemmConfig(64, 96, 10, split_k=3, double_acc=True)):
         cases[(7168, 16384, c)] = (128, 7168, 16384)
+    for m, n, k, bn in ((64, 2112, 7168, 64), (128, 7168, 16384, 128)):  # packed B, double accumulators or not
+        cases[(n, k, fp8_gemm.packed_config(m, n, k, bn))] = (m, n, k)
     return list(cases)
 
 
