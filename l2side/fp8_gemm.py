@@ -185,7 +185,7 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
     # TMA box per operand: half the TMA instructions). H100 (perf-notes session 6), events with L2 flushed /
     # fresh inputs, us: 128 x 2112 x 7168 (64 x 32 tiles) 14.8 -> 14.3 / 11.6 -> 9.7, 128 x 4096 x 7168 19.8 ->
     # 19.8 / 14.1 -> 13.7, 64 x 7168 x 2048 12.1 -> 11.8 / 6.6 -> 6.3; 64 x 2112 x 7168 (16 wide) 14.3 -> 13.6 /
-    # 11.0 -> 9.0 (session 5). Wider than 64: three 64 x BLOCK_N fp32 register tiles would not fit.
+    # 11.0 -> 9.0 (session 5). Not wider than 64: at 128 wide ptxas serialises the wgmma (remark C7514).
     double_acc = m < COMPUTE_BOUND_M and block_n <= DOUBLE_ACC_MAX_BLOCK_N
     kblocks_per_stage = 2 if double_acc and k % BLOCK_K == 0 else 1
     tma_store = n % 8 == 0
