@@ -17,7 +17,8 @@ overhead is out of the picture), replayed after warm-up; time per call = median 
 time / reps. GB/s counts the bytes the op must move (reads + writes). Energy: NVML's total-energy counter
 (nvmlDeviceGetTotalEnergyConsumption, mJ) read at two of its own updates inside a stretch of continuous replays
 (--energy-seconds apart), giving the steady board power; mJ per GB moved = power / GB/s. Done in --rounds rounds
-that alternate the variants (median mJ/GB, mean W). torch.compile runs at 1 GiB only unless --compile-32mib
+that alternate the variants (median mJ/GB, mean W; "energy vs off" is the median of the per-round paired
+ratios, with their range: use --rounds 6 or more for a figure to hold a target against). torch.compile runs at 1 GiB only unless --compile-32mib
 (the 32 MiB part is the side ablation). Prints a markdown table; --csv writes every row.
 """
 from __future__ import annotations
@@ -145,6 +146,20 @@ def build_op(name, size_kind, torch, ew, l2side):
     return desc, moved, fns
 
 
+def energy_vs(row, ref):
+    """(% energy per GB of `row` against `ref`, the per-round range as "lo..hi" or ""). With the same number of
+    energy rounds on both (they alternate inside each round, so a round's two windows see the same clocks and
+    temperature), the median of the per-round paired ratios; otherwise the ratio of the medians."""
+    if not ref or row["mj_per_gb"] == "" or ref["mj_per_gb"] in ("", 0):
+        return "", ""
+    mine, theirs = row.get("mj_rounds") or [], ref.get("mj_rounds") or []
+    if len(mine) == len(theirs) and mine and all(theirs):
+        pcts = [100 * (a / b - 1) for a, b in zip(mine, theirs)]
+        spread = f"{min(pcts):+.1f}..{max(pcts):+.1f}" if len(pcts) > 1 else ""
+        return round(statistics.median(pcts), 1), spread
+    return round(100 * (row["mj_per_gb"] / ref["mj_per_gb"] - 1), 1), ""
+
+
 def capture(torch, fn, reps, stream):
     """A CUDA graph of `reps` calls of fn (warmed up on `stream` first)."""
     with torch.cuda.stream(stream):
@@ -252,6 +267,7 @@ def main(argv=None) -> int:
                 rows.append(dict(size=size_kind, op=op, shape=desc, variant=variant, bytes_moved=moved,
                                  time_us=round(ms * 1e3, 2), gbps=round(gbps, 1),
                                  mj_per_gb=round(statistics.median(mj_per_gb[variant]), 1) if mj_per_gb[variant] else "",
+                                 mj_rounds=mj_per_gb[variant],
                                  watts=round(statistics.mean(watts[variant]), 0) if watts[variant] else "",
                                  reps=reps_of[variant], path=paths.get(variant, "")))
                 r = rows[-1]       # progress (a run cut short still leaves every finished row in the log)
@@ -274,18 +290,19 @@ def main(argv=None) -> int:
         roof = roofs.get(r["size"])
         r["x_eager"] = round(r["gbps"] / eager["gbps"], 3) if eager else ""
         r["pct_copy_roofline"] = round(100 * r["gbps"] / roof, 1) if roof else ""
-        for key, ref in (("energy_vs_off_pct", off), ("energy_vs_eager_pct", eager)):
-            r[key] = (round(100 * (r["mj_per_gb"] / ref["mj_per_gb"] - 1), 1)
-                      if ref and r["mj_per_gb"] != "" and ref["mj_per_gb"] not in ("", 0) else "")
+        r["energy_vs_off_pct"], r["energy_vs_off_range"] = energy_vs(r, off)
+        r["energy_vs_eager_pct"] = energy_vs(r, eager)[0]
     cols = ["size", "op", "variant", "time_us", "gbps", "x_eager", "pct_copy_roofline", "mj_per_gb",
-            "energy_vs_off_pct", "energy_vs_eager_pct", "watts", "path", "reps", "bytes_moved", "shape"]
+            "energy_vs_off_pct", "energy_vs_off_range", "energy_vs_eager_pct", "watts", "path", "reps",
+            "bytes_moved", "shape"]
     print()
     print("| size | op | variant | path | µs/call | GB/s | × eager | % copy roofline | mJ/GB | energy vs off | "
           "energy vs eager | W |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         pct = lambda v: f"{v:+.1f}%" if v != "" else ""
-        ev = f"{pct(r['energy_vs_off_pct'])} | {pct(r['energy_vs_eager_pct'])}"
+        spread = f" ({r['energy_vs_off_range']})" if r["energy_vs_off_range"] else ""
+        ev = f"{pct(r['energy_vs_off_pct'])}{spread} | {pct(r['energy_vs_eager_pct'])}"
         print(f"| {r['size']} | {r['op']} | {r['variant']} | {r['path']} | {r['time_us']} | {r['gbps']} | {r['x_eager']} | "
               f"{r['pct_copy_roofline']} | {r['mj_per_gb']} | {ev} | {r['watts']} |")
     print()
