@@ -29,6 +29,16 @@ requires_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.
                                    reason="needs nvcc")
 
 
+def load_script(*relpath: str):
+    """A script of the repository (e.g. "benchmarks", "bench_gemm.py") imported as a module, to test its logic."""
+    import importlib.util
+    path = os.path.join(REPO, *relpath)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(relpath[-1])[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_python(code_or_args, timeout=600, env=None):
     """Runs Python in a fresh process (allocator state and torch's allocator choice are per process)."""
     args = ["-c", code_or_args] if isinstance(code_or_args, str) else list(code_or_args)

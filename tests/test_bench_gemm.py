@@ -1,24 +1,16 @@
 """benchmarks/bench_gemm.py on the CPU: the cuBLAS blockwise scale layouts it builds (checked against torch's own
 rules), the table/CSV output, and a clean exit without a GPU."""
 import csv
-import importlib.util
 import os
 
 import pytest
 import torch
 
-from conftest import REPO, cuda_available, run_python
+from conftest import cuda_available, load_script, run_python
 from l2side.quantize import quantize_activation, quantize_weight
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_gemm", os.path.join(REPO, "benchmarks", "bench_gemm.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load()
+bench = load_script("benchmarks", "bench_gemm.py")
 
 
 def ceil_div(a, b):

@@ -10,7 +10,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from conftest import REPO, cuda_available, requires_gpu, requires_nvcc
+from conftest import cuda_available, load_script, requires_gpu, requires_nvcc
 
 torch = pytest.importorskip("torch")
 ew = pytest.importorskip("l2side.elementwise")
@@ -638,19 +638,10 @@ def test_variant_sweep_script_exits_cleanly_without_a_gpu():
     assert r.returncode == 0 and "no CUDA GPU" in r.stdout, r.stderr
 
 
-def _bench_elementwise():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "bench_elementwise", os.path.join(REPO, "benchmarks", "bench_elementwise.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_bench_energy_vs_off_pairs_the_rounds():
     """The benchmark's "energy vs off": the median of per-round paired ratios (with their range) when both
     variants have the same rounds, else the ratio of the medians; blank without a reference."""
-    energy_vs = _bench_elementwise().energy_vs
+    energy_vs = load_script("benchmarks", "bench_elementwise.py").energy_vs
     near = {"mj_per_gb": 92.0, "mj_rounds": [90.0, 92.0, 95.0]}
     off = {"mj_per_gb": 100.0, "mj_rounds": [100.0, 100.0, 100.0]}
     assert energy_vs(near, off) == (-8.0, "-10.0..-5.0")

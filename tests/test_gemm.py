@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import l2side
-from conftest import hopper_available, requires_hopper, requires_nvcc
+from conftest import hopper_available, load_script, requires_hopper, requires_nvcc
 from l2side.quantize import gemm_diff, gemm_reference, quantize_activation, quantize_weight
 
 try:
@@ -795,11 +795,7 @@ def test_packed_b_bad_arguments():
 
 
 def test_sass_loop_finder_takes_the_loop_around_the_first_mma():
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "gemm_sass_loop.py")
-    spec = importlib.util.spec_from_file_location("gemm_sass_loop", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("scripts", "gemm_sass_loop.py")
     sass = "\n".join([
         "        /*0010*/                   MOV R1, R2 ;",
         "        /*0020*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R3 ;",
