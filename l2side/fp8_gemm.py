@@ -199,11 +199,16 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
                       double_acc=double_acc, tail_split=tail_split, kblocks_per_stage=kblocks_per_stage)
 
 
+def schedule_tiles(m: int, n: int, config: GemmConfig) -> int:
+    """Tiles the scheduler hands out (a cluster's CTAs take consecutive N-blocks as one)."""
+    return _ceil_div(m, config.block_m) * (_ceil_div(n, config.block_n) // config.cluster_n)
+
+
 def split_schedule(m: int, n: int, config: GemmConfig, num_sms: int) -> tuple[int, int]:
     """(tail_first, splits) of SplitKArgs: tiles [0, tail_first) of the schedule are one unit each, later ones
     `splits` units along K. split_k: every tile (tail_first 0). tail_split: the tiles that do not fill a
     whole wave of `num_sms` units — the last wave then ends sooner (none when the tiles fill whole waves)."""
-    tiles = _ceil_div(m, config.block_m) * (_ceil_div(n, config.block_n) // config.cluster_n)
+    tiles = schedule_tiles(m, n, config)
     if config.split_k > 1:
         return 0, config.split_k
     partial = tiles % num_sms
@@ -216,17 +221,17 @@ def grid_size(m: int, n: int, config: GemmConfig, num_sms: int) -> int:
     """CTAs of the persistent grid: one per SM at most, whole clusters, no more than there are units of work
     (tiles, or more with split_schedule)."""
     c = config.cluster_n
-    tiles = _ceil_div(m, config.block_m) * (_ceil_div(n, config.block_n) // c)
+    tiles = schedule_tiles(m, n, config)
     first, splits = split_schedule(m, n, config, num_sms // c)
     units = first + (tiles - first) * splits
     return c * max(1, min(num_sms // c, units))
 
 
 def split_k_workspace(m: int, n: int, config: GemmConfig, num_sms: int = 132) -> tuple[int, int]:
-    """(fp32 partials, u32 counters) the split kernel needs for its split tiles (SplitKArgs in fp8_gemm.cuh)."""
-    tiles = _ceil_div(m, config.block_m) * _ceil_div(n, config.block_n)
+    """(fp32 partials, u32 counters) the split kernel needs for its split tiles (SplitKArgs in fp8_gemm.cuh;
+    splits need cluster_n == 1, so a schedule tile is one tile)."""
     first, splits = split_schedule(m, n, config, num_sms)
-    split_tiles = tiles - first if splits > 1 else 0
+    split_tiles = schedule_tiles(m, n, config) - first if splits > 1 else 0
     return split_tiles * config.block_m * config.block_n * splits, split_tiles * config.num_math_warpgroups
 
 
