@@ -153,11 +153,13 @@ def _memory_bound_tile(m: int, n: int, k: int, num_sms: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-DOUBLE_ACC_MAX_BLOCK_N = 64  # memory-bound tiles up to this wide get double accumulators (gemm_config)
-# Large M with short K: 192 x 128 tiles (three math warpgroups). H100, one process each, two machines:
-# 4096 x 24576 x 1536 259.3 -> 251.0 and 262.2 -> 253.7 us, 4096 x 7168 x 2048 104.2 -> 101.7, 4096 x 32768 x
-# 512 151.8 -> 142.6; but K = 7168 / 16384 lose 4-11% (docs/perf-notes.md, session 4).
-THREE_WARPGROUPS_MIN_M, THREE_WARPGROUPS_MAX_K = 2048, 2048
+DOUBLE_ACC_MAX_BLOCK_N = 128  # tiles up to this wide (of 1-2 math warpgroups) get double accumulators
+PACKED_DOUBLE_ACC_MAX_BLOCK_N = 64  # the same for packed B (packed_config), memory-bound tiles only
+# Large M with very short K: 192 x 128 tiles (three math warpgroups, no room for double accumulators). H100:
+# 4096 x 32768 x 512 137.7 us against 145.7 for 128 x 128 with double accumulators (session 7); at K = 1536 /
+# 2048 the 128 x 128 double-accumulator tiles won (242-244 vs 247.8, 93.8-94.1 vs 98.4 us) and at K = 7168 /
+# 16384 192-row tiles lost 4-11% already with single accumulators (docs/perf-notes.md, sessions 4 and 7).
+THREE_WARPGROUPS_MIN_M, THREE_WARPGROUPS_MAX_K = 2048, 1024
 # gemm_config splits the last partial wave only when L2SIDE_GEMM_TAIL_SPLIT=1: on the H100 it measured slower
 # (docs/perf-notes.md, session 4: compiling the split path in costs ~10% on every whole tile, and the partial
 # last wave already runs faster per tile than the naive wave count says)
@@ -180,14 +182,14 @@ def gemm_config(m: int, n: int, k: int, num_sms: int = 132) -> GemmConfig:
                 best = (key, block_n)
         block_n = best[1]
     num_m_blocks = _ceil_div(m, block_m)
-    # Memory-bound tiles: one math warpgroup's wgmma -> promotion chain is on the critical path, so let block
-    # k+1's wgmma run while block k is promoted (double accumulators), and take two K blocks per stage (one 3-D
-    # TMA box per operand: half the TMA instructions). H100 (perf-notes session 6), events with L2 flushed /
-    # fresh inputs, us: 128 x 2112 x 7168 (64 x 32 tiles) 14.8 -> 14.3 / 11.6 -> 9.7, 128 x 4096 x 7168 19.8 ->
-    # 19.8 / 14.1 -> 13.7, 64 x 7168 x 2048 12.1 -> 11.8 / 6.6 -> 6.3; 64 x 2112 x 7168 (16 wide) 14.3 -> 13.6 /
-    # 11.0 -> 9.0 (session 5). Not wider than 64: at 128 wide ptxas serialises the wgmma (remark C7514).
-    double_acc = m < COMPUTE_BOUND_M and block_n <= DOUBLE_ACC_MAX_BLOCK_N
-    kblocks_per_stage = 2 if double_acc and k % BLOCK_K == 0 else 1
+    # Double accumulators (block k+1's wgmma run on the tensor cores while block k is promoted) for every tile
+    # of one or two math warpgroups up to 128 wide (wider, or three warpgroups: not enough registers). H100,
+    # fresh inputs, us (perf-notes session 7): 4096 x 4096 x 7168 183 -> 175, 4096 x 7168 x 16384 720-750 ->
+    # 711-721, 64 x 24576 x 1536 (96 wide) 18.0 -> 17.0-17.5; 128 x 2112 x 7168 11.6 -> 9.4 (sessions 5-7).
+    # Memory-bound tiles up to 64 wide also take two K blocks per stage (one 3-D TMA box per operand: half
+    # the TMA instructions; 64 x 7168 x 2048 6.6 -> 6.3 us, session 6).
+    double_acc = block_m <= 128 and block_n <= DOUBLE_ACC_MAX_BLOCK_N
+    kblocks_per_stage = 2 if m < COMPUTE_BOUND_M and block_n <= 64 and k % BLOCK_K == 0 else 1
     tma_store = n % 8 == 0
     # Compute-bound shapes whose tiles end in a partial wave split that wave's tiles along K (tail_split_for).
     tail_split = 1
@@ -618,9 +620,10 @@ def packed_config(m: int, n: int, k: int, block_n: int, config: GemmConfig | Non
     if config is None:
         # 64-row tiles only for M <= 64 and 128 otherwise (how the packed path was measured: the short-K
         # three-warpgroup rule and the 64-row tiles at M > 64 were measured unpacked), and double accumulators
-        # by the packed width (gemm_config decided them for its own, narrower tile)
+        # by the packed width (gemm_config decided them for its own tile), as measured: memory-bound tiles up to
+        # 64 wide (the packed kernel keeps 40 registers for its producer, so wider double accumulators spill)
         cfg = dataclasses.replace(cfg, block_m=64 if m <= 64 else 128,
-                                  double_acc=m < COMPUTE_BOUND_M and block_n <= DOUBLE_ACC_MAX_BLOCK_N)
+                                  double_acc=m < COMPUTE_BOUND_M and block_n <= PACKED_DOUBLE_ACC_MAX_BLOCK_N)
     stages = max_stages(cfg.block_m, block_n, cfg.tma_store and n % 8 == 0)
     return dataclasses.replace(cfg, block_n=block_n, stages=min(cfg.stages, stages) if config else stages,
                                cluster_n=1, packed_b=True, split_k=1, tail_split=1, kblocks_per_stage=1,

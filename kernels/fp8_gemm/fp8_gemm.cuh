@@ -41,11 +41,13 @@ namespace l2side::fp8_gemm {
 constexpr uint32_t BLOCK_K = 128;              // = the scale granularity along K
 constexpr uint32_t kWarpgroupThreads = 128;
 // Registers per thread after setmaxnreg: the warpgroups' sum x 128 threads must fit the 64K register file.
-// 1-2 math warpgroups: 232 each + 40 for the producer (<= 504); 3 (BLOCK_M 192): 160 each + 24 (= 504).
-template <uint32_t kMathWarpgroups>
-constexpr uint32_t kMathRegisters = kMathWarpgroups == 3 ? 160 : 232;
-template <uint32_t kMathWarpgroups>
-constexpr uint32_t kProducerRegisters = kMathWarpgroups == 3 ? 24 : 40;
+// 1-2 math warpgroups: 240 each + 24 for the producer (= 504; the three 64 x 128 fp32 arrays of double
+// accumulators spilled at 232), or 232 + 40 with packed B (its producer computes chunk addresses: it spilled
+// at 24); 3 math warpgroups (BLOCK_M 192): 160 each + 24 (= 504).
+template <uint32_t kMathWarpgroups, bool kPackedB>
+constexpr uint32_t kMathRegisters = kMathWarpgroups == 3 ? 160 : kPackedB ? 232 : 240;
+template <uint32_t kMathWarpgroups, bool kPackedB>
+constexpr uint32_t kProducerRegisters = kMathWarpgroups == 3 ? 24 : kPackedB ? 40 : 24;
 
 __host__ __device__ constexpr uint32_t align_up(uint32_t x, uint32_t a) { return (x + a - 1) / a * a; }
 
@@ -137,6 +139,12 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   static_assert(kStageKBlocks == 1 || (kClusterN == 1 && !kPackedB && kMaxSplit == 1 && SHAPE_K % BLOCK_K == 0),
                 "several K blocks per stage: no clusters, packed B or split, and K a multiple of 128");
   constexpr uint32_t kNumAccum = BLOCK_N / 2;  // fp32 per thread for 64 x BLOCK_N per warpgroup
+  // double accumulators: pairs of K blocks per unrolled loop body (the most, up to 4, that divide the K blocks)
+#ifdef L2SIDE_DACC_PAIRS  // (kernel work: A/B of the body length, e.g. 1 = a drain every two K blocks)
+  constexpr uint32_t kDaccPairs = L2SIDE_DACC_PAIRS;
+#else
+  constexpr uint32_t kDaccPairs = kNumKBlocks % 8 == 0 ? 4 : kNumKBlocks % 6 == 0 ? 3 : kNumKBlocks % 4 == 0 ? 2 : 1;
+#endif
   // A tile never straddles two 128-wide B-scale blocks when BLOCK_N divides 128.
   constexpr bool kUniformScaleB = (BLOCK_K % BLOCK_N == 0);
   using Smem = SmemLayout<BLOCK_M, BLOCK_N, kStages, kTmaStore, kStageKBlocks>;
@@ -184,7 +192,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   if (threadIdx.x >= kMathThreads) {
     // ---------------- producer warpgroup: one thread issues every TMA load
 #ifndef L2SIDE_NO_SETMAXNREG
-    ptx::setmaxnreg_dec<kProducerRegisters<BLOCK_M / 64>>();
+    ptx::setmaxnreg_dec<kProducerRegisters<BLOCK_M / 64, kPackedB>>();
 #endif
     if (threadIdx.x == kMathThreads) {
       uint32_t stage = 0, phase = 0;
@@ -290,13 +298,16 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   } else {
     // ---------------- math warpgroups
 #ifndef L2SIDE_NO_SETMAXNREG
-    ptx::setmaxnreg_inc<kMathRegisters<BLOCK_M / 64>>();
+    ptx::setmaxnreg_inc<kMathRegisters<BLOCK_M / 64, kPackedB>>();
 #endif
     const uint32_t wg = __shfl_sync(0xffffffffu, threadIdx.x / kWarpgroupThreads, 0);
     const uint32_t row = wg * 64 + (threadIdx.x / 32 % 4) * 16 + lane / 4;  // this thread's rows: row, row + 8
     uint32_t stage = 0, phase = 0;
     float out[kNumAccum];
 
+    // the promotion's four scale products (A row r / r + 8 x the tile's first / second B-scale block)
+    struct Scales { float s00, s10, s01, s11; };
+    auto scales = [](float sa0, float sa1, float sb0, float sb1) { return Scales{sa0 * sb0, sa1 * sb0, sa0 * sb1, sa1 * sb1}; };
     // K block j of the unit's num_kb: wait for its stage (at the stage's first K block), read this thread's A
     // scales, issue the four wgmma into `acc` and commit them as one group. Returns the stage it used; `release`
     // says whether it is the stage's last K block (then `finish` releases the stage once the group is done).
@@ -323,8 +334,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
     // After the group of a K block completed: release its stage if it was the stage's last K block (this warp
     // has read it: wgmma operands, scales in registers; with clusters the peer's producer writes into it too, so
     // the peer hears as well) and promote: out += (sa * sb) * partial.
-    auto finish_at = [&](float (&acc)[kNumAccum], uint32_t s, bool release, float sa0, float sa1, float sb0,
-                         float sb1, uint32_t boundary) {
+    auto finish_at = [&](float (&acc)[kNumAccum], uint32_t s, bool release, const Scales& sc, uint32_t boundary) {
 #pragma unroll
       for (uint32_t i = 0; i < kNumAccum; ++i) ptx::fence_operand(acc[i]);
       __syncwarp();
@@ -333,7 +343,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       } else {
         if (release && lane == 0) ptx::mbar_arrive(empty + s);
       }
-      const float s00 = sa0 * sb0, s10 = sa1 * sb0, s01 = sa0 * sb1, s11 = sa1 * sb1;
+      const float s00 = sc.s00, s10 = sc.s10, s01 = sc.s01, s11 = sc.s11;
 #pragma unroll
       for (uint32_t j = 0; j < BLOCK_N / 8; ++j) {
         const bool first = kUniformScaleB || j * 8 < boundary;  // boundary is a multiple of 8
@@ -348,14 +358,13 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
     // Tiles straddling two B-scale blocks pick a scale per 8 columns. When BLOCK_N is an odd multiple of 64
     // the boundary is 128 or 64 columns: promote with it as a constant (no per-column select; as a run-time
     // value it cost BLOCK_N / 4 FSELs per K block: 4096 x 2112 x 7168 with 192-wide tiles ran 6% slower).
-    auto finish = [&](float (&acc)[kNumAccum], uint32_t s, bool release, float sa0, float sa1, float sb0,
-                      float sb1, uint32_t boundary) {
+    auto finish = [&](float (&acc)[kNumAccum], uint32_t s, bool release, const Scales& sc, uint32_t boundary) {
       if constexpr (!kUniformScaleB && BLOCK_N % 64 == 0) {
         // (literal boundaries: once finish_at is inlined, each column's scale is known at compile time)
-        if (boundary == BLOCK_K) finish_at(acc, s, release, sa0, sa1, sb0, sb1, BLOCK_K);
-        else finish_at(acc, s, release, sa0, sa1, sb0, sb1, BLOCK_K - 64);
+        if (boundary == BLOCK_K) finish_at(acc, s, release, sc, BLOCK_K);
+        else finish_at(acc, s, release, sc, BLOCK_K - 64);
       } else {
-        finish_at(acc, s, release, sa0, sa1, sb0, sb1, boundary);
+        finish_at(acc, s, release, sc, boundary);
       }
     };
 
@@ -420,33 +429,46 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       for (uint32_t i = 0; i < kNumAccum; ++i) out[i] = 0.0f;
 
       if constexpr (kDoubleAcc) {
-        // two accumulators: block kb+1's wgmma run on the tensor cores while block kb is promoted
+        // Two accumulators: block j + 1's wgmma run on the tensor cores while block j is promoted. ptxas tracks
+        // wgmma groups only in straight-line code: a group still in flight at a loop's back edge makes it
+        // serialise every wgmma (C7514) or wait for all of them (C7517). So the loop body is kDaccPairs
+        // unrolled pairs of K blocks that starts and ends with nothing in flight (one drain per body).
         float acc0[kNumAccum], acc1[kNumAccum];
-        float sa0_0, sa1_0, sa0_1, sa1_1, sb0, sb1;
-        bool r0, r1 = false;
-        uint32_t s0 = issue(acc0, sa0_0, sa1_0, 0, num_kb, r0), s1 = 0;
+        uint32_t j = 0;
 #pragma unroll 1
-        for (uint32_t j = 0; j < num_kb; j += 2) {
-          if (j + 1 < num_kb) {
-            s1 = issue(acc1, sa0_1, sa1_1, j + 1, num_kb, r1);
-            sb_of(j, sb0, sb1);
+        for (; j + 2 * kDaccPairs <= num_kb; j += 2 * kDaccPairs) {
+          float sa0_0, sa1_0, sa0_1, sa1_1, sb0, sb1;
+          bool r0, r1;
+          uint32_t s0 = issue(acc0, sa0_0, sa1_0, j, num_kb, r0), s1;
+#pragma unroll
+          for (uint32_t u = 0; u < kDaccPairs; ++u) {
+            s1 = issue(acc1, sa0_1, sa1_1, j + 2 * u + 1, num_kb, r1);
+            sb_of(j + 2 * u, sb0, sb1);
+            Scales sc = scales(sa0_0, sa1_0, sb0, sb1);
             ptx::wgmma_wait<1>();
-          } else {
-            sb_of(j, sb0, sb1);
-            ptx::wgmma_wait<0>();
-          }
-          finish(acc0, s0, r0, sa0_0, sa1_0, sb0, sb1, boundary);
-          if (j + 1 < num_kb) {
-            if (j + 2 < num_kb) {
-              s0 = issue(acc0, sa0_0, sa1_0, j + 2, num_kb, r0);
-              sb_of(j + 1, sb0, sb1);
+            finish(acc0, s0, r0, sc, boundary);
+            if (u + 1 < kDaccPairs) {
+              s0 = issue(acc0, sa0_0, sa1_0, j + 2 * u + 2, num_kb, r0);
+              sb_of(j + 2 * u + 1, sb0, sb1);
+              sc = scales(sa0_1, sa1_1, sb0, sb1);
               ptx::wgmma_wait<1>();
             } else {
-              sb_of(j + 1, sb0, sb1);
+              sb_of(j + 2 * u + 1, sb0, sb1);
+              sc = scales(sa0_1, sa1_1, sb0, sb1);
               ptx::wgmma_wait<0>();
             }
-            finish(acc1, s1, r1, sa0_1, sa1_1, sb0, sb1, boundary);
+            finish(acc1, s1, r1, sc, boundary);
           }
+        }
+#pragma unroll 1
+        for (; j < num_kb; ++j) {  // the rest (fewer than 2 x kDaccPairs blocks), one at a time
+          float sa0, sa1, sb0, sb1;
+          bool release;
+          const uint32_t s = issue(acc0, sa0, sa1, j, num_kb, release);
+          sb_of(j, sb0, sb1);
+          const Scales sc = scales(sa0, sa1, sb0, sb1);
+          ptx::wgmma_wait<0>();
+          finish(acc0, s, release, sc, boundary);
         }
       } else {
         float acc[kNumAccum];
@@ -456,8 +478,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           bool release;
           const uint32_t s = issue(acc, sa0, sa1, j, num_kb, release);
           sb_of(j, sb0, sb1);  // (after the wgmma are issued: the first wait for the copied scales overlaps them)
+          const Scales sc = scales(sa0, sa1, sb0, sb1);
           ptx::wgmma_wait<0>();
-          finish(acc, s, release, sa0, sa1, sb0, sb1, boundary);
+          finish(acc, s, release, sc, boundary);
         }
       }
 
