@@ -368,60 +368,6 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       }
     };
 
-    // The TMA-store epilogue of tile (m_blk, n_blk) from `out`: this warpgroup's 64 x BLOCK_N bf16 block to
-    // shared memory, then one thread stores it with TMA (clipped at M and N).
-    auto store_tile = [&](uint32_t m_blk, uint32_t n_blk) {
-      const uint32_t n0 = n_blk * BLOCK_N;
-      uint8_t* d_smem = smem + Smem::kD + wg * 64 * BLOCK_N * 2;  // this warpgroup's 64 rows
-      const bool issuer = threadIdx.x % kWarpgroupThreads == 0;
-      if (issuer) ptx::tma_store_wait_read();  // the previous tile's store is done reading d_smem
-      ptx::named_barrier_sync(1 + wg, kWarpgroupThreads);
-      const uint32_t rr = row - wg * 64;  // row inside the warpgroup's block
-#pragma unroll
-      for (uint32_t j = 0; j < BLOCK_N / 8; ++j) {
-        const uint32_t c = j * 8 + (lane % 4) * 2;
-#pragma unroll
-        for (uint32_t h = 0; h < 2; ++h) {
-          const uint32_t r = rr + 8 * h;
-          uint32_t offset;
-          if constexpr (kDChunk == 64) {  // 64-column chunks of 128-byte rows, 16-byte units XOR row % 8
-            const uint32_t b = (c % 64) * 2;
-            offset = (c / 64) * (64 * 128) + r * 128 + ((((b >> 4) ^ (r & 7))) << 4) + (b & 15);
-          } else {
-            offset = r * BLOCK_N * 2 + c * 2;
-          }
-          __nv_bfloat162 v = __floats2bfloat162_rn(out[4 * j + 2 * h], out[4 * j + 2 * h + 1]);
-          ptx::st_shared_u32(d_smem + offset, *reinterpret_cast<uint32_t*>(&v));
-        }
-      }
-      ptx::fence_async_shared();
-      ptx::named_barrier_sync(1 + wg, kWarpgroupThreads);
-      if (issuer) {
-#pragma unroll
-        for (uint32_t chunk = 0; chunk < BLOCK_N / kDChunk; ++chunk)
-          ptx::tma_store_2d(&tmap_d, d_smem + chunk * 64 * kDChunk * 2, static_cast<int32_t>(n0 + chunk * kDChunk),
-                            static_cast<int32_t>(m_blk * BLOCK_M + wg * 64));
-        ptx::tma_store_commit();
-      }
-    };
-    // Without splits the store of a tile waits until the next tile's first wgmma are issued (flush_pending at
-    // its first K block), so the tensor cores are busy while the math warps write the output tile.
-#ifndef L2SIDE_NO_DEFER_STORE  // (kernel work: -DL2SIDE_NO_DEFER_STORE stores each tile at once, for A/Bs)
-    constexpr bool kDeferStore = kTmaStore && kMaxSplit == 1;
-#else
-    constexpr bool kDeferStore = false;
-#endif
-    bool pending = false;
-    uint32_t pending_m = 0, pending_n = 0;
-    auto flush_pending = [&]() {
-      if (kDeferStore && pending) {
-        store_tile(pending_m, pending_n);
-        pending = false;
-      }
-#pragma unroll
-      for (uint32_t i = 0; i < kNumAccum; ++i) out[i] = 0.0f;
-    };
-
     uint32_t ring = 0, ring_phase = 0;
     auto next_tile = [&](uint32_t& m, uint32_t& n) -> bool {
       if constexpr (!kPackedB) {
@@ -479,22 +425,21 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         sb1 = kUniformScaleB ? sb0 : ptx::ld_shared_f32(sb_smem + Smem::kSbChunk + i);
       };
 
-      // (out is zeroed by flush_pending at the first K block, after the previous tile's deferred store read it)
+#pragma unroll
+      for (uint32_t i = 0; i < kNumAccum; ++i) out[i] = 0.0f;
+
       if constexpr (kDoubleAcc) {
         // Two accumulators: block j + 1's wgmma run on the tensor cores while block j is promoted. ptxas tracks
         // wgmma groups only in straight-line code: a group still in flight at a loop's back edge makes it
         // serialise every wgmma (C7514) or wait for all of them (C7517). So the loop body is kDaccPairs
         // unrolled pairs of K blocks that starts and ends with nothing in flight (one drain per body).
-        // (the accumulators are per body: the first wgmma of a block ignores their values, and so they are not
-        // live across the body's start, where the previous tile's deferred store needs registers)
+        float acc0[kNumAccum], acc1[kNumAccum];
         uint32_t j = 0;
 #pragma unroll 1
         for (; j + 2 * kDaccPairs <= num_kb; j += 2 * kDaccPairs) {
-          float acc0[kNumAccum], acc1[kNumAccum];
           float sa0_0, sa1_0, sa0_1, sa1_1, sb0, sb1;
           bool r0, r1;
           uint32_t s0 = issue(acc0, sa0_0, sa1_0, j, num_kb, r0), s1;
-          if (j == 0) flush_pending();
 #pragma unroll
           for (uint32_t u = 0; u < kDaccPairs; ++u) {
             s1 = issue(acc1, sa0_1, sa1_1, j + 2 * u + 1, num_kb, r1);
@@ -517,11 +462,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         }
 #pragma unroll 1
         for (; j < num_kb; ++j) {  // the rest (fewer than 2 x kDaccPairs blocks), one at a time
-          float acc0[kNumAccum];
           float sa0, sa1, sb0, sb1;
           bool release;
           const uint32_t s = issue(acc0, sa0, sa1, j, num_kb, release);
-          if (j == 0) flush_pending();
           sb_of(j, sb0, sb1);
           const Scales sc = scales(sa0, sa1, sb0, sb1);
           ptx::wgmma_wait<0>();
@@ -534,7 +477,6 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           float sa0, sa1, sb0, sb1;
           bool release;
           const uint32_t s = issue(acc, sa0, sa1, j, num_kb, release);
-          if (j == 0) flush_pending();
           sb_of(j, sb0, sb1);  // (after the wgmma are issued: the first wait for the copied scales overlaps them)
           const Scales sc = scales(sa0, sa1, sb0, sb1);
           ptx::wgmma_wait<0>();
@@ -582,14 +524,38 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       }
 
       // epilogue: thread holds rows (row, row + 8) x columns (8j + 2*(lane%4), +1) for every j
-      if constexpr (kDeferStore) {  // stored once the next tile's first wgmma are issued (flush_pending)
-        pending = true;
-        pending_m = m_block;
-        pending_n = n_block;
-        continue;
-      }
       if constexpr (kTmaStore) {
-        store_tile(m_block, n_block);
+        uint8_t* d_smem = smem + Smem::kD + wg * 64 * BLOCK_N * 2;  // this warpgroup's 64 rows
+        const bool issuer = threadIdx.x % kWarpgroupThreads == 0;
+        if (issuer) ptx::tma_store_wait_read();  // the previous tile's store is done reading d_smem
+        ptx::named_barrier_sync(1 + wg, kWarpgroupThreads);
+        const uint32_t rr = row - wg * 64;  // row inside the warpgroup's block
+#pragma unroll
+        for (uint32_t j = 0; j < BLOCK_N / 8; ++j) {
+          const uint32_t c = j * 8 + (lane % 4) * 2;
+#pragma unroll
+          for (uint32_t h = 0; h < 2; ++h) {
+            const uint32_t r = rr + 8 * h;
+            uint32_t offset;
+            if constexpr (kDChunk == 64) {  // 64-column chunks of 128-byte rows, 16-byte units XOR row % 8
+              const uint32_t b = (c % 64) * 2;
+              offset = (c / 64) * (64 * 128) + r * 128 + ((((b >> 4) ^ (r & 7))) << 4) + (b & 15);
+            } else {
+              offset = r * BLOCK_N * 2 + c * 2;
+            }
+            __nv_bfloat162 v = __floats2bfloat162_rn(out[4 * j + 2 * h], out[4 * j + 2 * h + 1]);
+            ptx::st_shared_u32(d_smem + offset, *reinterpret_cast<uint32_t*>(&v));
+          }
+        }
+        ptx::fence_async_shared();
+        ptx::named_barrier_sync(1 + wg, kWarpgroupThreads);
+        if (issuer) {
+#pragma unroll
+          for (uint32_t chunk = 0; chunk < BLOCK_N / kDChunk; ++chunk)
+            ptx::tma_store_2d(&tmap_d, d_smem + chunk * 64 * kDChunk * 2, static_cast<int32_t>(n0 + chunk * kDChunk),
+                              static_cast<int32_t>(m_block * BLOCK_M + wg * 64));
+          ptx::tma_store_commit();
+        }
         continue;
       }
       const uint32_t r0 = m_block * BLOCK_M + row, r1 = r0 + 8;
@@ -616,9 +582,6 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           }
         }
       }
-    }
-    if constexpr (kDeferStore) {
-      if (pending) store_tile(pending_m, pending_n);  // the last tile
     }
     if constexpr (kTmaStore) {
       // (only until the stores have read shared memory: the grid completes after its writes anyway)
