@@ -18,12 +18,12 @@ Block configuration (`gemm_config`): BLOCK_K = 128 (the scale granularity). Memo
 a fixed cost when BLOCK_N does not divide 128), where waves = ceil(tiles / SMs): every SM pulls its A and B
 tiles from L2 at a per-SM rate, so the rows a tile loads per K block set its time (`_memory_bound_tile`;
 BLOCK_N any multiple of 8 in 16..128, at most 64 for a 64-row tile when M > 64). Compute-bound: 192 x 128
-tiles (three math warpgroups) when M >= 2048 and K <= 2048, else BLOCK_M 128 and BLOCK_N 64, 128 or 192
+tiles (three math warpgroups) when M >= 2048 and K <= 1024, else BLOCK_M 128 and BLOCK_N 64, 128 or 192
 minimising waves * (BLOCK_N * cost_per_column + 16), weighted by their measured efficiency
 (`_block_n_candidates`): the kernel is persistent, so the last wave's idle SMs are the cost that smaller tiles
 buy back, and the +16 stands for the per-tile cost that does not shrink with BLOCK_N.
-Memory-bound tiles up to 64 columns wide use double accumulators and, when K is a multiple of 128, two K blocks
-per stage.
+Every tile of one or two math warpgroups up to 128 columns wide uses double accumulators; memory-bound tiles up
+to 64 wide also take two K blocks per stage when K is a multiple of 128.
 Split-K (`GemmConfig.split_k`: each tile's K blocks in that many ranges on different CTAs, the last CTA of a
 tile sums the fp32 partials in split order, so the result is deterministic) is available but not chosen by
 default: it measured slower than the above on every DeepSeek shape (docs/perf-notes.md). Tail split
@@ -31,7 +31,7 @@ default: it measured slower than the above on every DeepSeek shape (docs/perf-no
 tiles of the last, partial wave are split that way, so the last wave ends sooner; opt-in, it measured slower.
 Stages: as many as fit in shared memory next to the output tile, at most 12 K blocks in flight.
 `GemmConfig.kblocks_per_stage` (2 or 4; K a multiple of 128): a stage holds that many K blocks, each operand
-loaded by one 3-D TMA box (fewer TMA instructions; bitwise the same result): 2 for the double-accumulator tiles above
+loaded by one 3-D TMA box (fewer TMA instructions; bitwise the same result): 2 for the memory-bound tiles above
 (with double accumulators: 0-5% faster with L2 flushed, 2-18% with fresh inputs; perf-notes sessions 5 and 6).
 
 `b` may also be a `PackedB` from `l2side.pack_b` (side-aware packed weight, docs/packed-b.md): then every SM
