@@ -27,8 +27,8 @@ def cuobjdump() -> str:
 
 
 def k_loop(sass: str) -> list[str]:
-    """The innermost loop that holds a QGMMA: the shortest back-branch range around one (the math K loop; a
-    first K block peeled out of it, as the overlapped epilogue does, is not part of it)."""
+    """The math K loop: of the back-branch ranges around a QGMMA, the one with the most QGMMA, the shortest
+    of those (the double-accumulator kernel's loop of unrolled K-block pairs, not its one-block tail loop)."""
     lines = [(int(m.group(1), 16), m.group(2).strip()) for m in
              (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
     mmas = [a for a, t in lines if "QGMMA" in t]
@@ -37,8 +37,9 @@ def k_loop(sass: str) -> list[str]:
         m = re.search(r"BRA 0x([0-9a-f]+)", t)
         if m and int(m.group(1), 16) <= a:
             lo = int(m.group(1), 16)
-            if any(lo <= q <= a for q in mmas) and (best is None or a - lo < best[1] - best[0]):
-                best = (lo, a)
+            count = sum(lo <= q <= a for q in mmas)
+            if count and (best is None or (-count, a - lo) < (-best[2], best[1] - best[0])):
+                best = (lo, a, count)
     if best is None:
         raise RuntimeError("no loop around a QGMMA")
     return [t for b, t in lines if best[0] <= b <= best[1]]
@@ -68,9 +69,11 @@ def main() -> int:
                 f.write(fp8_gemm.build(n, k, cfg))
             sass = subprocess.run([cuobjdump(), "-sass", cubin], capture_output=True, text=True, check=True).stdout
         loop = k_loop(sass)
-        print(f"N={n} K={k} {item:18s} K loop: {len(loop):4d} instructions, {sum('S2UR' in t for t in loop)} S2UR, "
+        kblocks = max(1, sum('QGMMA' in t for t in loop) // 4)  # four wgmma k32 per 128-deep K block
+        print(f"N={n} K={k} {item:18s} K loop: {len(loop):4d} instructions for {kblocks} K blocks "
+              f"({len(loop) / kblocks:.0f} per block), {sum('S2UR' in t for t in loop)} S2UR, "
               f"{sum('QGMMA' in t for t in loop)} QGMMA, {sum('FFMA' in t for t in loop)} FFMA, "
-              f"{sum('FSEL' in t for t in loop)} FSEL")
+              f"{sum('FSEL' in t for t in loop)} FSEL, {sum('DEPBAR.LE gsb0' in t for t in loop)} wgmma waits")
     return 0
 
 

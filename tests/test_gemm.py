@@ -814,3 +814,14 @@ def test_sass_loop_finder_takes_the_loop_around_the_first_mma():
         "        /*0060*/                   EXIT ;"])
     loop = mod.k_loop(sass)
     assert len(loop) == 4 and loop[0].startswith("SYNCS") and loop[-1].endswith("BRA 0x20")
+    # the double-accumulator kernel: a loop of unrolled pairs (two QGMMA here) and a one-block tail loop after
+    # it (one QGMMA, shorter): the loop with the most QGMMA is the K loop
+    sass2 = "\n".join([
+        "        /*0010*/                   QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR16], RZ, !UPT ;",
+        "        /*0020*/                   QGMMA.64x128x32.F32.E4M3.E4M3 R88, gdesc[UR16], RZ, !UPT ;",
+        "        /*0030*/                   FFMA R5, R24, R6, R5 ;",
+        "        /*0040*/              @P0  BRA 0x10 ;",
+        "        /*0050*/                   QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR16], RZ, !UPT ;",
+        "        /*0060*/              @P1  BRA 0x50 ;"])
+    loop = mod.k_loop(sass2)
+    assert len(loop) == 4 and loop[-1].endswith("BRA 0x10")
