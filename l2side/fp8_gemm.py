@@ -75,7 +75,6 @@ class GemmConfig:
     split_k: int = 1           # > 1: each tile's K blocks in this many ranges on different CTAs, partials summed
     tail_split: int = 1        # > 1: only the tiles of the last, partial wave are split so (see split_schedule)
     kblocks_per_stage: int = 1  # 2 or 4: a stage holds that many K blocks, loaded by one 3-D TMA box per operand
-    store_by_chunk: bool = False  # the output tile staged 64 columns at a time (room for another stage)
 
     @property
     def num_math_warpgroups(self) -> int:
@@ -89,26 +88,22 @@ class GemmConfig:
     def smem_bytes(self) -> int:
         """Dynamic shared memory asked at launch (the layout of SmemLayout + 1024 for the base alignment)."""
         return smem_layout_bytes(self.block_m, self.block_n, self.stages, self.tma_store,
-                                 self.kblocks_per_stage, self.store_by_chunk) + 1024
+                                 self.kblocks_per_stage) + 1024
 
 
 def smem_layout_bytes(block_m: int, block_n: int, stages: int, tma_store: bool = True,
-                      kblocks_per_stage: int = 1, store_by_chunk: bool = False) -> int:
-    """Bytes of SmemLayout (fp8_gemm.cuh): [output tile, or one 64-column chunk of it] [A stages] [B stages]
-    [A-scale stages] [barriers] [tile ring: 4 barriers + 4 u32] [split-K flags: 4 u32] [B scales: per math
-    warpgroup 2 x 128 fp32]."""
+                      kblocks_per_stage: int = 1) -> int:
+    """Bytes of SmemLayout (fp8_gemm.cuh): [output tile] [A stages] [B stages] [A-scale stages] [barriers]
+    [tile ring: 4 barriers + 4 u32] [split-K flags: 4 u32] [B scales: per math warpgroup 2 x 128 fp32]."""
     per_stage = (block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4) * kblocks_per_stage
-    d_cols = 64 if store_by_chunk else block_n
-    barriers_at = -(-(block_m * d_cols * 2 * tma_store + stages * per_stage) // 8) * 8
+    barriers_at = -(-(block_m * block_n * 2 * tma_store + stages * per_stage) // 8) * 8
     return barriers_at + 2 * stages * 8 + 4 * 8 + 4 * 4 + 4 * 4 + block_m // 64 * SB_CHUNK * 2 * 4
 
 
-def max_stages(block_m: int, block_n: int, tma_store: bool, kblocks_per_stage: int = 1,
-               store_by_chunk: bool = False) -> int:
+def max_stages(block_m: int, block_n: int, tma_store: bool, kblocks_per_stage: int = 1) -> int:
     """The most stages that fit (at most MAX_STAGES K blocks in flight)."""
     stages = MAX_STAGES // kblocks_per_stage
-    while stages > 1 and smem_layout_bytes(block_m, block_n, stages, tma_store, kblocks_per_stage,
-                                           store_by_chunk) + 1024 > MAX_SMEM:
+    while stages > 1 and smem_layout_bytes(block_m, block_n, stages, tma_store, kblocks_per_stage) + 1024 > MAX_SMEM:
         stages -= 1
     return stages
 
@@ -319,8 +314,6 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
                          f"split (K={k}, {config})")
     if config.split_k > 1 and config.tail_split > 1:
         raise ValueError("split_k and tail_split are exclusive (split_k already splits every tile)")
-    if config.store_by_chunk and (not config.tma_store or config.block_n % 64):
-        raise ValueError(f"store_by_chunk needs the TMA store and block_n a multiple of 64: {config}")
     if config.double_acc and config.stages < 2:  # (K block j + 1 waits for a stage that only j's release frees)
         raise ValueError(f"double_acc needs at least 2 stages, got {config.stages}")
     if config.smem_bytes > MAX_SMEM:
@@ -341,8 +334,7 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
         f"  l2side::fp8_gemm::gemm_body<{n}, {k}, {config.block_m}, {config.block_n}, {config.stages}, "
         f"{config.group_m}, {'true' if config.tma_store else 'false'}, {config.cluster_n}, "
         f"{'true' if config.double_acc else 'false'}, {'true' if config.packed_b else 'false'}, "
-        f"{max(config.split_k, config.tail_split)}, {config.kblocks_per_stage}, "
-        f"{'true' if config.store_by_chunk else 'false'}, Mma>(\n"
+        f"{max(config.split_k, config.tail_split)}, {config.kblocks_per_stage}, Mma>(\n"
         "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa, tmap_d, packed, split_k);\n"
         "}\n")
 

@@ -95,7 +95,7 @@ def sweep(shapes, spec, fresh=False):
                 c = dataclasses.replace(fp8_gemm.gemm_config(m, n, k), **{f: int(v) for f, v in changes.items()})
                 if "stages" not in changes:  # as many as fit the changed config
                     c = dataclasses.replace(c, stages=fp8_gemm.max_stages(c.block_m, c.block_n, c.tma_store,
-                                                                          c.kblocks_per_stage, c.store_by_chunk))
+                                                                          c.kblocks_per_stage))
             else:
                 c = full_config(*(int(v) for v in item.split(",")))
             try:

@@ -53,17 +53,13 @@ __host__ __device__ constexpr uint32_t align_up(uint32_t x, uint32_t a) { return
 
 // Shared memory of one CTA (offsets from a 1024-byte-aligned base: the 128-byte swizzle needs it). A stage holds
 // kKBlocks consecutive K blocks: their A tiles one after another, likewise their B tiles and A scales.
-// kStoreByChunk: the output tile is staged one 64-column chunk at a time (one 64 x 64 bf16 buffer per math
-// warpgroup instead of 64 x BLOCK_N), which leaves room for another stage.
-template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kStages, bool kTmaStore, uint32_t kKBlocks = 1,
-          bool kStoreByChunk = false>
+template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kStages, bool kTmaStore, uint32_t kKBlocks = 1>
 struct SmemLayout {
   static constexpr uint32_t kAStage = kKBlocks * BLOCK_M * BLOCK_K;        // e4m3 bytes
   static constexpr uint32_t kBStage = kKBlocks * BLOCK_N * BLOCK_K;
   static constexpr uint32_t kSaStage = kKBlocks * BLOCK_M * sizeof(float);
   static constexpr uint32_t kD = 0;                             // the bf16 output tile (TMA store)
-  static constexpr uint32_t kDCols = kStoreByChunk ? 64 : BLOCK_N;  // columns of the output staging buffer
-  static constexpr uint32_t kDBytes = kTmaStore ? BLOCK_M * kDCols * 2 : 0;
+  static constexpr uint32_t kDBytes = kTmaStore ? BLOCK_M * BLOCK_N * 2 : 0;
   static constexpr uint32_t kA = kD + kDBytes;
   static constexpr uint32_t kB = kA + kStages * kAStage;
   static constexpr uint32_t kSa = kB + kStages * kBStage;
@@ -116,7 +112,7 @@ __host__ __device__ constexpr uint32_t d_chunk_cols() {
 
 template <uint32_t SHAPE_N, uint32_t SHAPE_K, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kStages,
           uint32_t kGroupM, bool kTmaStore, uint32_t kClusterN, bool kDoubleAcc, bool kPackedB, uint32_t kMaxSplit,
-          uint32_t kStageKBlocks, bool kStoreByChunk, class Mma>
+          uint32_t kStageKBlocks, class Mma>
 __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const float* __restrict__ scales_b,
                                           uint32_t sb_stride_n, uint32_t sb_stride_k, uint32_t shape_m,
                                           const CUtensorMap& tmap_a, const CUtensorMap& tmap_b,
@@ -151,10 +147,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
 #endif
   // A tile never straddles two 128-wide B-scale blocks when BLOCK_N divides 128.
   constexpr bool kUniformScaleB = (BLOCK_K % BLOCK_N == 0);
-  using Smem = SmemLayout<BLOCK_M, BLOCK_N, kStages, kTmaStore, kStageKBlocks, kStoreByChunk>;
+  using Smem = SmemLayout<BLOCK_M, BLOCK_N, kStages, kTmaStore, kStageKBlocks>;
   static_assert(!kTmaStore || SHAPE_N % 8 == 0, "the TMA store needs 16-byte output rows");
   constexpr uint32_t kDChunk = d_chunk_cols<BLOCK_N>();
-  static_assert(!kStoreByChunk || (kTmaStore && kDChunk == 64), "chunked stores: TMA store, BLOCK_N % 64 == 0");
 
   extern __shared__ uint8_t smem_raw[];
   // (the launcher asks for kBytes + 1024 so the base can be rounded up)
@@ -530,42 +525,36 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
 
       // epilogue: thread holds rows (row, row + 8) x columns (8j + 2*(lane%4), +1) for every j
       if constexpr (kTmaStore) {
-        uint8_t* d_smem = smem + Smem::kD + wg * 64 * Smem::kDCols * 2;  // this warpgroup's 64 rows
+        uint8_t* d_smem = smem + Smem::kD + wg * 64 * BLOCK_N * 2;  // this warpgroup's 64 rows
         const bool issuer = threadIdx.x % kWarpgroupThreads == 0;
+        if (issuer) ptx::tma_store_wait_read();  // the previous tile's store is done reading d_smem
+        ptx::named_barrier_sync(1 + wg, kWarpgroupThreads);
         const uint32_t rr = row - wg * 64;  // row inside the warpgroup's block
-        // the output tile in groups of kDCols columns (all of them, or one 64-column chunk at a time)
 #pragma unroll
-        for (uint32_t part = 0; part < BLOCK_N / Smem::kDCols; ++part) {
-          if (issuer) ptx::tma_store_wait_read();  // the previous store is done reading d_smem
-          ptx::named_barrier_sync(1 + wg, kWarpgroupThreads);
+        for (uint32_t j = 0; j < BLOCK_N / 8; ++j) {
+          const uint32_t c = j * 8 + (lane % 4) * 2;
 #pragma unroll
-          for (uint32_t jj = 0; jj < Smem::kDCols / 8; ++jj) {
-            const uint32_t j = part * (Smem::kDCols / 8) + jj;
-            const uint32_t c = jj * 8 + (lane % 4) * 2;  // column inside the staged part
-#pragma unroll
-            for (uint32_t h = 0; h < 2; ++h) {
-              const uint32_t r = rr + 8 * h;
-              uint32_t offset;
-              if constexpr (kDChunk == 64) {  // 64-column chunks of 128-byte rows, 16-byte units XOR row % 8
-                const uint32_t b = (c % 64) * 2;
-                offset = (c / 64) * (64 * 128) + r * 128 + ((((b >> 4) ^ (r & 7))) << 4) + (b & 15);
-              } else {
-                offset = r * BLOCK_N * 2 + c * 2;
-              }
-              __nv_bfloat162 v = __floats2bfloat162_rn(out[4 * j + 2 * h], out[4 * j + 2 * h + 1]);
-              ptx::st_shared_u32(d_smem + offset, *reinterpret_cast<uint32_t*>(&v));
+          for (uint32_t h = 0; h < 2; ++h) {
+            const uint32_t r = rr + 8 * h;
+            uint32_t offset;
+            if constexpr (kDChunk == 64) {  // 64-column chunks of 128-byte rows, 16-byte units XOR row % 8
+              const uint32_t b = (c % 64) * 2;
+              offset = (c / 64) * (64 * 128) + r * 128 + ((((b >> 4) ^ (r & 7))) << 4) + (b & 15);
+            } else {
+              offset = r * BLOCK_N * 2 + c * 2;
             }
+            __nv_bfloat162 v = __floats2bfloat162_rn(out[4 * j + 2 * h], out[4 * j + 2 * h + 1]);
+            ptx::st_shared_u32(d_smem + offset, *reinterpret_cast<uint32_t*>(&v));
           }
-          ptx::fence_async_shared();
-          ptx::named_barrier_sync(1 + wg, kWarpgroupThreads);
-          if (issuer) {
+        }
+        ptx::fence_async_shared();
+        ptx::named_barrier_sync(1 + wg, kWarpgroupThreads);
+        if (issuer) {
 #pragma unroll
-            for (uint32_t chunk = 0; chunk < Smem::kDCols / kDChunk; ++chunk)
-              ptx::tma_store_2d(&tmap_d, d_smem + chunk * 64 * kDChunk * 2,
-                                static_cast<int32_t>(n0 + part * Smem::kDCols + chunk * kDChunk),
-                                static_cast<int32_t>(m_block * BLOCK_M + wg * 64));
-            ptx::tma_store_commit();
-          }
+          for (uint32_t chunk = 0; chunk < BLOCK_N / kDChunk; ++chunk)
+            ptx::tma_store_2d(&tmap_d, d_smem + chunk * 64 * kDChunk * 2, static_cast<int32_t>(n0 + chunk * kDChunk),
+                              static_cast<int32_t>(m_block * BLOCK_M + wg * 64));
+          ptx::tma_store_commit();
         }
         continue;
       }
