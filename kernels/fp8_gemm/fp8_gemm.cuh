@@ -307,7 +307,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
 
     // the promotion's four scale products (A row r / r + 8 x the tile's first / second B-scale block)
     struct Scales { float s00, s10, s01, s11; };
-    auto scales = [](float sa0, float sa1, float sb0, float sb1) { return Scales{sa0 * sb0, sa1 * sb0, sa0 * sb1, sa1 * sb1}; };
+    auto scales = [](float sa0, float sa1, float sb0, float sb1) {
+      return Scales{sa0 * sb0, sa1 * sb0, sa0 * sb1, sa1 * sb1};
+    };
     // K block j of the unit's num_kb: wait for its stage (at the stage's first K block), read this thread's A
     // scales, issue the four wgmma into `acc` and commit them as one group. Returns the stage it used; `release`
     // says whether it is the stage's last K block (then `finish` releases the stage once the group is done).
