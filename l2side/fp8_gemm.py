@@ -221,12 +221,19 @@ def split_schedule(m: int, n: int, config: GemmConfig, num_sms: int) -> tuple[in
 
 def grid_size(m: int, n: int, config: GemmConfig, num_sms: int) -> int:
     """CTAs of the persistent grid: one per SM at most, whole clusters, no more than there are units of work
-    (tiles, or more with split_schedule)."""
+    (tiles, or more with split_schedule). Compute-bound shapes without splits, clusters or packed B take the
+    fewest CTAs that need the same number of rounds, ceil(tiles / rounds): the same makespan in tiles with
+    fewer SMs busy. H100, 4096 x 7168 x 16384 (1792 tiles: 128 CTAs x 14 instead of 132 with 76 of them doing
+    a 14th): 711-713 -> 693 us with fresh inputs, 710-712 -> 696-698 with L2 flushed, two alternating rounds;
+    4096 x 4096 x 7168 and 4096 x 7168 x 2048 (128 CTAs too) unchanged (perf-notes session 7)."""
     c = config.cluster_n
     tiles = schedule_tiles(m, n, config)
     first, splits = split_schedule(m, n, config, num_sms // c)
     units = first + (tiles - first) * splits
-    return c * max(1, min(num_sms // c, units))
+    grid = max(1, min(num_sms // c, units))
+    if m >= COMPUTE_BOUND_M and c == 1 and splits == 1 and not config.packed_b:
+        grid = _ceil_div(units, _ceil_div(units, grid))
+    return c * grid
 
 
 def split_k_workspace(m: int, n: int, config: GemmConfig, num_sms: int = 132) -> tuple[int, int]:

@@ -130,7 +130,11 @@ def test_gemm_config_is_valid_for_every_shape(num_sms):
         tiles = ceil_div(m, c.block_m) * ceil_div(n, c.block_n)
         units = tiles * c.split_k
         grid = fp8_gemm.grid_size(m, n, c, num_sms)
-        assert grid == min(num_sms, units), what      # persistent: every SM busy when there is work for it
+        rounds = ceil_div(units, num_sms)
+        if m >= fp8_gemm.COMPUTE_BOUND_M:             # the fewest CTAs with the same number of rounds
+            assert grid == ceil_div(units, rounds) and ceil_div(units, grid) == rounds, what
+        else:                                         # persistent: every SM busy when there is work for it
+            assert grid == min(num_sms, units), what
         fp8_gemm.gemm_source(n, k, c)                  # a valid config
         assert c.split_k == 1, what                   # split-K is opt-in (GemmConfig.split_k)
         # near-minimal waves over the block_n range the kernel supports, for the chosen block_m
