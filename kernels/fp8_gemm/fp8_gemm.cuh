@@ -430,13 +430,14 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
 #pragma unroll
       for (uint32_t i = 0; i < kNumAccum; ++i) out[i] = 0.0f;
 
+      float acc0[kNumAccum];
+      uint32_t j = 0;
       if constexpr (kDoubleAcc) {
         // Two accumulators: block j + 1's wgmma run on the tensor cores while block j is promoted. ptxas tracks
         // wgmma groups only in straight-line code: a group still in flight at a loop's back edge makes it
         // serialise every wgmma (C7514) or wait for all of them (C7517). So the loop body is kDaccPairs
         // unrolled pairs of K blocks that starts and ends with nothing in flight (one drain per body).
-        float acc0[kNumAccum], acc1[kNumAccum];
-        uint32_t j = 0;
+        float acc1[kNumAccum];
 #pragma unroll 1
         for (; j + 2 * kDaccPairs <= num_kb; j += 2 * kDaccPairs) {
           float sa0_0, sa1_0, sa0_1, sa1_1, sb0, sb1;
@@ -462,28 +463,17 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
             finish(acc1, s1, r1, sc, boundary);
           }
         }
+      }
+      // One K block at a time: the whole unit with one accumulator, or the blocks the pair bodies left
 #pragma unroll 1
-        for (; j < num_kb; ++j) {  // the rest (fewer than 2 x kDaccPairs blocks), one at a time
-          float sa0, sa1, sb0, sb1;
-          bool release;
-          const uint32_t s = issue(acc0, sa0, sa1, j, num_kb, release);
-          sb_of(j, sb0, sb1);
-          const Scales sc = scales(sa0, sa1, sb0, sb1);
-          ptx::wgmma_wait<0>();
-          finish(acc0, s, release, sc, boundary);
-        }
-      } else {
-        float acc[kNumAccum];
-#pragma unroll 1
-        for (uint32_t j = 0; j < num_kb; ++j) {
-          float sa0, sa1, sb0, sb1;
-          bool release;
-          const uint32_t s = issue(acc, sa0, sa1, j, num_kb, release);
-          sb_of(j, sb0, sb1);  // (after the wgmma are issued: the first wait for the copied scales overlaps them)
-          const Scales sc = scales(sa0, sa1, sb0, sb1);
-          ptx::wgmma_wait<0>();
-          finish(acc, s, release, sc, boundary);
-        }
+      for (; j < num_kb; ++j) {
+        float sa0, sa1, sb0, sb1;
+        bool release;
+        const uint32_t s = issue(acc0, sa0, sa1, j, num_kb, release);
+        sb_of(j, sb0, sb1);  // (after the wgmma are issued: the first wait for the copied scales overlaps them)
+        const Scales sc = scales(sa0, sa1, sb0, sb1);
+        ptx::wgmma_wait<0>();
+        finish(acc0, s, release, sc, boundary);
       }
 
       if (kMaxSplit > 1 && n_splits > 1) {
