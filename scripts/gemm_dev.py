@@ -81,7 +81,13 @@ def fresh_inputs_us(m, n, k, config):
         lambda: bench.fresh_inputs_call(torch, l2side, m, n, k, config), fp8_gemm.KERNEL_NAME)
 
 
-def sweep(shapes, spec, fresh=False):
+def clean_l2_us(fn):
+    """Kernel-only µs with L2 flushed by a read before each call (clean L2: the call's own DRAM traffic), with
+    benchmarks/bench_gemm.py's profiler timer."""
+    return _bench_gemm().Bench(torch, 20, 3).kernel_us(fn, clean=True)[0]
+
+
+def sweep(shapes, spec, fresh=False, clean=False):
     import l2side
     from l2side import fp8_gemm
     from concurrent.futures import ThreadPoolExecutor
@@ -90,12 +96,17 @@ def sweep(shapes, spec, fresh=False):
         """The spec's configs valid for the shape ('auto' is gemm_config's choice)."""
         out = []
         for item in spec.split(";"):
-            if item.startswith("auto"):  # 'auto' or 'auto:field=value,...' (gemm_config's choice, fields replaced)
-                changes = dict(kv.split("=") for kv in item[5:].split(",") if kv)
-                c = dataclasses.replace(fp8_gemm.gemm_config(m, n, k), **{f: int(v) for f, v in changes.items()})
+            if item.startswith("auto"):  # 'auto' or 'auto:field=value,field*=factor,...' (gemm_config's choice,
+                # fields replaced or multiplied)
+                base = fp8_gemm.gemm_config(m, n, k)
+                changes = {}
+                for kv in filter(None, item[5:].split(",")):
+                    f, v = kv.split("=")
+                    changes[f.rstrip("*")] = getattr(base, f[:-1]) * int(v) if f.endswith("*") else int(v)
+                c = dataclasses.replace(base, **changes)
                 if "stages" not in changes:  # as many as fit the changed config
                     c = dataclasses.replace(c, stages=fp8_gemm.max_stages(c.block_m, c.block_n, c.tma_store,
-                                                                          c.kblocks_per_stage))
+                                                                          c.kblocks_per_stage, c.cluster_k))
             else:
                 c = full_config(*(int(v) for v in item.split(",")))
             try:
@@ -119,20 +130,25 @@ def sweep(shapes, spec, fresh=False):
         for c in configs:
             out.fill_(float("nan"))
             l2side.gemm(a, sa, b, sb, out=out, config=c)
-            if c.cluster_n > 1:
+            if c.cluster_size > 1:
                 dev = fp8_gemm._device(0)
                 kern = fp8_gemm._kernel(dev, n, k, c)
                 print("   resident clusters:", fp8_gemm._native.max_active_clusters(0, kern.function, c.threads,
-                                                                               c.smem_bytes, c.cluster_n))
+                                                                               c.smem_bytes, c.cluster_size))
             d = diff(out, ref)
             t = time_fn(lambda: l2side.gemm(a, sa, b, sb, out=out, config=c), flush)
+            extra = ""
+            if clean:
+                tc = clean_l2_us(lambda: l2side.gemm(a, sa, b, sb, out=out, config=c))
+                extra += f" clean {tc:7.1f} us {(m * k + n * k + 2 * m * n) / tc / 1e3:5.0f} GB/s"
             if fresh:
-                t = fresh_inputs_us(m, n, k, c)
+                tf = fresh_inputs_us(m, n, k, c)
+                extra += f" fresh {tf:7.1f} us {2 * m * n * k / tf / 1e6:6.1f} TF"
             mark = "*" if c == auto[(m, n, k)] else " "
             print(f"{m:5d} {n:6d} {k:6d} {mark} bm={c.block_m} bn={c.block_n} st={c.stages} cl={c.cluster_n} "
-                  f"dacc={int(c.double_acc)} kb={c.kblocks_per_stage} gm={c.group_m} sk={c.split_k} "
-                  f"ts={c.tail_split} diff={d:.1e} {t:8.1f} us {2 * m * n * k / t / 1e6:7.1f} TFLOPS "
-                  f"{(m * k + n * k + 2 * m * n) / t / 1e3:6.0f} GB/s", flush=True)
+                  f"dacc={int(c.double_acc)} kb={c.kblocks_per_stage} ck={c.cluster_k} gm={c.group_m} sk={c.split_k} "
+                  f"ts={c.tail_split} diff={d:.1e} ev {t:7.1f} us {2 * m * n * k / t / 1e6:6.1f} TF"
+                  f"{extra}", flush=True)
     return 0
 
 
@@ -265,14 +281,16 @@ def main():
                    help="with --packed: also NVML energy per GEMM, this many seconds of counter window per variant")
     p.add_argument("--sweep", default="", help="BM,BN[,CLUSTER[,DOUBLE_ACC[,GROUP_M[,STAGES[,SPLIT_K[,TAIL_SPLIT]]]]]];... : time each config on each "
                         "shape (STAGES 0: as many as fit; 'auto': gemm_config's choice; 'auto:cluster_n=2,...': that choice "
-                        "with those fields replaced)")
-    p.add_argument("--fresh", action="store_true", help="with --sweep: kernel-only time with fresh inputs before "
-                   "each call and no flush (how the DeepGEMM anchors were timed) instead of events with L2 flushed")
+                        "with those fields replaced; 'auto:block_n*=2': multiplied)")
+    p.add_argument("--fresh", action="store_true", help="with --sweep: also kernel-only time with fresh inputs "
+                   "before each call and no flush (how the DeepGEMM anchors were timed)")
+    p.add_argument("--clean", action="store_true", help="with --sweep: also kernel-only time with L2 flushed by a "
+                   "read (clean L2)")
     args = p.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes else EDGE + DEEPSEEK
     torch.manual_seed(0)
     if args.sweep:
-        return sweep(shapes, args.sweep, fresh=args.fresh)
+        return sweep(shapes, args.sweep, fresh=args.fresh, clean=args.clean)
     if args.host:
         return host_parts()
     if args.packed:
