@@ -76,6 +76,7 @@ class GemmConfig:
     tail_split: int = 1        # > 1: only the tiles of the last, partial wave are split so (see split_schedule)
     kblocks_per_stage: int = 1  # 2 or 4: a stage holds that many K blocks, loaded by one 3-D TMA box per operand
     cluster_k: int = 1         # 2 or 4: the CTAs of a cluster split each tile's K blocks, partials summed in DSMEM
+    l2_prefetch: int = 0       # > 0: B tiles are prefetched into L2 this many K blocks ahead of the TMA loads
 
     @property
     def num_math_warpgroups(self) -> int:
@@ -347,6 +348,11 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
         if per_rank % config.kblocks_per_stage:
             raise ValueError(f"cluster_k={config.cluster_k} with kblocks_per_stage={config.kblocks_per_stage}: each "
                              f"rank's {per_rank} K blocks must fill whole stages")
+    if config.l2_prefetch < 0 or (config.l2_prefetch and config.packed_b):
+        raise ValueError(f"l2_prefetch must be >= 0 and needs an unpacked B, got {config.l2_prefetch} ({config})")
+    if config.l2_prefetch and config.l2_prefetch % config.kblocks_per_stage:
+        raise ValueError(f"l2_prefetch={config.l2_prefetch} must be a multiple of kblocks_per_stage "
+                         f"({config.kblocks_per_stage}): whole stages are prefetched")
     if config.split_k > 1 and config.tail_split > 1:
         raise ValueError("split_k and tail_split are exclusive (split_k already splits every tile)")
     if config.double_acc and config.stages < 2:  # (K block j + 1 waits for a stage that only j's release frees)
@@ -369,7 +375,8 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
         f"  l2side::fp8_gemm::gemm_body<{n}, {k}, {config.block_m}, {config.block_n}, {config.stages}, "
         f"{config.group_m}, {'true' if config.tma_store else 'false'}, {config.cluster_n}, "
         f"{'true' if config.double_acc else 'false'}, {'true' if config.packed_b else 'false'}, "
-        f"{max(config.split_k, config.tail_split)}, {config.kblocks_per_stage}, {config.cluster_k}, Mma>(\n"
+        f"{max(config.split_k, config.tail_split)}, {config.kblocks_per_stage}, {config.cluster_k}, "
+        f"{config.l2_prefetch}, Mma>(\n"
         "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa, tmap_d, packed, split_k);\n"
         "}\n")
 
@@ -661,7 +668,7 @@ def packed_config(m: int, n: int, k: int, block_n: int, config: GemmConfig | Non
                                   double_acc=m < COMPUTE_BOUND_M and block_n <= PACKED_DOUBLE_ACC_MAX_BLOCK_N)
     stages = max_stages(cfg.block_m, block_n, cfg.tma_store and n % 8 == 0)
     return dataclasses.replace(cfg, block_n=block_n, stages=min(cfg.stages, stages) if config else stages,
-                               cluster_n=1, cluster_k=1, packed_b=True, split_k=1, tail_split=1, kblocks_per_stage=1,
+                               cluster_n=1, cluster_k=1, l2_prefetch=0, packed_b=True, split_k=1, tail_split=1, kblocks_per_stage=1,
                                tma_store=cfg.tma_store and n % 8 == 0)
 
 

@@ -126,7 +126,7 @@ __host__ __device__ constexpr uint32_t d_chunk_cols() {
 
 template <uint32_t SHAPE_N, uint32_t SHAPE_K, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kStages,
           uint32_t kGroupM, bool kTmaStore, uint32_t kClusterN, bool kDoubleAcc, bool kPackedB, uint32_t kMaxSplit,
-          uint32_t kStageKBlocks, uint32_t kClusterK, class Mma>
+          uint32_t kStageKBlocks, uint32_t kClusterK, uint32_t kPrefetchKBlocks, class Mma>
 __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const float* __restrict__ scales_b,
                                           uint32_t sb_stride_n, uint32_t sb_stride_k, uint32_t shape_m,
                                           const CUtensorMap& tmap_a, const CUtensorMap& tmap_b,
@@ -161,10 +161,15 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   static_assert(BLOCK_N % (8 * kClusterK) == 0, "each rank of a K-split cluster stores whole 8-column groups");
   constexpr uint32_t kRangeKBlocks = ceil_div(kNumKBlocks, kClusterK);  // K blocks per rank (the last: the rest)
   static_assert((kClusterK - 1) * kRangeKBlocks < kNumKBlocks, "every rank of a K-split cluster has K blocks");
-  static_assert(kStageKBlocks == 1 || kRangeKBlocks % kStageKBlocks == 0, "ranks start at a stage boundary");
+  static_assert(kClusterK == 1 || kStageKBlocks == 1 || kRangeKBlocks % kStageKBlocks == 0,
+                "the ranks of a K split start at a stage boundary");
   constexpr uint32_t kClusterCtas = kClusterN * kClusterK;
   constexpr uint32_t kOutCols = BLOCK_N / kClusterK;  // the columns of the tile this CTA stores
   constexpr uint32_t kOwnGroups = kOutCols / 8;       // ... as 8-column groups: j / kOwnGroups == cluster rank
+  // kPrefetchKBlocks > 0: the producer asks L2 for B's tile kPrefetchKBlocks K blocks ahead of its loads (TMA
+  // prefetch: no shared memory, no barrier), so more of B streams from DRAM at once than the stages hold (thin
+  // memory-bound tiles carry a few KiB of B per stage)
+  static_assert(kPrefetchKBlocks == 0 || !kPackedB, "L2 prefetch of B: tensor-map B only");
   constexpr uint32_t kNumAccum = BLOCK_N / 2;  // fp32 per thread for 64 x BLOCK_N per warpgroup
   // double accumulators: pairs of K blocks per unrolled loop body (the most, up to 4, that divide the K blocks)
 #ifdef L2SIDE_DACC_PAIRS  // (kernel work: A/B of the body length, e.g. 1 = a drain every two K blocks)
@@ -280,8 +285,21 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       };
       while (next_tile(m_block, n_block)) {
         const int32_t m0 = static_cast<int32_t>(m_block * BLOCK_M), n0 = static_cast<int32_t>(n_block * BLOCK_N);
+        auto prefetch_b = [&](uint32_t kb) {  // the stage of B that starts at K block kb, into L2
+          if constexpr (kStageKBlocks > 1) ptx::tma_prefetch_3d(&tmap_b, 0, n0, static_cast<int32_t>(kb));
+          else ptx::tma_prefetch_2d(&tmap_b, static_cast<int32_t>(kb * BLOCK_K), n0);
+        };
+        if constexpr (kPrefetchKBlocks > 0) {  // the stages the first loads do not cover, up to the distance
+          constexpr uint32_t kInFlight = kStages * kStageKBlocks;
+          for (uint32_t kb = kb_begin() + kInFlight, end = min(kb_begin() + kPrefetchKBlocks, kb_end()); kb < end;
+               kb += kStageKBlocks)
+            prefetch_b(kb);
+        }
 #pragma unroll 1
         for (uint32_t kb = kb_begin(), end = kb_end(); kb < end; kb += kStageKBlocks) {
+          if constexpr (kPrefetchKBlocks > 0) {
+            if (kb + kPrefetchKBlocks < end) prefetch_b(kb + kPrefetchKBlocks);
+          }
           ptx::mbar_wait(empty + stage, phase ^ 1);  // first pass: the "previous" phase counts as done
           uint64_t* bar = full + stage;
           ptx::mbar_arrive_expect_tx(bar, Smem::kTxBytes);  // (K blocks past K arrive zero-filled: counted too)
