@@ -15,6 +15,11 @@ A 1x128 scales, B 128x128 scales, bf16 out):
     does not pay for); "x peer" columns: l2side over the best peer figure of the row (kernel-only:
     DeepGEMM from ../shared/ANCHORS.md (H100) or cuBLAS measured now; events: the same with the anchors' and
     this run's cuBLAS event figures).
+  - the floor, for M <= 128: a device copy (torch copy_) moving the row's bytes (half read, half written), timed
+    kernel-only the same two ways (write flush / clean L2): what any streaming kernel of that size reaches,
+    fixed costs (first DRAM latency, drain) included. "same-size copy % of copy" (clean) bounds what the
+    "% copy BW" target can reach; "cuBLAS / floor" (write flush) bounds the speedup over cuBLAS any kernel can
+    show by that method; "l2side vs floor" = floor time / l2side time, clean L2 (1.0: as fast as a copy).
   - "fresh inputs": l2side kernel-only time measured the way the DeepGEMM anchors were (DeepGEMM's
     tests/test_core.py: new inputs made before every call, no flush, so the freshly written B is mostly still
     in L2), and its ratio to the DeepGEMM anchor: the like-for-like comparison with that column.
@@ -170,6 +175,23 @@ class Bench:
             e.record()
         torch.cuda.synchronize()
         return median([s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)])
+
+
+def copy_floor(torch, bench, nbytes: int, copy_gbs: float) -> dict:
+    """The floor of a memory-bound row: kernel-only µs of a device copy moving `nbytes` (half read, half written),
+    with L2 flushed by a write and by a read, and the clean one's GB/s as % of the 1 GiB copy's."""
+    half = max(16, nbytes // 2 // 16 * 16)
+    src = torch.empty(half, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    row = {}
+    try:
+        row["floor_kernel_us"] = bench.kernel_us(lambda: dst.copy_(src))[0]
+        row["floor_clean_us"] = t = bench.kernel_us(lambda: dst.copy_(src), clean=True)[0]
+        if copy_gbs:
+            row["floor_pct_copy_clean"] = 100 * 2 * half / t / 1e3 / copy_gbs
+    except Exception as e:  # noqa: BLE001
+        row["floor_error"] = short(e)
+    return row
 
 
 def copy_bandwidth_gbs(torch, reps: int) -> float:
@@ -336,7 +358,7 @@ def run_shape(torch, bench, m, n, k, copy_gbs):
             row[f"speedup_{kind}"] = row[f"cublas_{kind}_us"] / row[f"l2side_{kind}_us"]
     if m == 64 and "l2side_kernel_gbs" in row and copy_gbs:
         row["l2side_pct_copy_bw"] = 100 * row["l2side_kernel_gbs"] / copy_gbs
-    if m == 64 and "l2side" in impls:  # the same with a clean L2 (a read flush): the GEMM's own DRAM traffic only
+    if m <= 128 and "l2side" in impls:  # the same with a clean L2 (a read flush): the GEMM's own DRAM traffic only
         try:
             t, _ = bench.kernel_us(impls["l2side"], clean=True)
             row["l2side_clean_us"] = t
@@ -344,6 +366,12 @@ def run_shape(torch, bench, m, n, k, copy_gbs):
                 row["l2side_pct_copy_bw_clean"] = 100 * nbytes / t / 1e3 / copy_gbs
         except Exception as e:  # noqa: BLE001
             row.setdefault("l2side_error", f"clean-L2 timing: {short(e)}")
+    if m <= 128:
+        row.update(copy_floor(torch, bench, nbytes, copy_gbs))
+        if row.get("floor_clean_us") and row.get("l2side_clean_us"):
+            row["l2side_vs_floor_clean"] = row["floor_clean_us"] / row["l2side_clean_us"]
+        if row.get("floor_kernel_us") and row.get("cublas_kernel_us"):
+            row["cublas_over_floor"] = row["cublas_kernel_us"] / row["floor_kernel_us"]
     anchor = ANCHORS.get((m, n, k))
     if anchor:
         peers_k = [anchor[0]] + ([row["cublas_kernel_tflops"]] if "cublas_kernel_tflops" in row else [])
@@ -434,6 +462,10 @@ COLUMNS = [  # (header, key, format)
     ("x peer ev", "x_peer_ev", ".2f"),
     ("l2side kernel µs, fresh inputs", "l2side_fresh_us", ".1f"), ("TFLOPS", "l2side_fresh_tflops", ".0f"),
     ("x DeepGEMM, fresh inputs", "x_deepgemm_fresh", ".2f"),
+    ("same-size copy µs", "floor_kernel_us", ".1f"), ("same-size copy µs, clean L2", "floor_clean_us", ".1f"),
+    ("same-size copy % of copy, clean L2", "floor_pct_copy_clean", ".0f"),
+    ("l2side vs same-size copy, clean L2", "l2side_vs_floor_clean", ".2f"),
+    ("cuBLAS / same-size copy", "cublas_over_floor", ".2f"),
     ("diff l2side", "l2side_diff", ".1e"), ("diff cuBLAS", "cublas_diff", ".1e"),
 ]
 
@@ -549,7 +581,8 @@ def main(argv=None) -> int:
                 "cublas_kernel_us", "cublas_kernel_tflops", "cublas_kernel_gbs", "cublas_kernels_per_call",
                 "cublas_ev_us", "cublas_ev_tflops", "cublas_ev_gbs", "speedup_kernel", "speedup_ev",
                 "l2side_pct_copy_bw", "l2side_clean_us", "l2side_pct_copy_bw_clean", "x_peer_kernel", "x_peer_ev", "l2side_fresh_us", "l2side_fresh_tflops",
-                "x_deepgemm_fresh", "l2side_diff", "cublas_diff", "l2side_error",
+                "x_deepgemm_fresh", "floor_kernel_us", "floor_clean_us", "floor_pct_copy_clean",
+                "l2side_vs_floor_clean", "cublas_over_floor", "l2side_diff", "cublas_diff", "l2side_error",
                 "cublas_error"]
         for r in rows:
             r["copy_gbs"] = copy_gbs

@@ -75,8 +75,6 @@ class GemmConfig:
     split_k: int = 1           # > 1: each tile's K blocks in this many ranges on different CTAs, partials summed
     tail_split: int = 1        # > 1: only the tiles of the last, partial wave are split so (see split_schedule)
     kblocks_per_stage: int = 1  # 2 or 4: a stage holds that many K blocks, loaded by one 3-D TMA box per operand
-    cluster_k: int = 1         # 2 or 4: the CTAs of a cluster split each tile's K blocks, partials summed in DSMEM
-    l2_prefetch: int = 0       # > 0: B tiles are prefetched into L2 this many K blocks ahead of the TMA loads
 
     @property
     def num_math_warpgroups(self) -> int:
@@ -90,34 +88,22 @@ class GemmConfig:
     def smem_bytes(self) -> int:
         """Dynamic shared memory asked at launch (the layout of SmemLayout + 1024 for the base alignment)."""
         return smem_layout_bytes(self.block_m, self.block_n, self.stages, self.tma_store,
-                                 self.kblocks_per_stage, self.cluster_k) + 1024
-
-    @property
-    def cluster_size(self) -> int:
-        """CTAs per cluster (a cluster shares A along N, or splits the tiles' K blocks)."""
-        return self.cluster_n * self.cluster_k
+                                 self.kblocks_per_stage) + 1024
 
 
 def smem_layout_bytes(block_m: int, block_n: int, stages: int, tma_store: bool = True,
-                      kblocks_per_stage: int = 1, cluster_k: int = 1) -> int:
-    """Bytes of SmemLayout (fp8_gemm.cuh): [output tile: this CTA's block_n / cluster_k columns] [A stages]
-    [B stages] [A-scale stages] [barriers] [tile ring: 4 barriers + 4 u32] [split-K flags: 4 u32] [B scales: per
-    math warpgroup 2 x 128 fp32], and with cluster_k > 1 [2 barriers] [receive buffer, 16-byte aligned]."""
+                      kblocks_per_stage: int = 1) -> int:
+    """Bytes of SmemLayout (fp8_gemm.cuh): [output tile] [A stages] [B stages] [A-scale stages] [barriers]
+    [tile ring: 4 barriers + 4 u32] [split-K flags: 4 u32] [B scales: per math warpgroup 2 x 128 fp32]."""
     per_stage = (block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4) * kblocks_per_stage
-    out_cols = block_n // cluster_k
-    barriers_at = -(-(block_m * out_cols * 2 * tma_store + stages * per_stage) // 8) * 8
-    end = barriers_at + 2 * stages * 8 + 4 * 8 + 4 * 4 + 4 * 4 + block_m // 64 * SB_CHUNK * 2 * 4
-    if cluster_k == 1:
-        return end
-    red = -(-(-(-end // 8) * 8 + 16) // 16) * 16
-    return red + cluster_k * (block_m // 64) * (out_cols // 8) * 128 * 16
+    barriers_at = -(-(block_m * block_n * 2 * tma_store + stages * per_stage) // 8) * 8
+    return barriers_at + 2 * stages * 8 + 4 * 8 + 4 * 4 + 4 * 4 + block_m // 64 * SB_CHUNK * 2 * 4
 
 
-def max_stages(block_m: int, block_n: int, tma_store: bool, kblocks_per_stage: int = 1, cluster_k: int = 1) -> int:
+def max_stages(block_m: int, block_n: int, tma_store: bool, kblocks_per_stage: int = 1) -> int:
     """The most stages that fit (at most MAX_STAGES K blocks in flight)."""
     stages = MAX_STAGES // kblocks_per_stage
-    while stages > 1 and smem_layout_bytes(block_m, block_n, stages, tma_store, kblocks_per_stage,
-                                           cluster_k) + 1024 > MAX_SMEM:
+    while stages > 1 and smem_layout_bytes(block_m, block_n, stages, tma_store, kblocks_per_stage) + 1024 > MAX_SMEM:
         stages -= 1
     return stages
 
@@ -240,7 +226,7 @@ def grid_size(m: int, n: int, config: GemmConfig, num_sms: int) -> int:
     fewer SMs busy. H100, 4096 x 7168 x 16384 (1792 tiles: 128 CTAs x 14 instead of 132 with 76 of them doing
     a 14th): 711-713 -> 693 us with fresh inputs, 710-712 -> 696-698 with L2 flushed, two alternating rounds;
     4096 x 4096 x 7168 and 4096 x 7168 x 2048 (128 CTAs too) unchanged (perf-notes session 7)."""
-    c = config.cluster_size
+    c = config.cluster_n
     tiles = schedule_tiles(m, n, config)
     first, splits = split_schedule(m, n, config, num_sms // c)
     units = first + (tiles - first) * splits
@@ -333,26 +319,6 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
                                          or config.split_k > 1 or config.tail_split > 1):
         raise ValueError("kblocks_per_stage > 1 needs K a multiple of 128, cluster_n == 1, an unpacked B and no "
                          f"split (K={k}, {config})")
-    if config.cluster_k not in (1, 2, 4):
-        raise ValueError(f"cluster_k must be 1, 2 or 4, got {config.cluster_k}")
-    if config.cluster_k > 1:
-        kb = _ceil_div(k, BLOCK_K)
-        per_rank = _ceil_div(kb, config.cluster_k)
-        if config.cluster_n != 1 or config.packed_b or config.split_k > 1 or config.tail_split > 1:
-            raise ValueError(f"cluster_k > 1 needs cluster_n == 1, an unpacked B and no split ({config})")
-        if (config.cluster_k - 1) * per_rank >= kb:
-            raise ValueError(f"cluster_k={config.cluster_k} leaves a rank without K blocks (K has {kb} blocks of 128)")
-        if config.block_n % (8 * config.cluster_k):
-            raise ValueError(f"cluster_k={config.cluster_k} needs block_n a multiple of {8 * config.cluster_k} (each "
-                             f"rank stores whole 8-column groups), got {config.block_n}")
-        if per_rank % config.kblocks_per_stage:
-            raise ValueError(f"cluster_k={config.cluster_k} with kblocks_per_stage={config.kblocks_per_stage}: each "
-                             f"rank's {per_rank} K blocks must fill whole stages")
-    if config.l2_prefetch < 0 or (config.l2_prefetch and config.packed_b):
-        raise ValueError(f"l2_prefetch must be >= 0 and needs an unpacked B, got {config.l2_prefetch} ({config})")
-    if config.l2_prefetch and config.l2_prefetch % config.kblocks_per_stage:
-        raise ValueError(f"l2_prefetch={config.l2_prefetch} must be a multiple of kblocks_per_stage "
-                         f"({config.kblocks_per_stage}): whole stages are prefetched")
     if config.split_k > 1 and config.tail_split > 1:
         raise ValueError("split_k and tail_split are exclusive (split_k already splits every tile)")
     if config.double_acc and config.stages < 2:  # (K block j + 1 waits for a stage that only j's release frees)
@@ -375,8 +341,7 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
         f"  l2side::fp8_gemm::gemm_body<{n}, {k}, {config.block_m}, {config.block_n}, {config.stages}, "
         f"{config.group_m}, {'true' if config.tma_store else 'false'}, {config.cluster_n}, "
         f"{'true' if config.double_acc else 'false'}, {'true' if config.packed_b else 'false'}, "
-        f"{max(config.split_k, config.tail_split)}, {config.kblocks_per_stage}, {config.cluster_k}, "
-        f"{config.l2_prefetch}, Mma>(\n"
+        f"{max(config.split_k, config.tail_split)}, {config.kblocks_per_stage}, Mma>(\n"
         "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa, tmap_d, packed, split_k);\n"
         "}\n")
 
@@ -575,7 +540,7 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
     tmap_b = tmap_a if cfg.packed_b else _kmajor_map(b, n, k, cfg.block_n, g)
     tmap_sa = jit.tensor_map(sa.data_ptr(), "f32", (m, kb), (sa.stride(1) * 4,), (cfg.block_m, g), swizzle=0)
     if cfg.tma_store:
-        chunk = d_chunk_cols(cfg.block_n // cfg.cluster_k)  # (a K-split CTA stores block_n / cluster_k columns)
+        chunk = d_chunk_cols(cfg.block_n)
         tmap_d = jit.tensor_map(out.data_ptr(), "bf16", (n, m), (n * 2,), (chunk, 64),
                                 swizzle=128 if chunk == 64 else 0)
     else:
@@ -585,13 +550,13 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
               .raw(packed_args or NO_PACKED_B, 8).raw(_split_k_args(m, n, cfg, dev.num_sms, index, stream), 8))
     kernel.check_params(params)
     grid = grid_size(m, n, cfg, dev.num_sms)
-    if cfg.cluster_size > 1:  # only as many clusters as can be resident at once (persistent grid)
+    if cfg.cluster_n > 1:  # only as many clusters as can be resident at once (persistent grid)
         resident = _native.max_active_clusters(kernel.device, kernel.function, cfg.threads, cfg.smem_bytes,
-                                               cfg.cluster_size)
-        grid = min(grid, max(1, resident) * cfg.cluster_size)
+                                               cfg.cluster_n)
+        grid = min(grid, max(1, resident) * cfg.cluster_n)
     # what _native.launch takes, prepared once: (device, function, grid, block, smem, params, cluster, offsets)
     launch_args = (kernel.device, kernel.function, grid, cfg.threads, cfg.smem_bytes,
-                   params.buffer, cfg.cluster_size, list(params.offsets))
+                   params.buffer, cfg.cluster_n, list(params.offsets))
     return launch_args, sa is a_scales
 
 
@@ -668,7 +633,7 @@ def packed_config(m: int, n: int, k: int, block_n: int, config: GemmConfig | Non
                                   double_acc=m < COMPUTE_BOUND_M and block_n <= PACKED_DOUBLE_ACC_MAX_BLOCK_N)
     stages = max_stages(cfg.block_m, block_n, cfg.tma_store and n % 8 == 0)
     return dataclasses.replace(cfg, block_n=block_n, stages=min(cfg.stages, stages) if config else stages,
-                               cluster_n=1, cluster_k=1, l2_prefetch=0, packed_b=True, split_k=1, tail_split=1, kblocks_per_stage=1,
+                               cluster_n=1, packed_b=True, split_k=1, tail_split=1, kblocks_per_stage=1,
                                tma_store=cfg.tma_store and n % 8 == 0)
 
 

@@ -106,7 +106,7 @@ def sweep(shapes, spec, fresh=False, clean=False):
                 c = dataclasses.replace(base, **changes)
                 if "stages" not in changes:  # as many as fit the changed config
                     c = dataclasses.replace(c, stages=fp8_gemm.max_stages(c.block_m, c.block_n, c.tma_store,
-                                                                          c.kblocks_per_stage, c.cluster_k))
+                                                                          c.kblocks_per_stage))
             else:
                 c = full_config(*(int(v) for v in item.split(",")))
             try:
@@ -130,11 +130,11 @@ def sweep(shapes, spec, fresh=False, clean=False):
         for c in configs:
             out.fill_(float("nan"))
             l2side.gemm(a, sa, b, sb, out=out, config=c)
-            if c.cluster_size > 1:
+            if c.cluster_n > 1:
                 dev = fp8_gemm._device(0)
                 kern = fp8_gemm._kernel(dev, n, k, c)
                 print("   resident clusters:", fp8_gemm._native.max_active_clusters(0, kern.function, c.threads,
-                                                                               c.smem_bytes, c.cluster_size))
+                                                                               c.smem_bytes, c.cluster_n))
             d = diff(out, ref)
             t = time_fn(lambda: l2side.gemm(a, sa, b, sb, out=out, config=c), flush)
             extra = ""
@@ -146,7 +146,7 @@ def sweep(shapes, spec, fresh=False, clean=False):
                 extra += f" fresh {tf:7.1f} us {2 * m * n * k / tf / 1e6:6.1f} TF"
             mark = "*" if c == auto[(m, n, k)] else " "
             print(f"{m:5d} {n:6d} {k:6d} {mark} bm={c.block_m} bn={c.block_n} st={c.stages} cl={c.cluster_n} "
-                  f"dacc={int(c.double_acc)} kb={c.kblocks_per_stage} ck={c.cluster_k} gm={c.group_m} sk={c.split_k} "
+                  f"dacc={int(c.double_acc)} kb={c.kblocks_per_stage} gm={c.group_m} sk={c.split_k} "
                   f"ts={c.tail_split} diff={d:.1e} ev {t:7.1f} us {2 * m * n * k / t / 1e6:6.1f} TF"
                   f"{extra}", flush=True)
     return 0

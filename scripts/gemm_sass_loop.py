@@ -49,8 +49,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="7168,16384", help="N,K")
     p.add_argument("--configs", default="128,128;128,128,ts5",
-                   help="BM,BN[,tsS|skS|da|kbG|ckC];... (da: double accumulators, kbG: G K blocks per stage, ckC: K split "
-                        "across clusters of C)")
+                   help="BM,BN[,tsS|skS|da|kbG];... (da: double accumulators, kbG: G K blocks per stage)")
     args = p.parse_args()
     from l2side import fp8_gemm
     n, k = (int(v) for v in args.shape.split(","))
@@ -61,9 +60,8 @@ def main() -> int:
             if r == "da":
                 extra["double_acc"] = True
             else:
-                extra[{"ts": "tail_split", "sk": "split_k", "kb": "kblocks_per_stage", "ck": "cluster_k"}[r[:2]]] = int(r[2:])
-        stages = fp8_gemm.max_stages(int(bm), int(bn), True, extra.get("kblocks_per_stage", 1),
-                                     extra.get("cluster_k", 1))
+                extra[{"ts": "tail_split", "sk": "split_k", "kb": "kblocks_per_stage"}[r[:2]]] = int(r[2:])
+        stages = fp8_gemm.max_stages(int(bm), int(bn), True, extra.get("kblocks_per_stage", 1))
         cfg = fp8_gemm.GemmConfig(int(bm), int(bn), stages, **extra)
         with tempfile.TemporaryDirectory() as tmp:
             cubin = os.path.join(tmp, "k.cubin")

@@ -14,7 +14,7 @@
 #   bench.log      every benchmark's output
 #   allocator.csv / allocator.json (bench_allocator.py), gemm.csv, elementwise.csv (when those benchmarks exist)
 #   jit_cache.tar.gz the compiled kernels (see JIT cache below)
-# Environment: PYTEST_OPTS (default "-x -q -rA"), BENCH_ALLOCATOR_ARGS / BENCH_ELEMENTWISE_ARGS (extra args),
+# Environment: PYTEST_OPTS (default "-x -q -rA"), BENCH_ALLOCATOR_ARGS / BENCH_GEMM_ARGS / BENCH_ELEMENTWISE_ARGS (extra args),
 #   SKIP_INSTALL=1, SKIP_GEMM=1 (no bench_gemm.py), BENCHES (default "allocator,gemm,packed,elementwise";
 #   also "sanitize", and "sweep": gemm_dev.py --sweep "$SWEEP_SPEC" --clean --fresh on $SWEEP_SHAPES), DEADLINE_S (every part is killed once this many seconds have passed since the start, so
 #   the parts after it still report; default none), L2SIDE_CACHE_DIR (default .jit_cache), JIT_CACHE_EXPORT_MIB
@@ -136,7 +136,8 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   if [ "${SKIP_GEMM:-0}" = 1 ] || [[ ",$BENCHES," != *,gemm,* ]]; then
     echo "bench_gemm skipped (SKIP_GEMM / BENCHES)" | tee -a "$OUT/bench.log"
   elif [ -f benchmarks/bench_gemm.py ]; then
-    run_part bench_gemm "$OUT/bench.log" "$PYTHON" benchmarks/bench_gemm.py --csv "$OUT/gemm.csv"
+    # shellcheck disable=SC2086
+    run_part bench_gemm "$OUT/bench.log" "$PYTHON" benchmarks/bench_gemm.py --csv "$OUT/gemm.csv" ${BENCH_GEMM_ARGS:-}
   else
     echo "benchmarks/bench_gemm.py not there yet: skipped" | tee -a "$OUT/bench.log"
   fi

@@ -216,7 +216,7 @@ def test_invalid_split_k_is_rejected():
     with pytest.raises(ValueError, match="split_k"):
         fp8_gemm.gemm_source(2048, 7168, fp8_gemm.GemmConfig(64, 128, 4, split_k=2, cluster_n=2))
     src = fp8_gemm.gemm_source(2112, 7168, fp8_gemm.GemmConfig(64, 128, 4, split_k=14))
-    assert "SplitKArgs split_k" in src and re.search(r"\b14, 1, 1, 0, Mma>", src)
+    assert "SplitKArgs split_k" in src and re.search(r"\b14, 1, Mma>", src)
     assert base.split_k == 1
 
 
@@ -282,7 +282,7 @@ def test_kblocks_per_stage_rules():
     """Several K blocks per stage: 1, 2 or 4, whole K blocks (K % 128 == 0), no cluster / packed B / split;
     the stages then count groups of K blocks (at most MAX_STAGES K blocks in flight)."""
     cfg = fp8_gemm.GemmConfig(64, 16, 3, kblocks_per_stage=4)
-    assert re.search(r"\b1, 4, 1, 0, Mma>", fp8_gemm.gemm_source(2112, 7168, cfg))
+    assert re.search(r"\b1, 4, Mma>", fp8_gemm.gemm_source(2112, 7168, cfg))
     for bad, k in ((dataclasses.replace(cfg, kblocks_per_stage=3), 7168), (cfg, 7168 + 16),
                    (dataclasses.replace(cfg, cluster_n=2), 7168), (dataclasses.replace(cfg, split_k=2), 7168),
                    (dataclasses.replace(cfg, tail_split=2), 7168)):
@@ -339,54 +339,7 @@ def test_invalid_tail_split_is_rejected():
         fp8_gemm.gemm_source(2048, 7168, fp8_gemm.GemmConfig(128, 128, 4, tail_split=3, cluster_n=2))
     with pytest.raises(ValueError, match="tail_split must be >= 1"):
         fp8_gemm.gemm_source(2048, 7168, fp8_gemm.GemmConfig(128, 128, 4, tail_split=0))
-    assert re.search(r"\b5, 1, 1, 0, Mma>", fp8_gemm.gemm_source(7168, 16384, fp8_gemm.GemmConfig(128, 128, 5, tail_split=5)))
-
-
-@needs_module
-def test_invalid_cluster_k_is_rejected():
-    """K split across a cluster: 2 or 4 ranks, each with K blocks filling whole stages and whole 8-column groups
-    of output, and nothing else that uses a cluster or splits."""
-    ok = fp8_gemm.GemmConfig(64, 32, 6, double_acc=True, kblocks_per_stage=2, cluster_k=2)
-    src = fp8_gemm.gemm_source(2112, 7168, ok)
-    assert re.search(r"\b1, 2, 2, 0, Mma>", src)  # kMaxSplit, kStageKBlocks, kClusterK, kPrefetchKBlocks
-    for bad, match in [(dataclasses.replace(ok, cluster_k=3), "cluster_k must be 1, 2 or 4"),
-                       (dataclasses.replace(ok, block_n=24), "multiple of 16"),
-                       (dataclasses.replace(ok, cluster_n=2, kblocks_per_stage=1), "cluster_k > 1 needs"),
-                       (dataclasses.replace(ok, split_k=2, kblocks_per_stage=1), "cluster_k > 1 needs"),
-                       (dataclasses.replace(ok, packed_b=True, kblocks_per_stage=1), "cluster_k > 1 needs")]:
-        with pytest.raises(ValueError, match=match):
-            fp8_gemm.gemm_source(2112, 7168, bad)
-    with pytest.raises(ValueError, match="whole stages"):   # 2112 x 2176: 17 K blocks -> 9 per rank, 2 per stage
-        fp8_gemm.gemm_source(2112, 2176, ok)
-    with pytest.raises(ValueError, match="without K blocks"):  # 2 K blocks in 4 ranks
-        fp8_gemm.gemm_source(2112, 256, dataclasses.replace(ok, cluster_k=4, kblocks_per_stage=1))
-    one = dataclasses.replace(ok, cluster_k=1)
-    assert ok.cluster_size == 2 and one.cluster_size == 1
-    assert ok.smem_bytes > fp8_gemm.smem_layout_bytes(64, 32, 6, True, 2, 1)  # + receive buffer - half the D tile
-
-
-@needs_module
-def test_invalid_l2_prefetch_is_rejected():
-    ok = fp8_gemm.GemmConfig(64, 16, 6, double_acc=True, kblocks_per_stage=2, l2_prefetch=48)
-    assert re.search(r"\b2, 1, 48, Mma>", fp8_gemm.gemm_source(2112, 7168, ok))
-    with pytest.raises(ValueError, match="whole stages"):
-        fp8_gemm.gemm_source(2112, 7168, dataclasses.replace(ok, l2_prefetch=47))
-    with pytest.raises(ValueError, match="l2_prefetch must be >= 0"):
-        fp8_gemm.gemm_source(2112, 7168, dataclasses.replace(ok, l2_prefetch=-2))
-    with pytest.raises(ValueError, match="unpacked B"):
-        fp8_gemm.gemm_source(2112, 7168, dataclasses.replace(ok, kblocks_per_stage=1, block_n=64, packed_b=True))
-
-
-@needs_module
-@pytest.mark.parametrize("m,n,k,bm,bn,ck", [(64, 2112, 7168, 64, 32, 2), (128, 4096, 7168, 128, 64, 2),
-                                             (64, 2112, 7168, 64, 64, 4), (256, 4096, 2048, 64, 64, 2)])
-def test_cluster_k_grid_is_whole_clusters_one_per_tile(m, n, k, bm, bn, ck):
-    """A K-split cluster takes one tile at a time: the grid is clusters x cluster_k CTAs, no more clusters than
-    tiles or than the SMs hold."""
-    cfg = fp8_gemm.GemmConfig(bm, bn, 4, cluster_k=ck)
-    grid = fp8_gemm.grid_size(m, n, cfg, 132)
-    tiles = ceil_div(m, bm) * ceil_div(n, bn)
-    assert grid % ck == 0 and grid // ck == min(tiles, 132 // ck)
+    assert re.search(r"\b5, 1, Mma>", fp8_gemm.gemm_source(7168, 16384, fp8_gemm.GemmConfig(128, 128, 5, tail_split=5)))
 
 
 @needs_module
@@ -415,13 +368,6 @@ def _compile_cases():
         cases[(n, k, c)] = (m, n, k)
     for c in (fp8_gemm.GemmConfig(128, 112, 6, split_k=2), fp8_gemm.GemmConfig(64, 96, 10, split_k=3, double_acc=True)):
         cases[(7168, 16384, c)] = (128, 7168, 16384)
-    for n, k, bm, bn, g, ck in ((2112, 7168, 64, 32, 2, 2), (4096, 7168, 128, 64, 1, 2), (2111, 2064, 64, 64, 1, 4)):
-        cases[(n, k, fp8_gemm.GemmConfig(bm, bn, fp8_gemm.max_stages(bm, bn, n % 8 == 0, g, ck), tma_store=n % 8 == 0,
-                                         double_acc=True, kblocks_per_stage=g, cluster_k=ck))] = (64, n, k)
-    # L2 prefetch of B ahead of the loads (2-D and 3-D boxes); several K blocks per stage with a partial last stage
-    for n, k, bm, bn, g, pf in ((2112, 7168, 64, 16, 2, 48), (24576, 1536, 64, 96, 1, 12), (2111, 2176, 64, 24, 4, 0)):
-        cases[(n, k, fp8_gemm.GemmConfig(bm, bn, fp8_gemm.max_stages(bm, bn, n % 8 == 0, g), tma_store=n % 8 == 0,
-                                         double_acc=True, kblocks_per_stage=g, l2_prefetch=pf))] = (64, n, k)
     for m, n, k, bn in ((64, 2112, 7168, 64), (128, 7168, 16384, 128)):  # packed B, double accumulators or not
         cases[(n, k, fp8_gemm.packed_config(m, n, k, bn))] = (m, n, k)
     return list(cases)
@@ -485,13 +431,13 @@ def test_python_smem_layout_matches_the_kernels(tmp_path):
     """smem_layout_bytes (what the launch asks for) == SmemLayout::kBytes (what the kernel addresses), checked by
     static_asserts that nvcc compiles, for every block shape the configs use."""
     from l2side import jit
-    cases = [(bm, bn, st, ts, g, ck) for bm in (64, 128, 192) for bn in (16, 56, 96, 128, 192) for st in (1, 3, 12)
-             for ts in (True, False) for g in (1, 2, 4) for ck in (1, 2, 4) if bn % (8 * ck) == 0]
+    cases = [(bm, bn, st, ts, g) for bm in (64, 128, 192) for bn in (16, 56, 96, 128, 192) for st in (1, 3, 12)
+             for ts in (True, False) for g in (1, 2, 4)]
     lines = ['#include "fp8_gemm/fp8_gemm.cuh"']
-    for bm, bn, st, ts, g, ck in cases:
-        want = fp8_gemm.smem_layout_bytes(bm, bn, st, ts, g, ck)
-        lines.append(f"static_assert(l2side::fp8_gemm::SmemLayout<{bm}, {bn}, {st}, {str(ts).lower()}, {g}, {ck}>::"
-                     f"kBytes == {want}, \"{bm} {bn} {st} {ts} {g} {ck}\");")
+    for bm, bn, st, ts, g in cases:
+        want = fp8_gemm.smem_layout_bytes(bm, bn, st, ts, g)
+        lines.append(f"static_assert(l2side::fp8_gemm::SmemLayout<{bm}, {bn}, {st}, {str(ts).lower()}, {g}>::kBytes "
+                     f"== {want}, \"{bm} {bn} {st} {ts} {g}\");")
     src = tmp_path / "layout.cu"
     src.write_text("\n".join(lines) + "\n")
     r = subprocess.run([jit.nvcc_path(), "-c", *jit.DEFAULT_OPTIONS, f"-I{jit.KERNELS_DIR}",
@@ -529,8 +475,6 @@ def prebuilt():
     jobs |= {(c[1], c[2], _split_config(*c)) for c in SPLIT_CASES}
     jobs |= {(n, k, _tail_config(m, n, k, bm, bn, t)) for m, n, k, bm, bn, t in TAIL_CASES}
     jobs |= {(c[1], c[2], cfg) for c in KBLOCK_CASES for cfg in _kblock_configs(*c)}
-    jobs |= {(c[1], c[2], _cluster_k_config(*c)) for c in CLUSTER_K_CASES}
-    jobs |= {(c[1], c[2], cfg) for c in PREFETCH_CASES for cfg in _prefetch_configs(*c)}
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda j: fp8_gemm.build(*j), jobs))
 
@@ -770,59 +714,6 @@ def test_kblocks_per_stage_is_bitwise_the_one_block_kernel(m, n, k, bm, bn, dacc
     want = _checked_then_repeated_bitwise(a, sa, b, sb, one)
     got = _checked_then_repeated_bitwise(a, sa, b, sb, grouped)
     assert torch.equal(got, want)
-
-
-PREFETCH_CASES = [  # (m, n, k, block_m, block_n, kblocks_per_stage, l2_prefetch): 2-D / 3-D boxes, a distance
-    # past the end of K, unaligned N / K, several tiles per CTA
-    (64, 2112, 7168, 64, 16, 2, 48), (65, 1001, 2064, 128, 32, 1, 8), (200, 24576, 1536, 128, 96, 1, 12),
-    (64, 4096, 512, 64, 32, 2, 64)]
-
-
-@pytest.mark.parametrize("m,n,k,bm,bn,g,pf", PREFETCH_CASES, ids=[f"{c[0]}x{c[1]}x{c[2]}-{c[3]}x{c[4]}-p{c[6]}"
-                                                                   for c in PREFETCH_CASES])
-@pytest.mark.gpu
-@requires_hopper
-@needs_module
-def test_l2_prefetch_is_bitwise_the_kernel_without_it(m, n, k, bm, bn, g, pf, prebuilt):
-    """Prefetching B into L2 changes when bytes arrive, not the arithmetic."""
-    plain, fetching = _prefetch_configs(m, n, k, bm, bn, g, pf)
-    a, sa, b, sb = _inputs(m, n, k, seed=k + pf)
-    assert torch.equal(_checked_then_repeated_bitwise(a, sa, b, sb, fetching),
-                       _checked_then_repeated_bitwise(a, sa, b, sb, plain))
-
-
-def _prefetch_configs(m, n, k, bm, bn, g, pf):
-    tma_store = n % 8 == 0
-    plain = fp8_gemm.GemmConfig(bm, bn, fp8_gemm.max_stages(bm, bn, tma_store, g), tma_store=tma_store,
-                                double_acc=True, kblocks_per_stage=g)
-    return plain, dataclasses.replace(plain, l2_prefetch=pf)
-
-
-CLUSTER_K_CASES = [  # (m, n, k, block_m, block_n, cluster_k, kblocks_per_stage): the DeepSeek tiles it is for,
-    # uneven ranks (33 / 17 / 9 K blocks), unaligned M / N / K, no TMA store (N odd), 8-column parts, and more
-    # tiles than clusters (several tiles per cluster: the receive buffers reused, red_empty waited on)
-    (64, 2112, 7168, 64, 32, 2, 2), (128, 4096, 7168, 128, 64, 2, 1), (64, 2112, 7168, 64, 64, 4, 2),
-    (100, 1000, 4112, 128, 64, 4, 1), (65, 1001, 1040, 64, 32, 2, 1), (1, 24, 2064, 64, 16, 2, 1),
-    (256, 4096, 2048, 64, 64, 2, 2), (700, 2112, 7168, 128, 128, 2, 1)]
-
-
-@pytest.mark.parametrize("m,n,k,bm,bn,ck,g", CLUSTER_K_CASES, ids=[f"{c[0]}x{c[1]}x{c[2]}-{c[3]}x{c[4]}-c{c[5]}"
-                                                                    for c in CLUSTER_K_CASES])
-@pytest.mark.gpu
-@requires_hopper
-@needs_module
-def test_cluster_k_matches_reference_and_repeats_bitwise(m, n, k, bm, bn, ck, g, prebuilt):
-    """K split across a cluster, partials summed through distributed shared memory in rank order: correct, and
-    the same bits on every launch."""
-    cfg = _cluster_k_config(m, n, k, bm, bn, ck, g)
-    a, sa, b, sb = _inputs(m, n, k, seed=m * 3 + ck)
-    _checked_then_repeated_bitwise(a, sa, b, sb, cfg)
-
-
-def _cluster_k_config(m, n, k, bm, bn, ck, g):
-    tma_store = n % 8 == 0
-    return fp8_gemm.GemmConfig(bm, bn, fp8_gemm.max_stages(bm, bn, tma_store, g, ck), tma_store=tma_store,
-                               double_acc=bn <= 128, kblocks_per_stage=g, cluster_k=ck)
 
 
 @pytest.mark.gpu

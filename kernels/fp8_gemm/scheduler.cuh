@@ -27,17 +27,13 @@ __host__ __device__ constexpr uint32_t ceil_div(uint32_t a, uint32_t b) { return
 // tile, each loading 1/c of it with TMA multicast); the scheduler then walks units of kClusterN N-blocks,
 // one unit per cluster at a time, so both CTAs of a cluster always run the same number of tiles.
 // (The launcher uses clusters only when the N-block count is a multiple of kClusterN.)
-// kClusterK > 1: the kClusterK CTAs of a cluster take the same tile, each one range of its K blocks (fp8_gemm.cuh
-// sums their partials through distributed shared memory); the scheduler walks one unit per cluster.
 template <uint32_t SHAPE_N, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kGroupM, uint32_t kClusterN = 1,
-          uint32_t kMaxSplit = 1, uint32_t kClusterK = 1>
+          uint32_t kMaxSplit = 1>
 struct GroupedScheduler {
-  static constexpr uint32_t kClusterCtas = kClusterN * kClusterK;
   static constexpr uint32_t kNumNBlocks = ceil_div(SHAPE_N, BLOCK_N);
   static constexpr uint32_t kNumNUnits = kNumNBlocks / kClusterN;
   static_assert(kNumNBlocks % kClusterN == 0, "the N-block count must be a multiple of the cluster size");
-  static_assert(kMaxSplit == 1 || kClusterCtas == 1, "split-K runs without clusters");
-  static_assert(kClusterN == 1 || kClusterK == 1, "a cluster shares either A (along N) or a tile (along K)");
+  static_assert(kMaxSplit == 1 || kClusterN == 1, "split-K runs without clusters");
 
   uint32_t num_m_blocks, group_m, tail_first, splits, num_units, unit, rank;
 
@@ -45,7 +41,7 @@ struct GroupedScheduler {
                                               uint32_t splits_ = 1)
       : num_m_blocks(ceil_div(shape_m, BLOCK_M)),
         group_m(kGroupM == 0 ? ceil_div(shape_m, BLOCK_M) : kGroupM),
-        unit(blockIdx.x / kClusterCtas), rank(kClusterN > 1 ? cluster_rank : 0) {
+        unit(blockIdx.x / kClusterN), rank(cluster_rank) {
     const uint32_t tiles = num_m_blocks * kNumNUnits;
     splits = kMaxSplit > 1 ? splits_ : 1;
     tail_first = splits > 1 ? min(tail_first_, tiles) : tiles;
@@ -77,7 +73,7 @@ struct GroupedScheduler {
     }
     unit_coords(tile, num_m_blocks, group_m, m_block, n_unit);
     n_block = n_unit * kClusterN + rank;
-    unit += gridDim.x / kClusterCtas;
+    unit += gridDim.x / kClusterN;
     return true;
   }
 };
