@@ -161,40 +161,6 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   uint32_t* tile_slots = reinterpret_cast<uint32_t*>(tile_empty + 2);     // [2][2]: m_block, n_block
 
   const uint32_t lane = threadIdx.x % 32;
-  const uint32_t cta_rank = kClusterN > 1 ? ptx::cluster_cta_rank() : 0;
-  GroupedScheduler<SHAPE_N, BLOCK_M, BLOCK_N, kGroupM, kClusterN, kMaxSplit> scheduler(
-      shape_m, cta_rank, split_k.tail_first, split_k.splits);
-  uint32_t m_block, n_block, tile = 0, split = 0, n_splits = 1;
-  // the K blocks of a unit: [kb_begin, kb_end) (the host checked that no range is empty)
-  auto kb_begin = [&]() { return kMaxSplit == 1 ? 0u : split * ceil_div(kNumKBlocks, n_splits); };
-  auto kb_end = [&]() {
-    return kMaxSplit == 1 ? kNumKBlocks : min(kb_begin() + ceil_div(kNumKBlocks, n_splits), kNumKBlocks);
-  };
-  // A, its scales and B of the stage that starts at K block kb into stage s, counted on its full barrier (TMA
-  // tensor loads; the multicast and packed-B producers load their own way below)
-  auto load_stage = [&](uint32_t s, uint32_t kb, int32_t m0, int32_t n0) {
-    uint64_t* bar = full + s;
-    ptx::mbar_arrive_expect_tx(bar, Smem::kTxBytes);  // (K blocks past K arrive zero-filled: counted too)
-    if constexpr (kStageKBlocks > 1) {  // ([rows][K / 128][128] views: box 128 x rows x kStageKBlocks)
-      ptx::tma_load_3d(smem + Smem::kA + s * Smem::kAStage, &tmap_a, bar, 0, m0, static_cast<int32_t>(kb));
-      ptx::tma_load_2d(smem + Smem::kSa + s * Smem::kSaStage, &tmap_sa, bar, m0, static_cast<int32_t>(kb));
-      ptx::tma_load_3d(smem + Smem::kB + s * Smem::kBStage, &tmap_b, bar, 0, n0, static_cast<int32_t>(kb));
-    } else {
-      const int32_t k0 = static_cast<int32_t>(kb * BLOCK_K);
-      ptx::tma_load_2d(smem + Smem::kA + s * Smem::kAStage, &tmap_a, bar, k0, m0);
-      ptx::tma_load_2d(smem + Smem::kSa + s * Smem::kSaStage, &tmap_sa, bar, m0, static_cast<int32_t>(kb));
-      ptx::tma_load_2d(smem + Smem::kB + s * Smem::kBStage, &tmap_b, bar, k0, n0);
-    }
-  };
-  // The producer thread issues the first tile's first stages as soon as the barriers exist, before the block-wide
-  // barrier and the register hand-over: the first bytes are on their way sooner (a fixed cost of every launch,
-  // which counts on the few-µs memory-bound shapes)
-#ifdef L2SIDE_NO_EARLY_ISSUE  // (kernel work: the A/B of this)
-  constexpr bool kEarlyIssue = false;
-#else
-  constexpr bool kEarlyIssue = !kPackedB && kClusterN == 1 && kMaxSplit == 1;
-#endif
-  uint32_t early_stages = 0;  // (producer thread) stages of the first tile issued before the block-wide barrier
   if (threadIdx.x == kMathThreads) {
     ptx::prefetch_tensor_map(&tmap_a);
     ptx::prefetch_tensor_map(&tmap_b);
@@ -209,17 +175,19 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       ptx::mbar_init(tile_empty + r, kMathWarpgroups * 4);
     }
     ptx::mbar_init_fence();
-    if constexpr (kEarlyIssue) {  // (the same thread's barriers: initialised, and nobody else waits on them yet)
-      auto first = scheduler;  // (a copy: the producer's walk below starts at this tile again)
-      uint32_t m, n, t, sp, ns;
-      if (first.next(m, n, t, sp, ns)) {
-        for (uint32_t kb = 0; kb < kNumKBlocks && early_stages < kStages; kb += kStageKBlocks, ++early_stages)
-          load_stage(early_stages, kb, static_cast<int32_t>(m * BLOCK_M), static_cast<int32_t>(n * BLOCK_N));
-      }
-    }
   }
   // with clusters the peer multicasts into this CTA's stages and arrives on its barriers: all initialised first
   if constexpr (kClusterN > 1) ptx::cluster_sync(); else __syncthreads();
+
+  const uint32_t cta_rank = kClusterN > 1 ? ptx::cluster_cta_rank() : 0;
+  GroupedScheduler<SHAPE_N, BLOCK_M, BLOCK_N, kGroupM, kClusterN, kMaxSplit> scheduler(
+      shape_m, cta_rank, split_k.tail_first, split_k.splits);
+  uint32_t m_block, n_block, tile = 0, split = 0, n_splits = 1;
+  // the K blocks of a unit: [kb_begin, kb_end) (the host checked that no range is empty)
+  auto kb_begin = [&]() { return kMaxSplit == 1 ? 0u : split * ceil_div(kNumKBlocks, n_splits); };
+  auto kb_end = [&]() {
+    return kMaxSplit == 1 ? kNumKBlocks : min(kb_begin() + ceil_div(kNumKBlocks, n_splits), kNumKBlocks);
+  };
 
   if (threadIdx.x >= kMathThreads) {
     // ---------------- producer warpgroup: one thread issues every TMA load
@@ -227,8 +195,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
     ptx::setmaxnreg_dec<kProducerRegisters<BLOCK_M / 64, kPackedB>>();
 #endif
     if (threadIdx.x == kMathThreads) {
-      // (after an early issue of every stage the ring has wrapped: stage 0 of the second phase is next)
-      uint32_t stage = early_stages % kStages, phase = early_stages / kStages;
+      uint32_t stage = 0, phase = 0;
       // packed B: the side queues, and the ring that tells the math warpgroups which tile comes next
       uint32_t queue = 0, ring = 0, ring_phase = 0, first_chunk = 0;
       bool helping = false;
@@ -274,19 +241,20 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       };
       while (next_tile(m_block, n_block)) {
         const int32_t m0 = static_cast<int32_t>(m_block * BLOCK_M), n0 = static_cast<int32_t>(n_block * BLOCK_N);
-        const uint32_t skip = early_stages * kStageKBlocks;  // (the first tile's K blocks issued early)
-        early_stages = 0;
 #pragma unroll 1
-        for (uint32_t kb = kb_begin() + skip, end = kb_end(); kb < end; kb += kStageKBlocks) {
+        for (uint32_t kb = kb_begin(), end = kb_end(); kb < end; kb += kStageKBlocks) {
           ptx::mbar_wait(empty + stage, phase ^ 1);  // first pass: the "previous" phase counts as done
-          if constexpr (!kPackedB && kClusterN == 1) {
-            load_stage(stage, kb, m0, n0);
-            if (++stage == kStages) { stage = 0; phase ^= 1; }
-            continue;
-          }
           uint64_t* bar = full + stage;
           ptx::mbar_arrive_expect_tx(bar, Smem::kTxBytes);  // (K blocks past K arrive zero-filled: counted too)
           const int32_t k0 = static_cast<int32_t>(kb * BLOCK_K);
+          if constexpr (kStageKBlocks > 1) {  // ([rows][K / 128][128] views: box 128 x rows x kStageKBlocks)
+            const int32_t kb0 = static_cast<int32_t>(kb);
+            ptx::tma_load_3d(smem + Smem::kA + stage * Smem::kAStage, &tmap_a, bar, 0, m0, kb0);
+            ptx::tma_load_2d(smem + Smem::kSa + stage * Smem::kSaStage, &tmap_sa, bar, m0, kb0);
+            ptx::tma_load_3d(smem + Smem::kB + stage * Smem::kBStage, &tmap_b, bar, 0, n0, kb0);
+            if (++stage == kStages) { stage = 0; phase ^= 1; }
+            continue;
+          }
           if constexpr (kClusterN > 1) {
             // this CTA's share of the A tile, written into every CTA's stage (and counted on every barrier)
             constexpr uint32_t kShare = BLOCK_M / kClusterN;
