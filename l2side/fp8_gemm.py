@@ -75,7 +75,6 @@ class GemmConfig:
     split_k: int = 1           # > 1: each tile's K blocks in this many ranges on different CTAs, partials summed
     tail_split: int = 1        # > 1: only the tiles of the last, partial wave are split so (see split_schedule)
     kblocks_per_stage: int = 1  # 2 or 4: a stage holds that many K blocks, loaded by one 3-D TMA box per operand
-    rotate_k: bool = False     # a tile walks its K blocks from stage (N-block mod stages) on: A reads spread out
 
     @property
     def num_math_warpgroups(self) -> int:
@@ -320,12 +319,6 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
                                          or config.split_k > 1 or config.tail_split > 1):
         raise ValueError("kblocks_per_stage > 1 needs K a multiple of 128, cluster_n == 1, an unpacked B and no "
                          f"split (K={k}, {config})")
-    if config.rotate_k:
-        kb = _ceil_div(k, BLOCK_K)
-        if (config.cluster_n != 1 or config.packed_b or config.split_k > 1 or config.tail_split > 1 or kb > SB_CHUNK
-                or kb % config.kblocks_per_stage):
-            raise ValueError(f"rotate_k needs cluster_n == 1, an unpacked B, no split, at most {SB_CHUNK} K blocks "
-                             f"and whole stages (K has {kb} blocks of 128; {config})")
     if config.split_k > 1 and config.tail_split > 1:
         raise ValueError("split_k and tail_split are exclusive (split_k already splits every tile)")
     if config.double_acc and config.stages < 2:  # (K block j + 1 waits for a stage that only j's release frees)
@@ -348,8 +341,7 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
         f"  l2side::fp8_gemm::gemm_body<{n}, {k}, {config.block_m}, {config.block_n}, {config.stages}, "
         f"{config.group_m}, {'true' if config.tma_store else 'false'}, {config.cluster_n}, "
         f"{'true' if config.double_acc else 'false'}, {'true' if config.packed_b else 'false'}, "
-        f"{max(config.split_k, config.tail_split)}, {config.kblocks_per_stage}, "
-        f"{'true' if config.rotate_k else 'false'}, Mma>(\n"
+        f"{max(config.split_k, config.tail_split)}, {config.kblocks_per_stage}, Mma>(\n"
         "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa, tmap_d, packed, split_k);\n"
         "}\n")
 
@@ -641,7 +633,7 @@ def packed_config(m: int, n: int, k: int, block_n: int, config: GemmConfig | Non
                                   double_acc=m < COMPUTE_BOUND_M and block_n <= PACKED_DOUBLE_ACC_MAX_BLOCK_N)
     stages = max_stages(cfg.block_m, block_n, cfg.tma_store and n % 8 == 0)
     return dataclasses.replace(cfg, block_n=block_n, stages=min(cfg.stages, stages) if config else stages,
-                               cluster_n=1, packed_b=True, split_k=1, tail_split=1, kblocks_per_stage=1, rotate_k=False,
+                               cluster_n=1, packed_b=True, split_k=1, tail_split=1, kblocks_per_stage=1,
                                tma_store=cfg.tma_store and n % 8 == 0)
 
 

@@ -216,7 +216,7 @@ def test_invalid_split_k_is_rejected():
     with pytest.raises(ValueError, match="split_k"):
         fp8_gemm.gemm_source(2048, 7168, fp8_gemm.GemmConfig(64, 128, 4, split_k=2, cluster_n=2))
     src = fp8_gemm.gemm_source(2112, 7168, fp8_gemm.GemmConfig(64, 128, 4, split_k=14))
-    assert "SplitKArgs split_k" in src and re.search(r"\b14, 1, false, Mma>", src)
+    assert "SplitKArgs split_k" in src and re.search(r"\b14, 1, Mma>", src)
     assert base.split_k == 1
 
 
@@ -282,7 +282,7 @@ def test_kblocks_per_stage_rules():
     """Several K blocks per stage: 1, 2 or 4, whole K blocks (K % 128 == 0), no cluster / packed B / split;
     the stages then count groups of K blocks (at most MAX_STAGES K blocks in flight)."""
     cfg = fp8_gemm.GemmConfig(64, 16, 3, kblocks_per_stage=4)
-    assert re.search(r"\b1, 4, false, Mma>", fp8_gemm.gemm_source(2112, 7168, cfg))
+    assert re.search(r"\b1, 4, Mma>", fp8_gemm.gemm_source(2112, 7168, cfg))
     for bad, k in ((dataclasses.replace(cfg, kblocks_per_stage=3), 7168), (cfg, 7168 + 16),
                    (dataclasses.replace(cfg, cluster_n=2), 7168), (dataclasses.replace(cfg, split_k=2), 7168),
                    (dataclasses.replace(cfg, tail_split=2), 7168)):
@@ -339,19 +339,7 @@ def test_invalid_tail_split_is_rejected():
         fp8_gemm.gemm_source(2048, 7168, fp8_gemm.GemmConfig(128, 128, 4, tail_split=3, cluster_n=2))
     with pytest.raises(ValueError, match="tail_split must be >= 1"):
         fp8_gemm.gemm_source(2048, 7168, fp8_gemm.GemmConfig(128, 128, 4, tail_split=0))
-    assert re.search(r"\b5, 1, false, Mma>", fp8_gemm.gemm_source(7168, 16384, fp8_gemm.GemmConfig(128, 128, 5, tail_split=5)))
-
-
-@needs_module
-def test_invalid_rotate_k_is_rejected():
-    ok = fp8_gemm.GemmConfig(64, 16, 6, double_acc=True, kblocks_per_stage=2, rotate_k=True)
-    assert re.search(r"\b1, 2, true, Mma>", fp8_gemm.gemm_source(2112, 7168, ok))
-    for bad, k in [(ok, 2176),                                     # 17 K blocks: not whole stages of 2
-                   (dataclasses.replace(ok, kblocks_per_stage=1), 16512),  # 129 K blocks: more than the staged scales
-                   (dataclasses.replace(ok, kblocks_per_stage=1, split_k=2), 7168),
-                   (dataclasses.replace(ok, kblocks_per_stage=1, cluster_n=2), 7168)]:
-        with pytest.raises(ValueError, match="rotate_k needs"):
-            fp8_gemm.gemm_source(2112, k, bad)
+    assert re.search(r"\b5, 1, Mma>", fp8_gemm.gemm_source(7168, 16384, fp8_gemm.GemmConfig(128, 128, 5, tail_split=5)))
 
 
 @needs_module
@@ -380,9 +368,6 @@ def _compile_cases():
         cases[(n, k, c)] = (m, n, k)
     for c in (fp8_gemm.GemmConfig(128, 112, 6, split_k=2), fp8_gemm.GemmConfig(64, 96, 10, split_k=3, double_acc=True)):
         cases[(7168, 16384, c)] = (128, 7168, 16384)
-    for m, n, k in ((64, 2112, 7168), (128, 7168, 2048), (64, 7168, 16384)):  # K order rotated per N-block
-        c = dataclasses.replace(fp8_gemm.gemm_config(m, n, k), rotate_k=True)
-        cases[(n, k, c)] = (m, n, k)
     for m, n, k, bn in ((64, 2112, 7168, 64), (128, 7168, 16384, 128)):  # packed B, double accumulators or not
         cases[(n, k, fp8_gemm.packed_config(m, n, k, bn))] = (m, n, k)
     return list(cases)
@@ -490,7 +475,6 @@ def prebuilt():
     jobs |= {(c[1], c[2], _split_config(*c)) for c in SPLIT_CASES}
     jobs |= {(n, k, _tail_config(m, n, k, bm, bn, t)) for m, n, k, bm, bn, t in TAIL_CASES}
     jobs |= {(c[1], c[2], cfg) for c in KBLOCK_CASES for cfg in _kblock_configs(*c)}
-    jobs |= {(n, k, _rotate_config(m, n, k)) for m, n, k in ROTATE_CASES}
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda j: fp8_gemm.build(*j), jobs))
 
@@ -730,26 +714,6 @@ def test_kblocks_per_stage_is_bitwise_the_one_block_kernel(m, n, k, bm, bn, dacc
     want = _checked_then_repeated_bitwise(a, sa, b, sb, one)
     got = _checked_then_repeated_bitwise(a, sa, b, sb, grouped)
     assert torch.equal(got, want)
-
-
-# K order rotated per N-block: the memory-bound defaults (M < 512) with rotate_k, unaligned M / N and K % 128 != 0
-ROTATE_CASES = [(m, n, k) for m, n, k in DEEPSEEK if m < 512] + [(65, 129, 1024), (7, 2112, 7168), (300, 1000, 4096),
-                                                                 (200, 2111, 1040)]
-
-
-def _rotate_config(m, n, k):
-    return dataclasses.replace(fp8_gemm.gemm_config(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count),
-                               rotate_k=True)
-
-
-@pytest.mark.parametrize("m,n,k", ROTATE_CASES, ids=[f"{m}x{n}x{k}" for m, n, k in ROTATE_CASES])
-@pytest.mark.gpu
-@requires_hopper
-@needs_module
-def test_rotated_k_order_matches_reference_and_repeats_bitwise(m, n, k, prebuilt):
-    cfg = _rotate_config(m, n, k)
-    a, sa, b, sb = _inputs(m, n, k, seed=m + k + 5)
-    _checked_then_repeated_bitwise(a, sa, b, sb, cfg)
 
 
 @pytest.mark.gpu

@@ -112,7 +112,7 @@ __host__ __device__ constexpr uint32_t d_chunk_cols() {
 
 template <uint32_t SHAPE_N, uint32_t SHAPE_K, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kStages,
           uint32_t kGroupM, bool kTmaStore, uint32_t kClusterN, bool kDoubleAcc, bool kPackedB, uint32_t kMaxSplit,
-          uint32_t kStageKBlocks, bool kRotateK, class Mma>
+          uint32_t kStageKBlocks, class Mma>
 __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const float* __restrict__ scales_b,
                                           uint32_t sb_stride_n, uint32_t sb_stride_k, uint32_t shape_m,
                                           const CUtensorMap& tmap_a, const CUtensorMap& tmap_b,
@@ -138,18 +138,6 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   static_assert(kStageKBlocks == 1 || kStageKBlocks == 2 || kStageKBlocks == 4, "1, 2 or 4 K blocks per stage");
   static_assert(kStageKBlocks == 1 || (kClusterN == 1 && !kPackedB && kMaxSplit == 1 && SHAPE_K % BLOCK_K == 0),
                 "several K blocks per stage: no clusters, packed B or split, and K a multiple of 128");
-  // kRotateK: a tile walks its K blocks starting at stage (n_block mod stages) and wraps around, so the SMs do not
-  // all read the same A K block at the same moment (small M: every tile reads all of A); tiles of one N-block
-  // keep one order, so the tiles that share a B panel still read it together. Changes only the order of the
-  // fp32 sum over K blocks.
-  static_assert(!kRotateK || (kClusterN == 1 && !kPackedB && kMaxSplit == 1 && kNumKBlocks <= 128 &&
-                              kNumKBlocks % kStageKBlocks == 0),
-                "K rotation: no clusters, packed B or split, at most 128 K blocks (staged B scales), whole stages");
-  auto rotate_kb = [](uint32_t kb, uint32_t n_blk) -> uint32_t {  // the K block a tile of N-block n_blk takes kb-th
-    if constexpr (!kRotateK) return kb;
-    const uint32_t r = kb + n_blk % (kNumKBlocks / kStageKBlocks) * kStageKBlocks;
-    return r < kNumKBlocks ? r : r - kNumKBlocks;
-  };
   constexpr uint32_t kNumAccum = BLOCK_N / 2;  // fp32 per thread for 64 x BLOCK_N per warpgroup
   // double accumulators: pairs of K blocks per unrolled loop body (the most, up to 4, that divide the K blocks)
 #ifdef L2SIDE_DACC_PAIRS  // (kernel work: A/B of the body length, e.g. 1 = a drain every two K blocks)
@@ -254,8 +242,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       while (next_tile(m_block, n_block)) {
         const int32_t m0 = static_cast<int32_t>(m_block * BLOCK_M), n0 = static_cast<int32_t>(n_block * BLOCK_N);
 #pragma unroll 1
-        for (uint32_t kb_step = kb_begin(), end = kb_end(); kb_step < end; kb_step += kStageKBlocks) {
-          const uint32_t kb = rotate_kb(kb_step, n_block);
+        for (uint32_t kb = kb_begin(), end = kb_end(); kb < end; kb += kStageKBlocks) {
           ptx::mbar_wait(empty + stage, phase ^ 1);  // first pass: the "previous" phase counts as done
           uint64_t* bar = full + stage;
           ptx::mbar_arrive_expect_tx(bar, Smem::kTxBytes);  // (K blocks past K arrive zero-filled: counted too)
@@ -416,9 +403,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         ptx::named_barrier_sync(1 + wg, kWarpgroupThreads);  // every thread is done with the previous chunk
         const uint32_t count = min(Smem::kSbChunk, last_kb - from);
         for (uint32_t i = threadIdx.x % kWarpgroupThreads; i < count; i += kWarpgroupThreads) {
-          const uint32_t kb = rotate_kb(from + i, n_block);  // (slot i: the i-th K block this tile takes)
-          ptx::cp_async_4(sb_smem + i, sb_first + kb * sb_stride_k);
-          if constexpr (!kUniformScaleB) ptx::cp_async_4(sb_smem + Smem::kSbChunk + i, sb_second + kb * sb_stride_k);
+          ptx::cp_async_4(sb_smem + i, sb_first + (from + i) * sb_stride_k);
+          if constexpr (!kUniformScaleB)
+            ptx::cp_async_4(sb_smem + Smem::kSbChunk + i, sb_second + (from + i) * sb_stride_k);
         }
         ptx::cp_async_commit();
       };
