@@ -152,6 +152,58 @@ def sweep(shapes, spec, fresh=False, clean=False):
     return 0
 
 
+def timeline(shapes, runs=5):
+    """Where a launch's time goes, per CTA: the kernel built with -DL2SIDE_TIMELINE records %globaltimer / clock64
+    at CTA entry, at the producer's first load, as math thread 0 sees each stage arrive, and when math warpgroup 0
+    is done (fp8_gemm.cuh). L2 flushed by a read before each launch (clean L2). Prints medians over `runs` of:
+    span (first CTA entry -> last CTA done), how late CTAs enter, entry -> first load -> first stage, the time per
+    stage in the steady part, last stage -> done, how early CTAs finish, and the share of the span SMs hold a CTA."""
+    import statistics
+    import l2side
+    from l2side import fp8_gemm
+    fp8_gemm.EXTRA_OPTIONS = tuple(fp8_gemm.EXTRA_OPTIONS) + ("-DL2SIDE_TIMELINE",)
+    flush = torch.empty(256 << 20, dtype=torch.int32, device="cuda")
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    real_split_args = fp8_gemm._split_k_args
+    med = statistics.median
+    for (m, n, k) in shapes:
+        cfg = fp8_gemm.gemm_config(m, n, k, num_sms)
+        grid = fp8_gemm.grid_size(m, n, cfg, num_sms)
+        buf = torch.zeros(grid * 64, dtype=torch.int64, device="cuda")
+        fp8_gemm._split_k_args = lambda *args, **kw: fp8_gemm._SPLIT_K_ARGS.pack(buf.data_ptr(), 0, 0, 1)
+        fp8_gemm._launch_cache.clear()
+        a, sa, b, sb = make(m, n, k)
+        out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+        stats = []
+        for _ in range(runs + 1):
+            flush.sum(dtype=torch.int64)
+            buf.zero_()
+            l2side.gemm(a, sa, b, sb, out=out)
+            torch.cuda.synchronize()
+            t = buf.view(grid, 64).cpu().tolist()
+            t0 = min(r[0] for r in t)
+            span = max(r[5] for r in t) - t0
+            ghz = med([(r[4] - r[1]) / max(1, r[5] - r[0]) for r in t])  # clock64 cycles per ns
+            per_stage = med([med([r[8 + i + 1] - r[8 + i] for i in range(int(r[6]) - 1)]) for r in t if r[6] > 2])
+            stats.append({
+                "span": span, "enter_p50": med([r[0] - t0 for r in t]), "enter_max": max(r[0] - t0 for r in t),
+                "first_load": med([(r[3] - r[1]) / ghz for r in t]), "first_stage": med([(r[8] - r[1]) / ghz for r in t]),
+                "stage": per_stage / ghz, "stages": med([r[6] for r in t]),
+                "tail": med([(r[4] - r[8 + int(r[6]) - 1]) / ghz for r in t]),
+                "done_min": min(r[5] - t0 for r in t), "done_p50": med([r[5] - t0 for r in t]),
+                "busy": sum(r[5] - r[0] for r in t) / (num_sms * span), "ghz": ghz})
+        s = {key: med([x[key] for x in stats[1:]]) for key in stats[0]}
+        print(f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={cfg.block_n} grid={grid} | span {s['span'] / 1e3:.2f} us | "
+              f"CTAs enter +{s['enter_p50'] / 1e3:.2f} (last +{s['enter_max'] / 1e3:.2f}) us | entry -> first load "
+              f"{s['first_load'] / 1e3:.2f} us -> first stage {s['first_stage'] / 1e3:.2f} us | "
+              f"{s['stages']:.0f} stages at {s['stage']:.0f} ns | last stage -> done {s['tail'] / 1e3:.2f} us | "
+              f"done from {s['done_min'] / 1e3:.2f} (median {s['done_p50'] / 1e3:.2f}) us | SMs hold a CTA "
+              f"{100 * s['busy']:.0f}% of the span | {s['ghz']:.2f} GHz", flush=True)
+    fp8_gemm._split_k_args = real_split_args
+    fp8_gemm._launch_cache.clear()
+    return 0
+
+
 def packed_block_n(m: int) -> int:
     """The packed tile width for `--packed auto`: 64 at small M (memory-bound: near beat ignore by 3-7% there),
     128 when compute-bound (docs/perf-notes.md, packed B session 3)."""
@@ -286,11 +338,15 @@ def main():
                    "before each call and no flush (how the DeepGEMM anchors were timed)")
     p.add_argument("--clean", action="store_true", help="with --sweep: also kernel-only time with L2 flushed by a "
                    "read (clean L2)")
+    p.add_argument("--timeline", action="store_true", help="per-CTA timeline of one launch per shape (kernel built "
+                   "with -DL2SIDE_TIMELINE; unsplit configs): CTA entry / first load / stage arrivals / done")
     args = p.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes else EDGE + DEEPSEEK
     torch.manual_seed(0)
     if args.sweep:
         return sweep(shapes, args.sweep, fresh=args.fresh, clean=args.clean)
+    if args.timeline:
+        return timeline(shapes)
     if args.host:
         return host_parts()
     if args.packed:

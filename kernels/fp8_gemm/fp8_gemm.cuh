@@ -161,6 +161,20 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   uint32_t* tile_slots = reinterpret_cast<uint32_t*>(tile_empty + 2);     // [2][2]: m_block, n_block
 
   const uint32_t lane = threadIdx.x % 32;
+#ifdef L2SIDE_TIMELINE
+  // Kernel work (scripts/gemm_dev.py --timeline): 64 u64 per CTA in split_k.partials (unused without a split):
+  // [0] %globaltimer and [1] clock64 at entry, [2] %smid, [3] clock64 at the producer's first load, [4] clock64 and
+  // [5] %globaltimer when math warpgroup 0 is done, [6] entries in [8..63]: clock64 as math thread 0 sees each
+  // stage arrive (its full barrier), the first 56.
+  static_assert(kMaxSplit == 1, "the timeline borrows the split workspace");
+  uint64_t* timeline = reinterpret_cast<uint64_t*>(split_k.partials) + blockIdx.x * 64;
+  uint32_t timeline_n = 0;
+  if (threadIdx.x == 0) {
+    timeline[0] = ptx::globaltimer();
+    timeline[1] = clock64();
+    timeline[2] = ptx::smid();
+  }
+#endif
   if (threadIdx.x == kMathThreads) {
     ptx::prefetch_tensor_map(&tmap_a);
     ptx::prefetch_tensor_map(&tmap_b);
@@ -246,6 +260,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           ptx::mbar_wait(empty + stage, phase ^ 1);  // first pass: the "previous" phase counts as done
           uint64_t* bar = full + stage;
           ptx::mbar_arrive_expect_tx(bar, Smem::kTxBytes);  // (K blocks past K arrive zero-filled: counted too)
+#ifdef L2SIDE_TIMELINE
+          if (timeline_n++ == 0) timeline[3] = clock64();
+#endif
           const int32_t k0 = static_cast<int32_t>(kb * BLOCK_K);
           if constexpr (kStageKBlocks > 1) {  // ([rows][K / 128][128] views: box 128 x rows x kStageKBlocks)
             const int32_t kb0 = static_cast<int32_t>(kb);
@@ -317,6 +334,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
                      bool& release) -> uint32_t {
       const uint32_t s = stage, g = j % kStageKBlocks;  // g: the K block's place in its stage
       if (g == 0) ptx::mbar_wait(full + s, phase);
+#ifdef L2SIDE_TIMELINE
+      if (g == 0 && threadIdx.x == 0 && timeline_n < 56) timeline[8 + timeline_n++] = clock64();
+#endif
       release = g == kStageKBlocks - 1 || j + 1 == num_kb;
       if (release && ++stage == kStages) { stage = 0; phase ^= 1; }
       const float* sa = reinterpret_cast<const float*>(smem + Smem::kSa + s * Smem::kSaStage) + g * BLOCK_M;
@@ -579,6 +599,13 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       // (only until the stores have read shared memory: the grid completes after its writes anyway)
       if (threadIdx.x % kWarpgroupThreads == 0) ptx::tma_store_wait_read();
     }
+#ifdef L2SIDE_TIMELINE
+    if (threadIdx.x == 0) {
+      timeline[4] = clock64();
+      timeline[5] = ptx::globaltimer();
+      timeline[6] = timeline_n;
+    }
+#endif
   }
   // a CTA leaves only once its peer can no longer write into its shared memory or arrive on its barriers
   if constexpr (kClusterN > 1) ptx::cluster_sync();
