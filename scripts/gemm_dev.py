@@ -81,6 +81,33 @@ def fresh_inputs_us(m, n, k, config):
         lambda: bench.fresh_inputs_call(torch, l2side, m, n, k, config), fp8_gemm.KERNEL_NAME)
 
 
+def configs_for(m, n, k, spec):
+    """The configs of a --sweep spec valid for the shape ('auto' is gemm_config's choice)."""
+    from l2side import fp8_gemm
+    out = []
+    for item in spec.split(";"):
+        if item.startswith("auto"):  # 'auto' or 'auto:field=value,field*=factor,...' (gemm_config's choice,
+            # fields replaced or multiplied)
+            base = fp8_gemm.gemm_config(m, n, k)
+            changes = {}
+            for kv in filter(None, item[5:].split(",")):
+                f, v = kv.split("=")
+                changes[f.rstrip("*")] = getattr(base, f[:-1]) * int(v) if f.endswith("*") else int(v)
+            c = dataclasses.replace(base, **changes)
+            if "stages" not in changes:  # as many as fit the changed config
+                c = dataclasses.replace(c, stages=fp8_gemm.max_stages(c.block_m, c.block_n, c.tma_store,
+                                                                      c.kblocks_per_stage))
+        else:
+            c = full_config(*(int(v) for v in item.split(",")))
+        try:
+            fp8_gemm.gemm_source(n, k, c)
+        except ValueError:
+            continue
+        if c not in out:
+            out.append(c)
+    return out
+
+
 def clean_l2_us(fn):
     """Kernel-only µs with L2 flushed by a read before each call (clean L2: the call's own DRAM traffic), with
     benchmarks/bench_gemm.py's profiler timer."""
@@ -92,32 +119,7 @@ def sweep(shapes, spec, fresh=False, clean=False):
     from l2side import fp8_gemm
     from concurrent.futures import ThreadPoolExecutor
 
-    def configs_for(m, n, k):
-        """The spec's configs valid for the shape ('auto' is gemm_config's choice)."""
-        out = []
-        for item in spec.split(";"):
-            if item.startswith("auto"):  # 'auto' or 'auto:field=value,field*=factor,...' (gemm_config's choice,
-                # fields replaced or multiplied)
-                base = fp8_gemm.gemm_config(m, n, k)
-                changes = {}
-                for kv in filter(None, item[5:].split(",")):
-                    f, v = kv.split("=")
-                    changes[f.rstrip("*")] = getattr(base, f[:-1]) * int(v) if f.endswith("*") else int(v)
-                c = dataclasses.replace(base, **changes)
-                if "stages" not in changes:  # as many as fit the changed config
-                    c = dataclasses.replace(c, stages=fp8_gemm.max_stages(c.block_m, c.block_n, c.tma_store,
-                                                                          c.kblocks_per_stage))
-            else:
-                c = full_config(*(int(v) for v in item.split(",")))
-            try:
-                fp8_gemm.gemm_source(n, k, c)
-            except ValueError:
-                continue
-            if c not in out:
-                out.append(c)
-        return out
-
-    per_shape = {s: configs_for(*s) for s in shapes}
+    per_shape = {s: configs_for(*s, spec) for s in shapes}
     jobs = {(n, k, c) for (m, n, k), cs in per_shape.items() for c in cs}
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda j: fp8_gemm.build(*j), jobs))
@@ -152,7 +154,7 @@ def sweep(shapes, spec, fresh=False, clean=False):
     return 0
 
 
-def timeline(shapes, runs=5):
+def timeline(shapes, spec="auto", runs=5):
     """Where a launch's time goes, per CTA: the kernel built with -DL2SIDE_TIMELINE records %globaltimer / clock64
     at CTA entry, at the producer's first load, as math thread 0 sees each stage arrive, and when math warpgroup 0
     is done (fp8_gemm.cuh). L2 flushed by a read before each launch (clean L2). Prints medians over `runs` of:
@@ -166,21 +168,23 @@ def timeline(shapes, runs=5):
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     real_split_args = fp8_gemm._split_k_args
     med = statistics.median
-    for (m, n, k) in shapes:
-        cfg = fp8_gemm.gemm_config(m, n, k, num_sms)
+    for (m, n, k), cfg in ((s, c) for s in shapes for c in configs_for(*s, spec)):
         grid = fp8_gemm.grid_size(m, n, cfg, num_sms)
         buf = torch.zeros(grid * 64, dtype=torch.int64, device="cuda")
         fp8_gemm._split_k_args = lambda *args, **kw: fp8_gemm._SPLIT_K_ARGS.pack(buf.data_ptr(), 0, 0, 1)
         fp8_gemm._launch_cache.clear()
         a, sa, b, sb = make(m, n, k)
         out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+        if cfg.cluster_n > 1:  # (the launch keeps only the clusters that fit at once: the buffer has room for all)
+            grid = fp8_gemm._prepare(a, sa, b, sb, out, m, n, k, cfg, 0, fp8_gemm._raw_stream(0))[0][2]
+            fp8_gemm._launch_cache.clear()
         stats = []
         for _ in range(runs + 1):
             flush.sum(dtype=torch.int64)
             buf.zero_()
-            l2side.gemm(a, sa, b, sb, out=out)
+            l2side.gemm(a, sa, b, sb, out=out, config=cfg)
             torch.cuda.synchronize()
-            t = buf.view(grid, 64).cpu().tolist()
+            t = buf.view(-1, 64)[:grid].cpu().tolist()
             t0 = min(r[0] for r in t)
             span = max(r[5] for r in t) - t0
             ghz = med([(r[4] - r[1]) / max(1, r[5] - r[0]) for r in t])  # clock64 cycles per ns
@@ -193,7 +197,7 @@ def timeline(shapes, runs=5):
                 "done_min": min(r[5] - t0 for r in t), "done_p50": med([r[5] - t0 for r in t]),
                 "busy": sum(r[5] - r[0] for r in t) / (num_sms * span), "ghz": ghz})
         s = {key: med([x[key] for x in stats[1:]]) for key in stats[0]}
-        print(f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={cfg.block_n} grid={grid} | span {s['span'] / 1e3:.2f} us | "
+        print(f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={cfg.block_n} cl={cfg.cluster_n} grid={grid} | span {s['span'] / 1e3:.2f} us | "
               f"CTAs enter +{s['enter_p50'] / 1e3:.2f} (last +{s['enter_max'] / 1e3:.2f}) us | entry -> first load "
               f"{s['first_load'] / 1e3:.2f} us -> first stage {s['first_stage'] / 1e3:.2f} us | "
               f"{s['stages']:.0f} stages at {s['stage']:.0f} ns | last stage -> done {s['tail'] / 1e3:.2f} us | "
@@ -339,14 +343,15 @@ def main():
     p.add_argument("--clean", action="store_true", help="with --sweep: also kernel-only time with L2 flushed by a "
                    "read (clean L2)")
     p.add_argument("--timeline", action="store_true", help="per-CTA timeline of one launch per shape (kernel built "
-                   "with -DL2SIDE_TIMELINE; unsplit configs): CTA entry / first load / stage arrivals / done")
+                   "with -DL2SIDE_TIMELINE; unsplit configs, those of --sweep if given): CTA entry / first load / stage "
+                   "arrivals / done")
     args = p.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes else EDGE + DEEPSEEK
     torch.manual_seed(0)
-    if args.sweep:
+    if args.sweep and not args.timeline:
         return sweep(shapes, args.sweep, fresh=args.fresh, clean=args.clean)
     if args.timeline:
-        return timeline(shapes)
+        return timeline(shapes, args.sweep or "auto")
     if args.host:
         return host_parts()
     if args.packed:
