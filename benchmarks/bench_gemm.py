@@ -15,12 +15,12 @@ A 1x128 scales, B 128x128 scales, bf16 out):
     does not pay for); "x peer" columns: l2side over the best peer figure of the row (kernel-only:
     DeepGEMM from ../shared/ANCHORS.md (H100) or cuBLAS measured now; events: the same with the anchors' and
     this run's cuBLAS event figures).
-  - the floor, for M <= 128: a streaming kernel (torch.neg over fp32) moving the row's bytes (half read, half
-    written), timed
-    kernel-only the same two ways (write flush / clean L2): what any streaming kernel of that size reaches,
-    fixed costs (first DRAM latency, drain) included. "same-size copy % of copy" (clean) bounds what the
-    "% copy BW" target can reach; "cuBLAS / floor" (write flush) bounds the speedup over cuBLAS any kernel can
-    show by that method; "l2side vs floor" = floor time / l2side time, clean L2 (1.0: as fast as a copy).
+  - the floor, for M <= 128 ("same-size copy" columns): a streaming kernel (torch.neg over fp32) moving the row's
+    bytes (half read, half written), timed kernel-only the same two ways (write flush / clean L2): what a
+    memory-bound kernel of that size reaches, its fixed costs (first DRAM latency, drain) included. Its % of the
+    1 GiB copy (clean) says what the "% copy BW" target can reach; "cuBLAS / same-size copy" (write flush) bounds
+    the speedup over cuBLAS any kernel can show by that method; "l2side vs same-size copy" = that kernel's time /
+    l2side's, clean L2 (1.0: as fast as a copy of its bytes).
   - "fresh inputs": l2side kernel-only time measured the way the DeepGEMM anchors were (DeepGEMM's
     tests/test_core.py: new inputs made before every call, no flush, so the freshly written B is mostly still
     in L2), and its ratio to the DeepGEMM anchor: the like-for-like comparison with that column.
