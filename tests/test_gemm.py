@@ -807,6 +807,25 @@ def test_packed_b_bad_arguments():
         l2side.gemm(a, sa, b)
 
 
+@needs_module
+def test_sweep_specs_of_gemm_dev():
+    """scripts/gemm_dev.py --sweep / --timeline specs: 'auto' is gemm_config's choice, 'auto:f=v' replaces a field,
+    'auto:f*=x' multiplies it (stages refitted unless given), 'BM,BN,...' is a full config; configs that cannot
+    run are dropped, duplicates kept once."""
+    dev = load_script("scripts", "gemm_dev.py")
+    m, n, k = 64, 2112, 7168
+    auto = fp8_gemm.gemm_config(m, n, k)
+    got = dev.configs_for(m, n, k, "auto;auto:block_n*=2;auto:kblocks_per_stage=1;auto:stages=1;auto:block_n=24,"
+                                   "kblocks_per_stage=3;auto;64,32")
+    assert got[0] == auto
+    wide = got[1]
+    assert wide.block_n == 2 * auto.block_n and wide.kblocks_per_stage == auto.kblocks_per_stage
+    assert wide.stages == fp8_gemm.max_stages(64, wide.block_n, True, wide.kblocks_per_stage)
+    assert got[2].kblocks_per_stage == 1 and got[2].stages == fp8_gemm.max_stages(64, auto.block_n, True, 1)
+    # stages=1 with double accumulators and kblocks_per_stage=3 cannot run: dropped; 'auto' again: kept once
+    assert len(got) == 4 and (got[3].block_m, got[3].block_n) == (64, 32)
+
+
 def test_sass_loop_finder_takes_the_loop_around_the_first_mma():
     mod = load_script("scripts", "gemm_sass_loop.py")
     sass = "\n".join([
