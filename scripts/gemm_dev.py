@@ -76,9 +76,15 @@ def fresh_inputs_us(m, n, k, config):
     in L2), with benchmarks/bench_gemm.py's call and timer."""
     import l2side
     from l2side import fp8_gemm
-    bench = _bench_gemm()
-    return bench.Bench(torch, 20, 3).kernel_us_fresh_inputs(
-        lambda: bench.fresh_inputs_call(torch, l2side, m, n, k, config), fp8_gemm.KERNEL_NAME)
+    return _kernel_timer().kernel_us_fresh_inputs(
+        lambda: _bench_gemm().fresh_inputs_call(torch, l2side, m, n, k, config), fp8_gemm.KERNEL_NAME)
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_timer():
+    """One bench_gemm.Bench (20 calls, 3 warm-up) for every kernel-only timing here: it holds a 512 MiB flush buffer
+    and probes the profiler when made."""
+    return _bench_gemm().Bench(torch, 20, 3)
 
 
 def configs_for(m, n, k, spec):
@@ -111,7 +117,7 @@ def configs_for(m, n, k, spec):
 def clean_l2_us(fn):
     """Kernel-only µs with L2 flushed by a read before each call (clean L2: the call's own DRAM traffic), with
     benchmarks/bench_gemm.py's profiler timer."""
-    return _bench_gemm().Bench(torch, 20, 3).kernel_us(fn, clean=True)[0]
+    return _kernel_timer().kernel_us(fn, clean=True)[0]
 
 
 def sweep(shapes, spec, fresh=False, clean=False):
@@ -160,52 +166,60 @@ def timeline(shapes, spec="auto", runs=5):
     is done (fp8_gemm.cuh). L2 flushed by a read before each launch (clean L2). Prints medians over `runs` of:
     span (first CTA entry -> last CTA done), how late CTAs enter, entry -> first load -> first stage, the time per
     stage in the steady part, last stage -> done, how early CTAs finish, and the share of the span SMs hold a CTA."""
-    import statistics
-    import l2side
     from l2side import fp8_gemm
     fp8_gemm.EXTRA_OPTIONS = tuple(fp8_gemm.EXTRA_OPTIONS) + ("-DL2SIDE_TIMELINE",)
     flush = torch.empty(256 << 20, dtype=torch.int32, device="cuda")
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     real_split_args = fp8_gemm._split_k_args
-    med = statistics.median
-    for (m, n, k), cfg in ((s, c) for s in shapes for c in configs_for(*s, spec)):
-        grid = fp8_gemm.grid_size(m, n, cfg, num_sms)
-        buf = torch.zeros(grid * 64, dtype=torch.int64, device="cuda")
-        fp8_gemm._split_k_args = lambda *args, **kw: fp8_gemm._SPLIT_K_ARGS.pack(buf.data_ptr(), 0, 0, 1)
+    try:
+        for (m, n, k), cfg in ((s, c) for s in shapes for c in configs_for(*s, spec)):
+            _timeline_one(m, n, k, cfg, flush, num_sms, runs)
+    finally:
+        fp8_gemm._split_k_args = real_split_args
         fp8_gemm._launch_cache.clear()
-        a, sa, b, sb = make(m, n, k)
-        out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
-        if cfg.cluster_n > 1:  # (the launch keeps only the clusters that fit at once: the buffer has room for all)
-            grid = fp8_gemm._prepare(a, sa, b, sb, out, m, n, k, cfg, 0, fp8_gemm._raw_stream(0))[0][2]
-            fp8_gemm._launch_cache.clear()
-        stats = []
-        for _ in range(runs + 1):
-            flush.sum(dtype=torch.int64)
-            buf.zero_()
-            l2side.gemm(a, sa, b, sb, out=out, config=cfg)
-            torch.cuda.synchronize()
-            t = buf.view(-1, 64)[:grid].cpu().tolist()
-            t0 = min(r[0] for r in t)
-            span = max(r[5] for r in t) - t0
-            ghz = med([(r[4] - r[1]) / max(1, r[5] - r[0]) for r in t])  # clock64 cycles per ns
-            per_stage = med([med([r[8 + i + 1] - r[8 + i] for i in range(int(r[6]) - 1)]) for r in t if r[6] > 2])
-            stats.append({
-                "span": span, "enter_p50": med([r[0] - t0 for r in t]), "enter_max": max(r[0] - t0 for r in t),
-                "first_load": med([(r[3] - r[1]) / ghz for r in t]), "first_stage": med([(r[8] - r[1]) / ghz for r in t]),
-                "stage": per_stage / ghz, "stages": med([r[6] for r in t]),
-                "tail": med([(r[4] - r[8 + int(r[6]) - 1]) / ghz for r in t]),
-                "done_min": min(r[5] - t0 for r in t), "done_p50": med([r[5] - t0 for r in t]),
-                "busy": sum(r[5] - r[0] for r in t) / (num_sms * span), "ghz": ghz})
-        s = {key: med([x[key] for x in stats[1:]]) for key in stats[0]}
-        print(f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={cfg.block_n} cl={cfg.cluster_n} grid={grid} | span {s['span'] / 1e3:.2f} us | "
-              f"CTAs enter +{s['enter_p50'] / 1e3:.2f} (last +{s['enter_max'] / 1e3:.2f}) us | entry -> first load "
-              f"{s['first_load'] / 1e3:.2f} us -> first stage {s['first_stage'] / 1e3:.2f} us | "
-              f"{s['stages']:.0f} stages at {s['stage']:.0f} ns | last stage -> done {s['tail'] / 1e3:.2f} us | "
-              f"done from {s['done_min'] / 1e3:.2f} (median {s['done_p50'] / 1e3:.2f}) us | SMs hold a CTA "
-              f"{100 * s['busy']:.0f}% of the span | {s['ghz']:.2f} GHz", flush=True)
-    fp8_gemm._split_k_args = real_split_args
-    fp8_gemm._launch_cache.clear()
     return 0
+
+
+def _timeline_one(m, n, k, cfg, flush, num_sms, runs):
+    """timeline() for one shape and config (fp8_gemm._split_k_args is replaced here, restored by the caller)."""
+    import statistics
+    import l2side
+    from l2side import fp8_gemm
+    med = statistics.median
+    grid = fp8_gemm.grid_size(m, n, cfg, num_sms)
+    buf = torch.zeros(grid * 64, dtype=torch.int64, device="cuda")
+    fp8_gemm._split_k_args = lambda *args, **kw: fp8_gemm._SPLIT_K_ARGS.pack(buf.data_ptr(), 0, 0, 1)
+    fp8_gemm._launch_cache.clear()
+    a, sa, b, sb = make(m, n, k)
+    out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+    if cfg.cluster_n > 1:  # (the launch keeps only the clusters that fit at once: the buffer has room for all)
+        grid = fp8_gemm._prepare(a, sa, b, sb, out, m, n, k, cfg, 0, fp8_gemm._raw_stream(0))[0][2]
+        fp8_gemm._launch_cache.clear()
+    stats = []
+    for _ in range(runs + 1):
+        flush.sum(dtype=torch.int64)
+        buf.zero_()
+        l2side.gemm(a, sa, b, sb, out=out, config=cfg)
+        torch.cuda.synchronize()
+        t = buf.view(-1, 64)[:grid].cpu().tolist()
+        t0 = min(r[0] for r in t)
+        span = max(r[5] for r in t) - t0
+        ghz = med([(r[4] - r[1]) / max(1, r[5] - r[0]) for r in t])  # clock64 cycles per ns
+        per_stage = med([med([r[8 + i + 1] - r[8 + i] for i in range(int(r[6]) - 1)]) for r in t if r[6] > 2])
+        stats.append({
+            "span": span, "enter_p50": med([r[0] - t0 for r in t]), "enter_max": max(r[0] - t0 for r in t),
+            "first_load": med([(r[3] - r[1]) / ghz for r in t]), "first_stage": med([(r[8] - r[1]) / ghz for r in t]),
+            "stage": per_stage / ghz, "stages": med([r[6] for r in t]),
+            "tail": med([(r[4] - r[8 + int(r[6]) - 1]) / ghz for r in t]),
+            "done_min": min(r[5] - t0 for r in t), "done_p50": med([r[5] - t0 for r in t]),
+            "busy": sum(r[5] - r[0] for r in t) / (num_sms * span), "ghz": ghz})
+    s = {key: med([x[key] for x in stats[1:]]) for key in stats[0]}
+    print(f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={cfg.block_n} cl={cfg.cluster_n} grid={grid} | "
+          f"span {s['span'] / 1e3:.2f} us | CTAs enter +{s['enter_p50'] / 1e3:.2f} (last +{s['enter_max'] / 1e3:.2f}) us | entry -> first load "
+          f"{s['first_load'] / 1e3:.2f} us -> first stage {s['first_stage'] / 1e3:.2f} us | "
+          f"{s['stages']:.0f} stages at {s['stage']:.0f} ns | last stage -> done {s['tail'] / 1e3:.2f} us | "
+          f"done from {s['done_min'] / 1e3:.2f} (median {s['done_p50'] / 1e3:.2f}) us | SMs hold a CTA "
+          f"{100 * s['busy']:.0f}% of the span | {s['ghz']:.2f} GHz", flush=True)
 
 
 def packed_block_n(m: int) -> int:
@@ -348,10 +362,10 @@ def main():
     args = p.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes else EDGE + DEEPSEEK
     torch.manual_seed(0)
-    if args.sweep and not args.timeline:
-        return sweep(shapes, args.sweep, fresh=args.fresh, clean=args.clean)
     if args.timeline:
         return timeline(shapes, args.sweep or "auto")
+    if args.sweep:
+        return sweep(shapes, args.sweep, fresh=args.fresh, clean=args.clean)
     if args.host:
         return host_parts()
     if args.packed:
