@@ -172,7 +172,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   if (threadIdx.x == 0) {
     timeline[0] = ptx::globaltimer();
     timeline[1] = clock64();
-    timeline[2] = ptx::smid();
+    timeline[2] = sm_id();
   }
 #endif
   if (threadIdx.x == kMathThreads) {
