@@ -486,9 +486,9 @@ _launch_cache: dict = {}   # _launch_key(...) -> the arguments of _native.launch
 _LAUNCH_CACHE_MAX = 4096
 
 
-# struct PackedBArgs (fp8_gemm.cuh): 5 pointers, 4 x u64 SM-side bits, 6 x u32, padded to 8 bytes
-_PACKED_ARGS = struct.Struct("<QQQQQ4Q6I")
-NO_PACKED_B = _PACKED_ARGS.pack(*([0] * 15))
+# struct PackedBArgs (fp8_gemm.cuh): 5 pointers, 4 x u64 SM-side bits, 10 x u32 (no padding)
+_PACKED_ARGS = struct.Struct("<QQQQQ4Q10I")
+NO_PACKED_B = _PACKED_ARGS.pack(*([0] * 19))
 # struct SplitKArgs (fp8_gemm.cuh): partials, counters, tail_first, splits
 _SPLIT_K_ARGS = struct.Struct("<QQII")
 
@@ -507,10 +507,40 @@ def _split_k_args(m: int, n: int, config: GemmConfig, num_sms: int, index: int, 
 
 
 def packed_b_args(base: int, side_mask: int, queue_blocks: int, block_first: int, workspace: int, sm_side,
-                  queue_width: int, queue_len: tuple, n_blocks: int, mode: int, paired: bool) -> bytes:
-    """The PackedBArgs struct the kernel takes by value (sm_side: side of each SM id, -1 for none)."""
+                  queue_width: int, queue_len: tuple, n_blocks: int, mode: int, paired: bool,
+                  ctas: tuple = (0, 0), workers: tuple = (0, 0)) -> bytes:
+    """The PackedBArgs struct the kernel takes by value (sm_side: side of each SM id, -1 for none; ctas and
+    workers per queue from packed_schedule)."""
     return _PACKED_ARGS.pack(base, side_mask, queue_blocks, block_first, workspace, *sm_side_bits(sm_side),
-                             queue_width, queue_len[0], queue_len[1], n_blocks, mode, int(paired))
+                             queue_width, queue_len[0], queue_len[1], n_blocks, mode, int(paired), *ctas, *workers)
+
+
+def packed_schedule(sm_side, num_sms: int, mode: int, queue_len: tuple, m_blocks: int,
+                    compute_bound: bool) -> tuple[tuple, tuple]:
+    """(ctas, workers) per queue of the packed-B kernel's static schedule (PackedBArgs), for a grid of one CTA per
+    SM. ctas[q]: the CTAs side_mode sends to queue q (near: the SMs of side q, far: of the other side, ignore:
+    CTA parity); an empty queue's CTAs go to the other one. workers[q]: how many of them take tiles — all, or
+    when compute-bound the fewest that need the same rounds (as grid_size does for the unpacked kernel)."""
+    side1 = sum(1 for smid, s in enumerate(sm_side) if s == 1 and smid < 256)
+    per_side = (num_sms - side1, side1)
+    if mode == SIDE_MODES["near"]:
+        ctas = per_side
+    elif mode == SIDE_MODES["far"]:
+        ctas = (per_side[1], per_side[0])
+    else:
+        ctas = ((num_sms + 1) // 2, num_sms // 2)
+    if not queue_len[1]:
+        ctas = (num_sms, 0)
+    elif not queue_len[0]:
+        ctas = (0, num_sms)
+    workers = []
+    for q in (0, 1):
+        tiles = queue_len[q] * m_blocks
+        w = max(1, min(ctas[q], tiles)) if ctas[q] else 0
+        if compute_bound and w:
+            w = _ceil_div(tiles, _ceil_div(tiles, w))
+        workers.append(w)
+    return ctas, tuple(workers)
 
 
 def _kmajor_map(t, rows: int, k: int, box_rows: int, kblocks: int) -> bytes:
@@ -549,7 +579,8 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
               .tensor_map(tmap_a).tensor_map(tmap_b).tensor_map(tmap_sa).tensor_map(tmap_d)
               .raw(packed_args or NO_PACKED_B, 8).raw(_split_k_args(m, n, cfg, dev.num_sms, index, stream), 8))
     kernel.check_params(params)
-    grid = grid_size(m, n, cfg, dev.num_sms)
+    # (packed B: one CTA per SM, the static per-side schedule of PackedBArgs decides which of them work)
+    grid = dev.num_sms if cfg.packed_b else grid_size(m, n, cfg, dev.num_sms)
     if cfg.cluster_n > 1:  # only as many clusters as can be resident at once (persistent grid)
         resident = _native.max_active_clusters(kernel.device, kernel.function, cfg.threads, cfg.smem_bytes,
                                                cfg.cluster_n)
@@ -657,10 +688,13 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
         lay = packed.layout
         from .topology import topology
         topo = topology(index)
-        queues = jit.stream_scratch("fp8_gemm.tile_queues", index, stream, 4, torch.int32)
+        queues = jit.stream_scratch("fp8_gemm.rank_claims", index, stream, 32, torch.int32)  # (17 used)
+        ctas, workers = packed_schedule(topo.sm_side, dev.num_sms, SIDE_MODES[side_mode], lengths,
+                                        _ceil_div(m, cfg.block_m),
+                                        m >= COMPUTE_BOUND_M and os.environ.get("L2SIDE_PACKED_BALANCE") != "0")
         args = packed_b_args(packed.base, lay.side_mask if lay.paired else 0, table.data_ptr(),
                              packed.block_first.data_ptr(), queues.data_ptr(), topo.sm_side, width, lengths,
-                             lay.n_blocks, SIDE_MODES[side_mode], lay.paired)
+                             lay.n_blocks, SIDE_MODES[side_mode], lay.paired, ctas, workers)
         return _prepare(a, a_scales, None, packed.scales, out, m, n, k, cfg, index, stream, packed_args=args)
 
     _launch_cached(key, prepare, stream)

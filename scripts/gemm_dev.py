@@ -229,12 +229,14 @@ def packed_block_n(m: int) -> int:
     return 64 if m < fp8_gemm.COMPUTE_BOUND_M else 128
 
 
-def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0):
+def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides=""):
     """Per shape (block_n 0: packed_block_n(M)): the unpacked kernel with the packed kernel's blocks, then the
     packed one in each side mode, then the same tiles packed contiguously ('plain': no side purity) (outputs
     compared bitwise with the unpacked one's), then cuBLAS; times with CUDA events, L2 flushed.
     energy_seconds > 0: also mJ per GEMM from NVML (steady power over back-to-back calls, without flushes,
-    x time per back-to-back call), variants alternating over two rounds."""
+    x time per back-to-back call), variants alternating over two rounds.
+    overrides ('field=value,...', e.g. 'double_acc=1,group_m=16'): changes to the blocks of both the packed calls
+    (packed_config's choice) and the unpacked one."""
     import l2side
     from l2side import fp8_gemm
     flush = torch.empty(256 << 20 if timed else 1, dtype=torch.int32, device="cuda")
@@ -253,21 +255,27 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0):
         base = fp8_gemm.gemm_config(m, n, k)
         cfg = fp8_gemm.GemmConfig(base.block_m, bn, fp8_gemm.max_stages(base.block_m, bn, n % 8 == 0),
                                   tma_store=n % 8 == 0)
+        packed_cfg = None
+        if overrides:
+            changes = {f: int(v) for f, v in (kv.split("=") for kv in overrides.split(","))}
+            cfg = dataclasses.replace(cfg, **changes)
+            packed_cfg = dataclasses.replace(fp8_gemm.packed_config(m, n, k, bn), **changes)
         ref_out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
         l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg)
         d = diff(ref_out, reference(a, sa, b, sb))
         calls = {"unpacked": lambda: l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg)}
         t_ref = clock(calls["unpacked"], flush)
-        line = f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={bn} {packed.kind:5s} diff={d:.1e} | unpacked {t_ref:7.1f} us"
+        line = f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={bn} da={int(cfg.double_acc)} {packed.kind:5s} diff={d:.1e} | unpacked {t_ref:7.1f} us"
         # "plain": the same tiles packed contiguously (chunk i = i, both sides): the chunk pattern without side purity
         plain = l2side.pack_b(b, sb, block_n=bn, layout="plain")
         for name, weight, mode in (("near", packed, "near"), ("ignore", packed, "ignore"), ("far", packed, "far"),
                                    ("plain", plain, "ignore")):
             out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-            l2side.gemm(a, sa, weight, out=out, side_mode=mode)
+            l2side.gemm(a, sa, weight, out=out, side_mode=mode, config=packed_cfg)
             same = torch.equal(out, ref_out)
             bad += not same
-            calls[name] = lambda out=out, weight=weight, mode=mode: l2side.gemm(a, sa, weight, out=out, side_mode=mode)
+            calls[name] = lambda out=out, weight=weight, mode=mode: l2side.gemm(a, sa, weight, out=out, side_mode=mode,
+                                                                                config=packed_cfg)
             t = clock(calls[name], flush)
             line += f" | {name} {t:7.1f} us {2 * m * n * k / t / 1e6:6.0f} TF{'' if same else ' MISMATCH'}"
         f = cublas_fn(a, sa, b, sb) if timed else None
@@ -347,6 +355,8 @@ def main():
     p.add_argument("--packed", default="", metavar="BLOCK_N",
                    help="side-aware packed B (l2side.pack_b) ablation: near / ignore / far vs unpacked and cuBLAS; "
                         "BLOCK_N a multiple of 32, or 'auto' (64 at M < 512, else 128)")
+    p.add_argument("--packed-set", default="", metavar="FIELD=V,...",
+                   help="with --packed: config fields changed for the packed calls and the unpacked one (e.g. double_acc=1)")
     p.add_argument("--energy", type=float, default=0.0, metavar="SECONDS",
                    help="with --packed: also NVML energy per GEMM, this many seconds of counter window per variant")
     p.add_argument("--sweep", default="", help="BM,BN[,CLUSTER[,DOUBLE_ACC[,GROUP_M[,STAGES[,SPLIT_K[,TAIL_SPLIT]]]]]];... : time each config on each "
@@ -370,7 +380,7 @@ def main():
         return host_parts()
     if args.packed:
         return packed_ablation(shapes, 0 if args.packed == "auto" else int(args.packed), timed=not args.no_time,
-                               energy_seconds=args.energy)
+                               energy_seconds=args.energy, overrides=args.packed_set)
     flush = torch.empty(256 << 20, dtype=torch.int32, device="cuda")
     # compile every kernel in parallel first (nvcc takes seconds per kernel)
     from concurrent.futures import ThreadPoolExecutor

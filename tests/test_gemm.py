@@ -760,12 +760,73 @@ def test_packed_queues_put_every_block_in_exactly_one_queue():
 
 @needs_module
 def test_packed_args_struct_matches_the_kernel_layout():
-    blob = fp8_gemm.packed_b_args(1, 2, 3, 4, 5, [0, 1, -1, 1] + [0] * 60 + [1], 7, (8, 9), 10, 1, True)
-    assert len(blob) == 96
-    words = __import__("struct").unpack("<QQQQQ4Q6I", blob)
+    blob = fp8_gemm.packed_b_args(1, 2, 3, 4, 5, [0, 1, -1, 1] + [0] * 60 + [1], 7, (8, 9), 10, 1, True,
+                                  (11, 12), (13, 14))
+    assert len(blob) == 112
+    words = __import__("struct").unpack("<QQQQQ4Q10I", blob)
     assert words[:5] == (1, 2, 3, 4, 5)
     assert words[5] == (1 << 1) | (1 << 3) and words[6] == 1 << 0  # SM 64 is bit 0 of the second word
-    assert words[9:] == (7, 8, 9, 10, 1, 1)
+    assert words[9:] == (7, 8, 9, 10, 1, 1, 11, 12, 13, 14)
+
+
+def _kernel_ranks(sms, sm_side, mode, ctas):
+    """The packed kernel's start (fp8_gemm.cuh, producer), CTA by CTA in start order; sms[i]: the SM CTA i runs
+    on. Returns the (queue, rank) pairs each CTA runs. Side ignored, or one queue: by blockIdx. Near / far: the
+    SM's rank among its side's SMs, claimed; if taken, that rank again plus the first free rank of its queue,
+    else of the other."""
+    claimed, out = set(), []
+    one_queue = 0 in ctas
+    for cta, sm in enumerate(sms):
+        if one_queue or mode == 1:
+            queue = (1 if ctas[0] == 0 else 0) if one_queue else cta & 1
+            out.append([(queue, cta if one_queue else cta >> 1)])
+            continue
+        side = sm_side[sm]
+        queue = side if mode == 0 else side ^ 1
+        rank = sum(1 for j in range(sm) if sm_side[j] == side)
+        runs = [(queue, rank)]
+        if rank < ctas[queue] and (queue, rank) not in claimed:
+            claimed.add((queue, rank))
+        else:
+            for q in (queue, queue ^ 1):
+                free = [r for r in range(ctas[q]) if (q, r) not in claimed]
+                if free:
+                    claimed.add((q, free[0]))
+                    runs.append((q, free[0]))
+                    break
+        out.append(runs)
+    return out
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("lengths,m_blocks,bound", [((28, 28), 32, True), ((9, 8), 1, False), ((17, 0), 3, False),
+                                                    ((0, 5), 2, True), ((96, 96), 1, False), ((3, 2), 32, True)])
+def test_packed_schedule_covers_every_tile(mode, lengths, m_blocks, bound):
+    import random
+    rng = random.Random(mode * 100 + m_blocks)
+    sm_side = [s for s in (0, 1) for _ in range(66)]
+    rng.shuffle(sm_side)
+    ctas, workers = fp8_gemm.packed_schedule(sm_side, 132, mode, lengths, m_blocks, bound)
+    assert sum(ctas) == 132 and all(w <= c for w, c in zip(workers, ctas))
+    for q in (0, 1):
+        tiles = lengths[q] * m_blocks
+        assert (workers[q] > 0) == (tiles > 0)
+        if bound and tiles:  # the fewest workers with the same number of rounds
+            assert -(-tiles // workers[q]) == -(-tiles // min(ctas[q], tiles))
+    one_per_sm = list(range(132))
+    rng.shuffle(one_per_sm)
+    # one CTA per SM (the usual case: every tile once), then CTAs piled onto a few SMs (beside another kernel:
+    # every tile at least once)
+    for sms in (one_per_sm, [i % 40 for i in range(132)], rng.choices(range(132), k=132)):
+        count = {}
+        for runs in _kernel_ranks(sms, sm_side, mode, ctas):
+            for queue, rank in runs:
+                for t in range(rank, lengths[queue] * m_blocks if rank < workers[queue] else 0, workers[queue] or 1):
+                    count[(queue, t)] = count.get((queue, t), 0) + 1
+        for q in (0, 1):
+            for t in range(lengths[q] * m_blocks):
+                assert count.get((q, t), 0) >= 1
+                assert sms is not one_per_sm or count[(q, t)] == 1
 
 
 PACKED_SHAPES = [(129, 200, 272), (64, 7168, 2048), (128, 2112, 7168), (300, 1000, 4112), (1, 16, 16)]

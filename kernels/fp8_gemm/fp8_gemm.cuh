@@ -31,6 +31,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "fp8_gemm/ptx.cuh"
 #include "fp8_gemm/scheduler.cuh"
@@ -79,19 +80,47 @@ struct SmemLayout {
 };
 
 // Side-aware packed B (l2side.pack_b): B tiles stored as their swizzled shared-memory image in 4 KiB chunks,
-// every chunk of an N-block on the N-block's L2 side. Tiles are handed out by two queues (one per side) of
-// (N-block, M-block) pairs; a CTA takes from the queue of its SM's side, then helps the other one.
+// every chunk of an N-block on the N-block's L2 side. Two queues (one per side) of (M-block, N-block) tiles in
+// the grouped raster; the grid has one CTA per SM, and the CTAs of a queue take its tiles by static round robin
+// over their ranks in it: rank r takes tiles r, r + workers[q], ... (workers < ctas: the same rounds on fewer
+// SMs). Near / far: a CTA's queue is its SM's side (or the other) and its rank the SM's rank among its side's
+// SMs, claimed in a mask; should it be taken (CTAs not spread one per SM, e.g. beside another kernel), the CTA
+// takes the first free rank of either queue, so every rank runs once (the grid is ctas[0] + ctas[1]). Side
+// ignored: queue and rank by blockIdx (CTA parity). A dynamic queue (an atomic per tile) measured 16-25% slower
+// at M = 4096 (H200, docs/perf-notes.md session 9), even with the claim issued a tile ahead.
+// workspace: [2][8] claim masks (bit r of queue q: rank r taken; up to 256 ranks), then the CTAs-done counter
+constexpr uint32_t kPackedClaimWords = 16;
 struct PackedBArgs {
   const uint8_t* base;            // the side-aware buffer (8 KiB-aligned: chunk pairs 2i, 2i+1 in one 8 KiB)
   uint64_t side_mask;             // side(addr) = popc(addr & side_mask) & 1
   const int32_t* queue_blocks;    // [2][queue_width]: the N-blocks of each queue, in order
   const int32_t* block_first;     // [2][n_blocks]: side-s sequence index of each N-block's first chunk (-1: none)
-  uint32_t* workspace;            // [0], [1]: next tile of each queue; [2]: CTAs done (the last re-zeroes)
+  uint32_t* workspace;            // kPackedClaimWords claim masks, CTAs done (the last re-zeroes all)
   uint64_t sm_side_bits[4];       // bit i: side of SM i
   uint32_t queue_width, queue_len0, queue_len1, n_blocks;
-  uint32_t mode;                  // 0: near (own side's queue first), 1: side ignored (CTA parity), 2: far
+  uint32_t mode;                  // 0: near (own side's queue), 1: side ignored (CTA parity), 2: far
   uint32_t paired;                // 1: side-aware chunk pairs; 0: plain layout (chunk i = i)
+  uint32_t ctas[2];               // CTAs expected in each queue (the SMs the mode sends to it)
+  uint32_t workers[2];            // ranks of each queue that take tiles (<= ctas)
 };
+
+// The rank of this SM among the SMs of its side (SM ids below it with the same side), from the probe's table.
+__device__ __forceinline__ uint32_t sm_rank_in_side(const uint64_t (&bits)[4], uint32_t side) {
+  const uint32_t id = sm_id();
+  uint32_t below1 = 0;  // side-1 SMs below this one
+#pragma unroll
+  for (uint32_t w = 0; w < 4; ++w) {
+    const uint64_t below = id >= 64 * (w + 1) ? ~0ull : id > 64 * w ? (1ull << (id - 64 * w)) - 1 : 0ull;
+    below1 += __popcll(bits[w] & below);
+  }
+  return side ? below1 : id - below1;
+}
+
+// Takes rank r of queue q in the claim masks; false if another CTA holds it.
+__device__ __forceinline__ bool claim_rank(uint32_t* workspace, uint32_t q, uint32_t r) {
+  const uint32_t bit = 1u << (r % 32);
+  return r < 256 && !(atomicOr(workspace + q * 8 + r / 32, bit) & bit);
+}
 
 // Split workspace (kMaxSplit > 1): for the split tiles (scheduler order, from tail_first on) partials
 // [tile - tail_first][math warpgroups][splits][64 x BLOCK_N fp32, in the accumulator fragment order: float4 i
@@ -209,15 +238,31 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
     ptx::setmaxnreg_dec<kProducerRegisters<BLOCK_M / 64, kPackedB>>();
 #endif
     if (threadIdx.x == kMathThreads) {
-      uint32_t stage = 0, phase = 0;
-      // packed B: the side queues, and the ring that tells the math warpgroups which tile comes next
-      uint32_t queue = 0, ring = 0, ring_phase = 0, first_chunk = 0;
-      bool helping = false;
+      // packed B: this CTA's queue and rank in it (PackedBArgs)
+      uint32_t queue = 0, rank = 0;
+      bool ranked = true;  // false: the rank must be claimed (the SM's own rank was taken)
       const uint32_t num_m_blocks = ceil_div(shape_m, BLOCK_M);
       if constexpr (kPackedB) {
-        const uint32_t my_side = sm_side(packed.sm_side_bits);
-        queue = packed.mode == 0 ? my_side : packed.mode == 2 ? my_side ^ 1u : (blockIdx.x & 1u);
+        const bool one_queue = packed.ctas[0] == 0 || packed.ctas[1] == 0;
+        if (one_queue || packed.mode == 1) {  // ranks by blockIdx: unique, nothing to claim
+          queue = one_queue ? (packed.ctas[0] == 0 ? 1u : 0u) : (blockIdx.x & 1u);
+          rank = one_queue ? blockIdx.x : blockIdx.x >> 1;
+        } else {  // the SM's rank among its side's SMs, taken in the claim masks
+          const uint32_t my_side = sm_side(packed.sm_side_bits);
+          queue = packed.mode == 0 ? my_side : my_side ^ 1u;
+          rank = sm_rank_in_side(packed.sm_side_bits, my_side);
+          ranked = rank < packed.ctas[queue] && claim_rank(packed.workspace, queue, rank);
+        }
       }
+      // (queue and rank by value: with the SM's own rank they are known warp-uniform, and ptxas keeps the whole
+      // loop on the uniform datapath; a claimed rank is per-thread to it, and every TMA and bulk copy of the loop
+      // that depends on it becomes an R2UR waterfall loop, too slow for the producer to keep up with the math:
+      // H200 4096 x 7168 x 16384, ~1070 vs ~870 us)
+      // the pipeline's position: stage ring, and (packed B) the tile ring that tells the math warpgroups the next tile
+      struct Position { uint32_t stage, phase, ring, ring_phase; };
+      auto produce = [&](auto claimed, const uint32_t queue, const uint32_t rank, Position at) {
+      uint32_t stage = at.stage, phase = at.phase, ring = at.ring, ring_phase = at.ring_phase;
+      uint32_t round = 0, first_chunk = 0, m_block, n_block;
       auto publish = [&](uint32_t m, uint32_t n) {
         ptx::mbar_wait(tile_empty + ring, ring_phase ^ 1);
         tile_slots[2 * ring] = m;
@@ -229,28 +274,23 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         if constexpr (!kPackedB) {
           return scheduler.next(m, n, tile, split, n_splits);
         } else {
-          while (true) {
-            const uint32_t len = queue == 0 ? packed.queue_len0 : packed.queue_len1;
-            const uint32_t t = atomicAdd(packed.workspace + queue, 1u);
-            if (t < len * num_m_blocks) {
-              // the grouped raster of GroupedScheduler over (M-block, queue position): groups of kGroupM
-              // M-blocks, M-block fastest, so the tiles in flight share a few A and B panels in L2
-              const uint32_t group_m = kGroupM == 0 ? num_m_blocks : kGroupM;
-              const uint32_t group = t / (group_m * len);
-              const uint32_t first_m = group * group_m;
-              const uint32_t width = min(group_m, num_m_blocks - first_m);
-              const uint32_t in_group = t - group * group_m * len;
-              m = first_m + in_group % width;
-              const uint32_t j = in_group / width;
-              n = static_cast<uint32_t>(packed.queue_blocks[queue * packed.queue_width + j]);
-              first_chunk = static_cast<uint32_t>(packed.block_first[queue * packed.n_blocks + n]);
-              publish(m, n);
-              return true;
-            }
-            if (helping) return false;
-            helping = true;  // this queue is drained: help the other side's
-            queue ^= 1u;
-          }
+          const uint32_t len = queue == 0 ? packed.queue_len0 : packed.queue_len1;
+          const uint32_t workers = packed.workers[queue];
+          const uint32_t t = rank + round++ * workers;
+          if (rank >= workers || t >= len * num_m_blocks) return false;
+          // the grouped raster of GroupedScheduler over (M-block, queue position): groups of kGroupM M-blocks,
+          // M-block fastest, so the tiles in flight share a few A and B panels in L2
+          const uint32_t group_m = kGroupM == 0 ? num_m_blocks : kGroupM;
+          const uint32_t group = t / (group_m * len);
+          const uint32_t first_m = group * group_m;
+          const uint32_t width = min(group_m, num_m_blocks - first_m);
+          const uint32_t in_group = t - group * group_m * len;
+          m = first_m + in_group % width;
+          const uint32_t j = in_group / width;
+          n = static_cast<uint32_t>(packed.queue_blocks[queue * packed.queue_width + j]);
+          first_chunk = static_cast<uint32_t>(packed.block_first[queue * packed.n_blocks + n]);
+          publish(m, n);
+          return true;
         }
       };
       while (next_tile(m_block, n_block)) {
@@ -301,13 +341,50 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           if (++stage == kStages) { stage = 0; phase ^= 1; }
         }
       }
+      };
+      // where the pipeline stands after `tiles` more tiles from `at` (a count, not the loop's variables: a value
+      // flowing from the per-thread loop below into the uniform one above made ptxas give both vector registers)
+      auto after = [&](Position at, uint32_t tiles) {
+        const uint32_t stages = at.phase * kStages + at.stage + tiles * ceil_div(kb_end() - kb_begin(), kStageKBlocks);
+        const uint32_t rings = at.ring_phase * 2 + at.ring + tiles;
+        return Position{stages % kStages, (stages / kStages) & 1u, rings % 2, (rings / 2) & 1u};
+      };
+      auto tiles_of = [&](uint32_t queue, uint32_t rank) {  // how many tiles produce(queue, rank) runs
+        const uint32_t tiles = (queue == 0 ? packed.queue_len0 : packed.queue_len1) * num_m_blocks;
+        const uint32_t workers = packed.workers[queue];
+        return rank < workers && rank < tiles ? (tiles - rank + workers - 1) / workers : 0u;
+      };
+      // (the SM's rank always, even when the claim failed: the loop under a branch on the claim's result was
+      // per-thread to ptxas)
+      produce(std::false_type{}, queue, rank, Position{0, 0, 0, 0});
+      Position at = after(Position{0, 0, 0, 0}, tiles_of(queue, rank));
+      if (!ranked) {
+        // another CTA ran on this SM already (CTAs not one per SM): the rank above ran twice (the same values
+        // stored twice), and this CTA also runs the first free rank of either queue, so that every rank runs
+        // (the queue argument is `queue` or `queue ^ 1` as written, never a value chosen by the claims: with one,
+        // ptxas made the first loop per-thread too)
+        auto first_free = [&](uint32_t q) {
+          uint32_t r = 0;
+          while (r < packed.ctas[q] && !claim_rank(packed.workspace, q, r)) ++r;
+          return r;
+        };
+        uint32_t r = first_free(queue);
+        if (r < packed.ctas[queue]) {
+          produce(std::true_type{}, queue, r, at);
+          at = after(at, tiles_of(queue, r));
+        } else {
+          r = first_free(queue ^ 1u);
+          produce(std::true_type{}, queue ^ 1u, r, at);
+          at = after(at, tiles_of(queue ^ 1u, r));
+        }
+      }
       if constexpr (kPackedB) {
-        publish(0xFFFFFFFFu, 0);  // no more tiles
-        // the last CTA to finish fetching re-zeroes the queues for the next launch
-        if (atomicAdd(packed.workspace + 2, 1u) == gridDim.x - 1) {
-          packed.workspace[0] = 0;
-          packed.workspace[1] = 0;
-          packed.workspace[2] = 0;
+        ptx::mbar_wait(tile_empty + at.ring, at.ring_phase ^ 1);  // no more tiles
+        tile_slots[2 * at.ring] = 0xFFFFFFFFu;
+        ptx::mbar_arrive(tile_full + at.ring);
+        // the last CTA to finish fetching re-zeroes the claim masks for the next launch
+        if (atomicAdd(packed.workspace + kPackedClaimWords, 1u) == gridDim.x - 1) {
+          for (uint32_t i = 0; i <= kPackedClaimWords; ++i) packed.workspace[i] = 0;
           __threadfence();
         }
       }
