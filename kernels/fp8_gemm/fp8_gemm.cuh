@@ -254,93 +254,96 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           ranked = rank < packed.ctas[queue] && claim_rank(packed.workspace, queue, rank);
         }
       }
-      // (queue and rank by value: with the SM's own rank they are known warp-uniform, and ptxas keeps the whole
-      // loop on the uniform datapath; a claimed rank is per-thread to it, and every TMA and bulk copy of the loop
-      // that depends on it becomes an R2UR waterfall loop, too slow for the producer to keep up with the math:
-      // H200 4096 x 7168 x 16384, ~1070 vs ~870 us)
-      // the pipeline's position: stage ring, and (packed B) the tile ring that tells the math warpgroups the next tile
-      struct Position { uint32_t stage, phase, ring, ring_phase; };
+      // The producer's tile loop for (queue, rank) from pipeline position `at`. queue and rank by value: with the
+      // SM's own rank they are warp-uniform to ptxas, which keeps the loop on the uniform datapath; a claimed
+      // rank is per-thread to it, and every TMA and bulk copy that depends on it becomes an R2UR waterfall loop,
+      // too slow for the single producer thread to keep up with the math (H200 4096 x 7168 x 16384: ~1070 vs
+      // ~860 us). `claimed` (std::false_type / true_type) makes the two calls below two copies of the loop.
+      struct Position { uint32_t stage, phase, ring, ring_phase; };  // stage ring; packed B: the tile ring
       auto produce = [&](auto claimed, const uint32_t queue, const uint32_t rank, Position at) {
-      uint32_t stage = at.stage, phase = at.phase, ring = at.ring, ring_phase = at.ring_phase;
-      uint32_t round = 0, first_chunk = 0, m_block, n_block;
-      auto publish = [&](uint32_t m, uint32_t n) {
-        ptx::mbar_wait(tile_empty + ring, ring_phase ^ 1);
-        tile_slots[2 * ring] = m;
-        tile_slots[2 * ring + 1] = n;
-        ptx::mbar_arrive(tile_full + ring);  // (release: the slot's writes are seen by whoever waits)
-        if (++ring == 2) { ring = 0; ring_phase ^= 1; }
-      };
-      auto next_tile = [&](uint32_t& m, uint32_t& n) -> bool {
-        if constexpr (!kPackedB) {
-          return scheduler.next(m, n, tile, split, n_splits);
-        } else {
-          const uint32_t len = queue == 0 ? packed.queue_len0 : packed.queue_len1;
-          const uint32_t workers = packed.workers[queue];
-          const uint32_t t = rank + round++ * workers;
-          if (rank >= workers || t >= len * num_m_blocks) return false;
-          // the grouped raster of GroupedScheduler over (M-block, queue position): groups of kGroupM M-blocks,
-          // M-block fastest, so the tiles in flight share a few A and B panels in L2
-          const uint32_t group_m = kGroupM == 0 ? num_m_blocks : kGroupM;
-          const uint32_t group = t / (group_m * len);
-          const uint32_t first_m = group * group_m;
-          const uint32_t width = min(group_m, num_m_blocks - first_m);
-          const uint32_t in_group = t - group * group_m * len;
-          m = first_m + in_group % width;
-          const uint32_t j = in_group / width;
-          n = static_cast<uint32_t>(packed.queue_blocks[queue * packed.queue_width + j]);
-          first_chunk = static_cast<uint32_t>(packed.block_first[queue * packed.n_blocks + n]);
-          publish(m, n);
-          return true;
-        }
-      };
-      while (next_tile(m_block, n_block)) {
-        const int32_t m0 = static_cast<int32_t>(m_block * BLOCK_M), n0 = static_cast<int32_t>(n_block * BLOCK_N);
+        uint32_t stage = at.stage, phase = at.phase, ring = at.ring, ring_phase = at.ring_phase;
+        [[maybe_unused]] uint32_t round = 0, first_chunk = 0;  // (packed B)
+        uint32_t m_block, n_block;
+        auto publish = [&](uint32_t m, uint32_t n) {
+          ptx::mbar_wait(tile_empty + ring, ring_phase ^ 1);
+          tile_slots[2 * ring] = m;
+          tile_slots[2 * ring + 1] = n;
+          ptx::mbar_arrive(tile_full + ring);  // (release: the slot's writes are seen by whoever waits)
+          if (++ring == 2) { ring = 0; ring_phase ^= 1; }
+        };
+        auto next_tile = [&](uint32_t& m, uint32_t& n) -> bool {
+          if constexpr (!kPackedB) {
+            return scheduler.next(m, n, tile, split, n_splits);
+          } else {
+            const uint32_t len = queue == 0 ? packed.queue_len0 : packed.queue_len1;
+            const uint32_t workers = packed.workers[queue];
+            const uint32_t t = rank + round++ * workers;
+            if (rank >= workers || t >= len * num_m_blocks) return false;
+            // the grouped raster of GroupedScheduler over (M-block, queue position): groups of kGroupM M-blocks,
+            // M-block fastest, so the tiles in flight share a few A and B panels in L2
+            const uint32_t group_m = kGroupM == 0 ? num_m_blocks : kGroupM;
+            const uint32_t group = t / (group_m * len);
+            const uint32_t first_m = group * group_m;
+            const uint32_t width = min(group_m, num_m_blocks - first_m);
+            const uint32_t in_group = t - group * group_m * len;
+            m = first_m + in_group % width;
+            const uint32_t j = in_group / width;
+            n = static_cast<uint32_t>(packed.queue_blocks[queue * packed.queue_width + j]);
+            first_chunk = static_cast<uint32_t>(packed.block_first[queue * packed.n_blocks + n]);
+            publish(m, n);
+            return true;
+          }
+        };
+        while (next_tile(m_block, n_block)) {
+          [[maybe_unused]] const int32_t m0 = static_cast<int32_t>(m_block * BLOCK_M),
+                                         n0 = static_cast<int32_t>(n_block * BLOCK_N);
 #pragma unroll 1
-        for (uint32_t kb = kb_begin(), end = kb_end(); kb < end; kb += kStageKBlocks) {
-          ptx::mbar_wait(empty + stage, phase ^ 1);  // first pass: the "previous" phase counts as done
-          uint64_t* bar = full + stage;
-          ptx::mbar_arrive_expect_tx(bar, Smem::kTxBytes);  // (K blocks past K arrive zero-filled: counted too)
+          for (uint32_t kb = kb_begin(), end = kb_end(); kb < end; kb += kStageKBlocks) {
+            ptx::mbar_wait(empty + stage, phase ^ 1);  // first pass: the "previous" phase counts as done
+            uint64_t* bar = full + stage;
+            ptx::mbar_arrive_expect_tx(bar, Smem::kTxBytes);  // (K blocks past K arrive zero-filled: counted too)
 #ifdef L2SIDE_TIMELINE
-          if (timeline_n++ == 0) timeline[3] = clock64();
+            if (timeline_n++ == 0) timeline[3] = clock64();
 #endif
-          const int32_t k0 = static_cast<int32_t>(kb * BLOCK_K);
-          if constexpr (kStageKBlocks > 1) {  // ([rows][K / 128][128] views: box 128 x rows x kStageKBlocks)
-            const int32_t kb0 = static_cast<int32_t>(kb);
-            ptx::tma_load_3d(smem + Smem::kA + stage * Smem::kAStage, &tmap_a, bar, 0, m0, kb0);
-            ptx::tma_load_2d(smem + Smem::kSa + stage * Smem::kSaStage, &tmap_sa, bar, m0, kb0);
-            ptx::tma_load_3d(smem + Smem::kB + stage * Smem::kBStage, &tmap_b, bar, 0, n0, kb0);
-            if (++stage == kStages) { stage = 0; phase ^= 1; }
-            continue;
-          }
-          if constexpr (kClusterN > 1) {
-            // this CTA's share of the A tile, written into every CTA's stage (and counted on every barrier)
-            constexpr uint32_t kShare = BLOCK_M / kClusterN;
-            ptx::tma_load_2d_multicast(smem + Smem::kA + stage * Smem::kAStage + cta_rank * kShare * BLOCK_K, &tmap_a,
-                                       bar, k0, m0 + static_cast<int32_t>(cta_rank * kShare),
-                                       static_cast<uint16_t>((1u << kClusterN) - 1));
-          } else {
-            ptx::tma_load_2d(smem + Smem::kA + stage * Smem::kAStage, &tmap_a, bar, k0, m0);
-          }
-          ptx::tma_load_2d(smem + Smem::kSa + stage * Smem::kSaStage, &tmap_sa, bar, m0, static_cast<int32_t>(kb));
-          if constexpr (kPackedB) {
-            // the tile's chunks: side-`queue` sequence indices first_chunk + kb * cpt + p (one AND + POPC each)
-#pragma unroll
-            for (uint32_t p = 0; p < kChunksPerTile; ++p) {
-              const uint64_t i = first_chunk + kb * kChunksPerTile + p;
-              uint64_t chunk = i;
-              if (packed.paired) {
-                const uint64_t even = 2 * i;
-                const uint64_t addr = reinterpret_cast<uint64_t>(packed.base) + even * 4096;
-                chunk = even + ((__popcll(addr & packed.side_mask) & 1u) ^ queue);
-              }
-              ptx::bulk_load(smem + Smem::kB + stage * Smem::kBStage + p * 4096, packed.base + chunk * 4096, 4096, bar);
+            const int32_t k0 = static_cast<int32_t>(kb * BLOCK_K);
+            if constexpr (kStageKBlocks > 1) {  // ([rows][K / 128][128] views: box 128 x rows x kStageKBlocks)
+              const int32_t kb0 = static_cast<int32_t>(kb);
+              ptx::tma_load_3d(smem + Smem::kA + stage * Smem::kAStage, &tmap_a, bar, 0, m0, kb0);
+              ptx::tma_load_2d(smem + Smem::kSa + stage * Smem::kSaStage, &tmap_sa, bar, m0, kb0);
+              ptx::tma_load_3d(smem + Smem::kB + stage * Smem::kBStage, &tmap_b, bar, 0, n0, kb0);
+              if (++stage == kStages) { stage = 0; phase ^= 1; }
+              continue;
             }
-          } else {
-            ptx::tma_load_2d(smem + Smem::kB + stage * Smem::kBStage, &tmap_b, bar, k0, n0);
+            if constexpr (kClusterN > 1) {
+              // this CTA's share of the A tile, written into every CTA's stage (and counted on every barrier)
+              constexpr uint32_t kShare = BLOCK_M / kClusterN;
+              ptx::tma_load_2d_multicast(smem + Smem::kA + stage * Smem::kAStage + cta_rank * kShare * BLOCK_K, &tmap_a,
+                                         bar, k0, m0 + static_cast<int32_t>(cta_rank * kShare),
+                                         static_cast<uint16_t>((1u << kClusterN) - 1));
+            } else {
+              ptx::tma_load_2d(smem + Smem::kA + stage * Smem::kAStage, &tmap_a, bar, k0, m0);
+            }
+            ptx::tma_load_2d(smem + Smem::kSa + stage * Smem::kSaStage, &tmap_sa, bar, m0, static_cast<int32_t>(kb));
+            if constexpr (kPackedB) {
+              // the tile's chunks: side-`queue` sequence indices first_chunk + kb * cpt + p (one AND + POPC each)
+#pragma unroll
+              for (uint32_t p = 0; p < kChunksPerTile; ++p) {
+                const uint64_t i = first_chunk + kb * kChunksPerTile + p;
+                uint64_t chunk = i;
+                if (packed.paired) {
+                  const uint64_t even = 2 * i;
+                  const uint64_t addr = reinterpret_cast<uint64_t>(packed.base) + even * 4096;
+                  chunk = even + ((__popcll(addr & packed.side_mask) & 1u) ^ queue);
+                }
+                ptx::bulk_load(smem + Smem::kB + stage * Smem::kBStage + p * 4096, packed.base + chunk * 4096, 4096,
+                               bar);
+              }
+            } else {
+              ptx::tma_load_2d(smem + Smem::kB + stage * Smem::kBStage, &tmap_b, bar, k0, n0);
+            }
+            if (++stage == kStages) { stage = 0; phase ^= 1; }
           }
-          if (++stage == kStages) { stage = 0; phase ^= 1; }
         }
-      }
       };
       // where the pipeline stands after `tiles` more tiles from `at` (a count, not the loop's variables: a value
       // flowing from the per-thread loop below into the uniform one above made ptxas give both vector registers)
