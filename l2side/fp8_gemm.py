@@ -486,9 +486,9 @@ _launch_cache: dict = {}   # _launch_key(...) -> the arguments of _native.launch
 _LAUNCH_CACHE_MAX = 4096
 
 
-# struct PackedBArgs (fp8_gemm.cuh): 5 pointers, 4 x u64 SM-side bits, 10 x u32 (no padding)
-_PACKED_ARGS = struct.Struct("<QQQQQ4Q10I")
-NO_PACKED_B = _PACKED_ARGS.pack(*([0] * 19))
+# struct PackedBArgs (fp8_gemm.cuh): 5 pointers, 2 x 4 x u64 SM bits (side 1, side 0), 10 x u32 (no padding)
+_PACKED_ARGS = struct.Struct("<QQQQQ4Q4Q10I")
+NO_PACKED_B = _PACKED_ARGS.pack(*([0] * 23))
 # struct SplitKArgs (fp8_gemm.cuh): partials, counters, tail_first, splits
 _SPLIT_K_ARGS = struct.Struct("<QQII")
 
@@ -511,24 +511,28 @@ def packed_b_args(base: int, side_mask: int, queue_blocks: int, block_first: int
                   ctas: tuple = (0, 0), workers: tuple = (0, 0)) -> bytes:
     """The PackedBArgs struct the kernel takes by value (sm_side: side of each SM id, -1 for none; ctas and
     workers per queue from packed_schedule)."""
-    return _PACKED_ARGS.pack(base, side_mask, queue_blocks, block_first, workspace, *sm_side_bits(sm_side),
+    side0 = sm_side_bits([1 if side == 0 else 0 for side in sm_side])
+    return _PACKED_ARGS.pack(base, side_mask, queue_blocks, block_first, workspace, *sm_side_bits(sm_side), *side0,
                              queue_width, queue_len[0], queue_len[1], n_blocks, mode, int(paired), *ctas, *workers)
 
 
 def packed_schedule(sm_side, num_sms: int, mode: int, queue_len: tuple, m_blocks: int,
-                    compute_bound: bool) -> tuple[tuple, tuple]:
-    """(ctas, workers) per queue of the packed-B kernel's static schedule (PackedBArgs), for a grid of one CTA per
-    SM. ctas[q]: the CTAs side_mode sends to queue q (near: the SMs of side q, far: of the other side, ignore:
-    CTA parity); an empty queue's CTAs go to the other one. workers[q]: how many of them take tiles — all, or
-    when compute-bound the fewest that need the same rounds (as grid_size does for the unpacked kernel)."""
+                    compute_bound: bool) -> tuple[int, tuple, tuple]:
+    """(mode, ctas, workers) of the packed-B kernel's static schedule (PackedBArgs), for a grid of one CTA per SM.
+    ctas[q]: the CTAs side_mode sends to queue q (near: the SMs of side q, far: of the other side, ignore: CTA
+    parity); an empty queue's CTAs go to the other one. Near / far fall back to ignore (the mode returned) when
+    the table cannot give every queue with tiles its CTAs (a GPU without a split, fewer SMs than the table).
+    workers[q]: how many of them take tiles — all, or when compute-bound the fewest that need the same rounds
+    (as grid_size does for the unpacked kernel)."""
     side1 = sum(1 for smid, s in enumerate(sm_side) if s == 1 and smid < 256)
     per_side = (num_sms - side1, side1)
-    if mode == SIDE_MODES["near"]:
-        ctas = per_side
-    elif mode == SIDE_MODES["far"]:
-        ctas = (per_side[1], per_side[0])
-    else:
-        ctas = ((num_sms + 1) // 2, num_sms // 2)
+    ctas = ((num_sms + 1) // 2, num_sms // 2)
+    if mode in (SIDE_MODES["near"], SIDE_MODES["far"]):
+        by_side = per_side if mode == SIDE_MODES["near"] else (per_side[1], per_side[0])
+        if min(by_side) >= 0 and all(by_side[q] > 0 or not queue_len[q] for q in (0, 1)):
+            ctas = by_side
+        else:
+            mode = SIDE_MODES["ignore"]
     if not queue_len[1]:
         ctas = (num_sms, 0)
     elif not queue_len[0]:
@@ -540,7 +544,7 @@ def packed_schedule(sm_side, num_sms: int, mode: int, queue_len: tuple, m_blocks
         if compute_bound and w:
             w = _ceil_div(tiles, _ceil_div(tiles, w))
         workers.append(w)
-    return ctas, tuple(workers)
+    return mode, ctas, tuple(workers)
 
 
 def _kmajor_map(t, rows: int, k: int, box_rows: int, kblocks: int) -> bytes:
@@ -689,12 +693,11 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
         from .topology import topology
         topo = topology(index)
         queues = jit.stream_scratch("fp8_gemm.rank_claims", index, stream, 32, torch.int32)  # (17 used)
-        ctas, workers = packed_schedule(topo.sm_side, dev.num_sms, SIDE_MODES[side_mode], lengths,
-                                        _ceil_div(m, cfg.block_m),
-                                        m >= COMPUTE_BOUND_M and os.environ.get("L2SIDE_PACKED_BALANCE") != "0")
+        mode, ctas, workers = packed_schedule(topo.sm_side, dev.num_sms, SIDE_MODES[side_mode], lengths,
+                                              _ceil_div(m, cfg.block_m), m >= COMPUTE_BOUND_M)
         args = packed_b_args(packed.base, lay.side_mask if lay.paired else 0, table.data_ptr(),
                              packed.block_first.data_ptr(), queues.data_ptr(), topo.sm_side, width, lengths,
-                             lay.n_blocks, SIDE_MODES[side_mode], lay.paired, ctas, workers)
+                             lay.n_blocks, mode, lay.paired, ctas, workers)
         return _prepare(a, a_scales, None, packed.scales, out, m, n, k, cfg, index, stream, packed_args=args)
 
     _launch_cached(key, prepare, stream)

@@ -259,13 +259,13 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
         if overrides:
             changes = {f: int(v) for f, v in (kv.split("=") for kv in overrides.split(","))}
             cfg = dataclasses.replace(cfg, **changes)
-            packed_cfg = dataclasses.replace(fp8_gemm.packed_config(m, n, k, bn), **changes)
+            packed_cfg = dataclasses.replace(fp8_gemm.packed_config(m, n, k, bn), **changes)  # (its block_n stays bn)
         ref_out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
         l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg)
         d = diff(ref_out, reference(a, sa, b, sb))
         calls = {"unpacked": lambda: l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg)}
         t_ref = clock(calls["unpacked"], flush)
-        line = f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={bn} da={int(cfg.double_acc)} {packed.kind:5s} diff={d:.1e} | unpacked {t_ref:7.1f} us"
+        line = f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={bn} da={int((packed_cfg or cfg).double_acc)} {packed.kind:5s} diff={d:.1e} | unpacked {t_ref:7.1f} us"
         # "plain": the same tiles packed contiguously (chunk i = i, both sides): the chunk pattern without side purity
         plain = l2side.pack_b(b, sb, block_n=bn, layout="plain")
         for name, weight, mode in (("near", packed, "near"), ("ignore", packed, "ignore"), ("far", packed, "far"),

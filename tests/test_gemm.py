@@ -762,30 +762,32 @@ def test_packed_queues_put_every_block_in_exactly_one_queue():
 def test_packed_args_struct_matches_the_kernel_layout():
     blob = fp8_gemm.packed_b_args(1, 2, 3, 4, 5, [0, 1, -1, 1] + [0] * 60 + [1], 7, (8, 9), 10, 1, True,
                                   (11, 12), (13, 14))
-    assert len(blob) == 112
-    words = __import__("struct").unpack("<QQQQQ4Q10I", blob)
+    assert len(blob) == 144
+    words = __import__("struct").unpack("<QQQQQ4Q4Q10I", blob)
     assert words[:5] == (1, 2, 3, 4, 5)
     assert words[5] == (1 << 1) | (1 << 3) and words[6] == 1 << 0  # SM 64 is bit 0 of the second word
-    assert words[9:] == (7, 8, 9, 10, 1, 1, 11, 12, 13, 14)
+    assert words[9] == ((1 << 64) - 1) & ~0b1110 and words[10] == 0  # side 0: SM 0 and 4..63 (SM 2 is absent)
+    assert words[13:] == (7, 8, 9, 10, 1, 1, 11, 12, 13, 14)
 
 
 def _kernel_ranks(sms, sm_side, mode, ctas):
-    """The packed kernel's start (fp8_gemm.cuh, producer), CTA by CTA in start order; sms[i]: the SM CTA i runs
-    on. Returns the (queue, rank) pairs each CTA runs. Side ignored, or one queue: by blockIdx. Near / far: the
-    SM's rank among its side's SMs, claimed; if taken, that rank again plus the first free rank of its queue,
-    else of the other."""
+    """The packed kernel's start (fp8_gemm.cuh, producer), CTA by CTA in start order; sms[i]: the SM id CTA i
+    runs on. Returns the (queue, rank) pairs each CTA runs. Side ignored, or one queue: by blockIdx. Near / far:
+    the SM's rank among the present SMs of its side (an id outside the table counts as side 0), claimed; if
+    taken, that rank again plus the first free rank of its queue, else of the other."""
     claimed, out = set(), []
     one_queue = 0 in ctas
+    table = lambda i: sm_side[i] if i < len(sm_side) else -1  # noqa: E731
     for cta, sm in enumerate(sms):
         if one_queue or mode == 1:
             queue = (1 if ctas[0] == 0 else 0) if one_queue else cta & 1
             out.append([(queue, cta if one_queue else cta >> 1)])
             continue
-        side = sm_side[sm]
+        side = 1 if table(sm) == 1 else 0
         queue = side if mode == 0 else side ^ 1
-        rank = sum(1 for j in range(sm) if sm_side[j] == side)
+        rank = sum(1 for j in range(min(sm, 256)) if table(j) == side)
         runs = [(queue, rank)]
-        if rank < ctas[queue] and (queue, rank) not in claimed:
+        if rank < ctas[queue] and rank < 256 and (queue, rank) not in claimed:
             claimed.add((queue, rank))
         else:
             for q in (queue, queue ^ 1):
@@ -798,35 +800,49 @@ def _kernel_ranks(sms, sm_side, mode, ctas):
     return out
 
 
+def _split_66_66(rng):
+    sides = [s for s in (0, 1) for _ in range(66)]
+    rng.shuffle(sides)
+    return sides
+
+
+@pytest.mark.parametrize("table", ["66/66", "gaps", "no split", "67/65", "short table"])
 @pytest.mark.parametrize("mode", [0, 1, 2])
 @pytest.mark.parametrize("lengths,m_blocks,bound", [((28, 28), 32, True), ((9, 8), 1, False), ((17, 0), 3, False),
                                                     ((0, 5), 2, True), ((96, 96), 1, False), ((3, 2), 32, True)])
-def test_packed_schedule_covers_every_tile(mode, lengths, m_blocks, bound):
+def test_packed_schedule_covers_every_tile(table, mode, lengths, m_blocks, bound):
     import random
     rng = random.Random(mode * 100 + m_blocks)
-    sm_side = [s for s in (0, 1) for _ in range(66)]
-    rng.shuffle(sm_side)
-    ctas, workers = fp8_gemm.packed_schedule(sm_side, 132, mode, lengths, m_blocks, bound)
-    assert sum(ctas) == 132 and all(w <= c for w, c in zip(workers, ctas))
+    sm_side = {"66/66": _split_66_66(rng),
+               "gaps": _split_66_66(rng)[:120] + [-1] * 6 + _split_66_66(rng)[:6] + [-1, -1],  # 126 SMs, ids to 133
+               "no split": [0] * 132,
+               "67/65": [0] * 67 + [1] * 65,
+               "short table": [0] * 60 + [1] * 60}[table]  # 132 SMs, the table knows 120
+    num_sms = 126 if table == "gaps" else 132
+    sm_ids = [i for i, s in enumerate(sm_side) if s != -1] if table == "gaps" else list(range(num_sms))
+    got_mode, ctas, workers = fp8_gemm.packed_schedule(sm_side, num_sms, mode, lengths, m_blocks, bound)
+    assert sum(ctas) == num_sms and all(w <= c for w, c in zip(workers, ctas))
+    # near / far fall back to side-ignored only where the table cannot serve a queue that has tiles
+    assert got_mode == mode or (mode != 1 and got_mode == 1 and table == "no split")
     for q in (0, 1):
         tiles = lengths[q] * m_blocks
         assert (workers[q] > 0) == (tiles > 0)
         if bound and tiles:  # the fewest workers with the same number of rounds
             assert -(-tiles // workers[q]) == -(-tiles // min(ctas[q], tiles))
-    one_per_sm = list(range(132))
+    one_per_sm = list(sm_ids)
     rng.shuffle(one_per_sm)
-    # one CTA per SM (the usual case: every tile once), then CTAs piled onto a few SMs (beside another kernel:
-    # every tile at least once)
-    for sms in (one_per_sm, [i % 40 for i in range(132)], rng.choices(range(132), k=132)):
+    # one CTA per SM (the usual case: every tile once where the table knows every SM), then CTAs piled onto a
+    # few SMs (beside another kernel: every tile at least once)
+    for sms in (one_per_sm, [sm_ids[i % 40] for i in range(num_sms)], rng.choices(sm_ids, k=num_sms)):
         count = {}
-        for runs in _kernel_ranks(sms, sm_side, mode, ctas):
+        for runs in _kernel_ranks(sms, sm_side, got_mode, ctas):
             for queue, rank in runs:
                 for t in range(rank, lengths[queue] * m_blocks if rank < workers[queue] else 0, workers[queue] or 1):
                     count[(queue, t)] = count.get((queue, t), 0) + 1
         for q in (0, 1):
             for t in range(lengths[q] * m_blocks):
                 assert count.get((q, t), 0) >= 1
-                assert sms is not one_per_sm or count[(q, t)] == 1
+                assert sms is not one_per_sm or table == "short table" or count[(q, t)] == 1
 
 
 PACKED_SHAPES = [(129, 200, 272), (64, 7168, 2048), (128, 2112, 7168), (300, 1000, 4112), (1, 16, 16)]

@@ -97,6 +97,7 @@ struct PackedBArgs {
   const int32_t* block_first;     // [2][n_blocks]: side-s sequence index of each N-block's first chunk (-1: none)
   uint32_t* workspace;            // kPackedClaimWords claim masks, CTAs done (the last re-zeroes all)
   uint64_t sm_side_bits[4];       // bit i: side of SM i
+  uint64_t sm_side0_bits[4];      // bit i: SM i exists and is on side 0 (the ranks count only present SMs)
   uint32_t queue_width, queue_len0, queue_len1, n_blocks;
   uint32_t mode;                  // 0: near (own side's queue), 1: side ignored (CTA parity), 2: far
   uint32_t paired;                // 1: side-aware chunk pairs; 0: plain layout (chunk i = i)
@@ -104,16 +105,17 @@ struct PackedBArgs {
   uint32_t workers[2];            // ranks of each queue that take tiles (<= ctas)
 };
 
-// The rank of this SM among the SMs of its side (SM ids below it with the same side), from the probe's table.
-__device__ __forceinline__ uint32_t sm_rank_in_side(const uint64_t (&bits)[4], uint32_t side) {
+// The rank of this SM among the SMs of its side (SM ids below it with the same side), from the probe's tables
+// (`side_bits`: the SMs of this side).
+__device__ __forceinline__ uint32_t sm_rank_in_side(const uint64_t (&side_bits)[4]) {
   const uint32_t id = sm_id();
-  uint32_t below1 = 0;  // side-1 SMs below this one
+  uint32_t rank = 0;
 #pragma unroll
   for (uint32_t w = 0; w < 4; ++w) {
     const uint64_t below = id >= 64 * (w + 1) ? ~0ull : id > 64 * w ? (1ull << (id - 64 * w)) - 1 : 0ull;
-    below1 += __popcll(bits[w] & below);
+    rank += __popcll(side_bits[w] & below);
   }
-  return side ? below1 : id - below1;
+  return rank;
 }
 
 // Takes rank r of queue q in the claim masks; false if another CTA holds it.
@@ -250,7 +252,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         } else {  // the SM's rank among its side's SMs, taken in the claim masks
           const uint32_t my_side = sm_side(packed.sm_side_bits);
           queue = packed.mode == 0 ? my_side : my_side ^ 1u;
-          rank = sm_rank_in_side(packed.sm_side_bits, my_side);
+          rank = sm_rank_in_side(my_side ? packed.sm_side_bits : packed.sm_side0_bits);
           ranked = rank < packed.ctas[queue] && claim_rank(packed.workspace, queue, rank);
         }
       }
@@ -386,6 +388,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         tile_slots[2 * at.ring] = 0xFFFFFFFFu;
         ptx::mbar_arrive(tile_full + at.ring);
         // the last CTA to finish fetching re-zeroes the claim masks for the next launch
+        __threadfence();  // (this CTA's claims are done before it counts)
         if (atomicAdd(packed.workspace + kPackedClaimWords, 1u) == gridDim.x - 1) {
           for (uint32_t i = 0; i <= kPackedClaimWords; ++i) packed.workspace[i] = 0;
           __threadfence();
