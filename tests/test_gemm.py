@@ -10,6 +10,7 @@ import os
 import random
 import re
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -371,6 +372,44 @@ def _compile_cases():
     for m, n, k, bn in ((64, 2112, 7168, 64), (128, 7168, 16384, 128)):  # packed B, double accumulators or not
         cases[(n, k, fp8_gemm.packed_config(m, n, k, bn))] = (m, n, k)
     return list(cases)
+
+
+@requires_nvcc
+@needs_module
+@pytest.mark.parametrize("define", ["-DL2SIDE_EARLY_ISSUE", "-DL2SIDE_TIMELINE"])
+def test_kernel_work_builds_compile(define, tmp_path, monkeypatch):
+    """The kernel-work variants behind nvcc defines (gemm_dev.py --timeline, the early-issue A/B) still compile."""
+    monkeypatch.setenv("L2SIDE_CACHE_DIR", str(tmp_path))
+    for m, n, k in ((64, 2112, 7168), (4096, 7168, 2048)):
+        assert fp8_gemm.build(n, k, fp8_gemm.gemm_config(m, n, k), options=(define,))[:4] == b"\x7fELF"
+
+
+def _sass(cubin: bytes, tmp_path) -> str:
+    import shutil
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    from gemm_sass_loop import cuobjdump
+    tool = cuobjdump()
+    if not (os.path.exists(tool) or shutil.which(tool)):
+        pytest.skip("needs cuobjdump (triton's wheel carries one; or set CUOBJDUMP)")
+    path = tmp_path / "k.cubin"
+    path.write_bytes(cubin)
+    return subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+
+
+@requires_nvcc
+@needs_module
+def test_producer_loops_stay_on_the_uniform_datapath(tmp_path, monkeypatch):
+    """A per-thread value in the producer's loop control makes ptxas wrap every TMA / bulk copy in an R2UR
+    waterfall loop, and the single producer thread falls behind (packed B was 1.4x slower for it: perf-notes
+    "packed B session 9"). The packed kernel's chunk addresses must use UPOPC, and no kernel may carry more
+    than a handful of R2UR."""
+    monkeypatch.setenv("L2SIDE_CACHE_DIR", str(tmp_path))
+    packed = fp8_gemm.packed_config(4096, 7168, 16384, 128)
+    sass = _sass(fp8_gemm.build(7168, 16384, packed), tmp_path)
+    assert "UPOPC" in sass, "the packed producer's chunk address math left the uniform datapath"
+    for m, n, k in ((64, 2112, 7168), (4096, 7168, 16384)):
+        sass = _sass(fp8_gemm.build(n, k, fp8_gemm.gemm_config(m, n, k)), tmp_path)
+        assert sass.count("R2UR") <= 8, f"{m}x{n}x{k}: {sass.count('R2UR')} R2UR"
 
 
 @requires_nvcc

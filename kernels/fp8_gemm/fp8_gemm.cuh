@@ -192,6 +192,18 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   uint32_t* tile_slots = reinterpret_cast<uint32_t*>(tile_empty + 2);     // [2][2]: m_block, n_block
 
   const uint32_t lane = threadIdx.x % 32;
+  // Kernel work (-DL2SIDE_EARLY_ISSUE, the A/B of session 8's lead): the producer thread issues the first tile's
+  // first stages right after initialising the barriers, before the block-wide barrier and setmaxnreg. Their
+  // number is a constant and whether the CTA has a tile is recomputed after the barrier: nothing flows from the
+  // single-thread block into the producer loop (in session 8's version, d74791f, a count did, and ptxas made the
+  // loop per-thread, an R2UR waterfall at every TMA load).
+#ifdef L2SIDE_EARLY_ISSUE
+  constexpr bool kEarlyIssue = !kPackedB && kClusterN == 1 && kMaxSplit == 1;
+#else
+  constexpr bool kEarlyIssue = false;
+#endif
+  constexpr uint32_t kTileStages = ceil_div(kNumKBlocks, kStageKBlocks);
+  constexpr uint32_t kEarlyStages = !kEarlyIssue ? 0 : kStages < kTileStages ? kStages : kTileStages;
 #ifdef L2SIDE_TIMELINE
   // Kernel work (scripts/gemm_dev.py --timeline): 64 u64 per CTA in split_k.partials (unused without a split):
   // [0] %globaltimer and [1] clock64 at entry, [2] %smid, [3] clock64 at the producer's first load, [4] clock64 and
@@ -220,6 +232,30 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       ptx::mbar_init(tile_empty + r, kMathWarpgroups * 4);
     }
     ptx::mbar_init_fence();
+#ifdef L2SIDE_EARLY_ISSUE
+    if constexpr (kEarlyIssue) {  // the first tile's first kEarlyStages stages, before the block-wide barrier
+      GroupedScheduler<SHAPE_N, BLOCK_M, BLOCK_N, kGroupM, kClusterN, kMaxSplit> first(shape_m, 0);
+      uint32_t m, n, t, sp, ns;
+      if (first.next(m, n, t, sp, ns)) {
+        const int32_t m0 = static_cast<int32_t>(m * BLOCK_M), n0 = static_cast<int32_t>(n * BLOCK_N);
+        for (uint32_t s = 0; s < kEarlyStages; ++s) {
+          uint64_t* bar = full + s;
+          const int32_t kb = static_cast<int32_t>(s * kStageKBlocks);
+          ptx::mbar_arrive_expect_tx(bar, Smem::kTxBytes);
+          if constexpr (kStageKBlocks > 1) {
+            ptx::tma_load_3d(smem + Smem::kA + s * Smem::kAStage, &tmap_a, bar, 0, m0, kb);
+            ptx::tma_load_2d(smem + Smem::kSa + s * Smem::kSaStage, &tmap_sa, bar, m0, kb);
+            ptx::tma_load_3d(smem + Smem::kB + s * Smem::kBStage, &tmap_b, bar, 0, n0, kb);
+          } else {
+            const int32_t k0 = kb * static_cast<int32_t>(BLOCK_K);
+            ptx::tma_load_2d(smem + Smem::kA + s * Smem::kAStage, &tmap_a, bar, k0, m0);
+            ptx::tma_load_2d(smem + Smem::kSa + s * Smem::kSaStage, &tmap_sa, bar, m0, kb);
+            ptx::tma_load_2d(smem + Smem::kB + s * Smem::kBStage, &tmap_b, bar, k0, n0);
+          }
+        }
+      }
+    }
+#endif
   }
   // with clusters the peer multicasts into this CTA's stages and arrives on its barriers: all initialised first
   if constexpr (kClusterN > 1) ptx::cluster_sync(); else __syncthreads();
@@ -264,6 +300,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       struct Position { uint32_t stage, phase, ring, ring_phase; };  // stage ring; packed B: the tile ring
       auto produce = [&](auto claimed, const uint32_t queue, const uint32_t rank, Position at) {
         uint32_t stage = at.stage, phase = at.phase, ring = at.ring, ring_phase = at.ring_phase;
+      // K blocks of the first tile issued early (always 0 without L2SIDE_EARLY_ISSUE)
+      [[maybe_unused]] uint32_t skip =
+          std::is_same_v<decltype(claimed), std::false_type> ? kEarlyStages * kStageKBlocks : 0;
         [[maybe_unused]] uint32_t round = 0, first_chunk = 0;  // (packed B)
         uint32_t m_block, n_block;
         auto publish = [&](uint32_t m, uint32_t n) {
@@ -299,8 +338,10 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         while (next_tile(m_block, n_block)) {
           [[maybe_unused]] const int32_t m0 = static_cast<int32_t>(m_block * BLOCK_M),
                                          n0 = static_cast<int32_t>(n_block * BLOCK_N);
+          const uint32_t first_kb = kb_begin() + (kEarlyIssue ? skip : 0);
+          if constexpr (kEarlyIssue) skip = 0;
 #pragma unroll 1
-          for (uint32_t kb = kb_begin(), end = kb_end(); kb < end; kb += kStageKBlocks) {
+          for (uint32_t kb = first_kb, end = kb_end(); kb < end; kb += kStageKBlocks) {
             ptx::mbar_wait(empty + stage, phase ^ 1);  // first pass: the "previous" phase counts as done
             uint64_t* bar = full + stage;
             ptx::mbar_arrive_expect_tx(bar, Smem::kTxBytes);  // (K blocks past K arrive zero-filled: counted too)
@@ -361,7 +402,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       };
       // (the SM's rank always, even when the claim failed: the loop under a branch on the claim's result was
       // per-thread to ptxas)
-      produce(std::false_type{}, queue, rank, Position{0, 0, 0, 0});
+      // (with an early issue the first tile's first kEarlyStages stages are in flight already)
+      const uint32_t early = kEarlyIssue && scheduler.unit < scheduler.num_units ? kEarlyStages : 0;
+      produce(std::false_type{}, queue, rank, Position{early % kStages, (early / kStages) & 1u, 0, 0});
       Position at = after(Position{0, 0, 0, 0}, tiles_of(queue, rank));
       if (!ranked) {
         // another CTA ran on this SM already (CTAs not one per SM): the rank above ran twice (the same values
