@@ -300,9 +300,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       struct Position { uint32_t stage, phase, ring, ring_phase; };  // stage ring; packed B: the tile ring
       auto produce = [&](auto claimed, const uint32_t queue, const uint32_t rank, Position at) {
         uint32_t stage = at.stage, phase = at.phase, ring = at.ring, ring_phase = at.ring_phase;
-      // K blocks of the first tile issued early (always 0 without L2SIDE_EARLY_ISSUE)
-      [[maybe_unused]] uint32_t skip =
-          std::is_same_v<decltype(claimed), std::false_type> ? kEarlyStages * kStageKBlocks : 0;
+        // K blocks of the first tile issued early (always 0 without L2SIDE_EARLY_ISSUE)
+        [[maybe_unused]] uint32_t skip =
+            std::is_same_v<decltype(claimed), std::false_type> ? kEarlyStages * kStageKBlocks : 0;
         [[maybe_unused]] uint32_t round = 0, first_chunk = 0;  // (packed B)
         uint32_t m_block, n_block;
         auto publish = [&](uint32_t m, uint32_t n) {
@@ -400,12 +400,12 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         const uint32_t workers = packed.workers[queue];
         return rank < workers && rank < tiles ? (tiles - rank + workers - 1) / workers : 0u;
       };
-      // (the SM's rank always, even when the claim failed: the loop under a branch on the claim's result was
-      // per-thread to ptxas)
-      // (with an early issue the first tile's first kEarlyStages stages are in flight already)
+      // The SM's rank always, even when the claim failed (the loop under a branch on the claim's result was
+      // per-thread to ptxas). With an early issue the first tile's first kEarlyStages stages are in flight already.
       const uint32_t early = kEarlyIssue && scheduler.unit < scheduler.num_units ? kEarlyStages : 0;
-      produce(std::false_type{}, queue, rank, Position{early % kStages, (early / kStages) & 1u, 0, 0});
-      Position at = after(Position{0, 0, 0, 0}, tiles_of(queue, rank));
+      const Position start{early % kStages, (early / kStages) & 1u, 0, 0};
+      produce(std::false_type{}, queue, rank, start);
+      Position at = after(Position{0, 0, 0, 0}, tiles_of(queue, rank));  // (early stages are the first tile's)
       if (!ranked) {
         // another CTA ran on this SM already (CTAs not one per SM): the rank above ran twice (the same values
         // stored twice), and this CTA also runs the first free rank of either queue, so that every rank runs
