@@ -204,6 +204,22 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
 #endif
   constexpr uint32_t kTileStages = ceil_div(kNumKBlocks, kStageKBlocks);
   constexpr uint32_t kEarlyStages = !kEarlyIssue ? 0 : kStages < kTileStages ? kStages : kTileStages;
+  // A, its scales and B of the stage starting at K block kb into stage s by TMA tensor loads, counted on its full
+  // barrier (the loads of an unpacked B without clusters; the caller expects the bytes first)
+  auto load_tma_stage = [&](uint32_t s, uint32_t kb, int32_t m0, int32_t n0) {
+    uint64_t* bar = full + s;
+    const int32_t kb0 = static_cast<int32_t>(kb);
+    if constexpr (kStageKBlocks > 1) {  // ([rows][K / 128][128] views: box 128 x rows x kStageKBlocks)
+      ptx::tma_load_3d(smem + Smem::kA + s * Smem::kAStage, &tmap_a, bar, 0, m0, kb0);
+      ptx::tma_load_2d(smem + Smem::kSa + s * Smem::kSaStage, &tmap_sa, bar, m0, kb0);
+      ptx::tma_load_3d(smem + Smem::kB + s * Smem::kBStage, &tmap_b, bar, 0, n0, kb0);
+    } else {
+      const int32_t k0 = static_cast<int32_t>(kb * BLOCK_K);
+      ptx::tma_load_2d(smem + Smem::kA + s * Smem::kAStage, &tmap_a, bar, k0, m0);
+      ptx::tma_load_2d(smem + Smem::kSa + s * Smem::kSaStage, &tmap_sa, bar, m0, kb0);
+      ptx::tma_load_2d(smem + Smem::kB + s * Smem::kBStage, &tmap_b, bar, k0, n0);
+    }
+  };
 #ifdef L2SIDE_TIMELINE
   // Kernel work (scripts/gemm_dev.py --timeline): 64 u64 per CTA in split_k.partials (unused without a split):
   // [0] %globaltimer and [1] clock64 at entry, [2] %smid, [3] clock64 at the producer's first load, [4] clock64 and
@@ -239,19 +255,8 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       if (first.next(m, n, t, sp, ns)) {
         const int32_t m0 = static_cast<int32_t>(m * BLOCK_M), n0 = static_cast<int32_t>(n * BLOCK_N);
         for (uint32_t s = 0; s < kEarlyStages; ++s) {
-          uint64_t* bar = full + s;
-          const int32_t kb = static_cast<int32_t>(s * kStageKBlocks);
-          ptx::mbar_arrive_expect_tx(bar, Smem::kTxBytes);
-          if constexpr (kStageKBlocks > 1) {
-            ptx::tma_load_3d(smem + Smem::kA + s * Smem::kAStage, &tmap_a, bar, 0, m0, kb);
-            ptx::tma_load_2d(smem + Smem::kSa + s * Smem::kSaStage, &tmap_sa, bar, m0, kb);
-            ptx::tma_load_3d(smem + Smem::kB + s * Smem::kBStage, &tmap_b, bar, 0, n0, kb);
-          } else {
-            const int32_t k0 = kb * static_cast<int32_t>(BLOCK_K);
-            ptx::tma_load_2d(smem + Smem::kA + s * Smem::kAStage, &tmap_a, bar, k0, m0);
-            ptx::tma_load_2d(smem + Smem::kSa + s * Smem::kSaStage, &tmap_sa, bar, m0, kb);
-            ptx::tma_load_2d(smem + Smem::kB + s * Smem::kBStage, &tmap_b, bar, k0, n0);
-          }
+          ptx::mbar_arrive_expect_tx(full + s, Smem::kTxBytes);
+          load_tma_stage(s, s * kStageKBlocks, m0, n0);
         }
       }
     }
@@ -348,15 +353,12 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
 #ifdef L2SIDE_TIMELINE
             if (timeline_n++ == 0) timeline[3] = clock64();
 #endif
-            const int32_t k0 = static_cast<int32_t>(kb * BLOCK_K);
-            if constexpr (kStageKBlocks > 1) {  // ([rows][K / 128][128] views: box 128 x rows x kStageKBlocks)
-              const int32_t kb0 = static_cast<int32_t>(kb);
-              ptx::tma_load_3d(smem + Smem::kA + stage * Smem::kAStage, &tmap_a, bar, 0, m0, kb0);
-              ptx::tma_load_2d(smem + Smem::kSa + stage * Smem::kSaStage, &tmap_sa, bar, m0, kb0);
-              ptx::tma_load_3d(smem + Smem::kB + stage * Smem::kBStage, &tmap_b, bar, 0, n0, kb0);
+            if constexpr (kClusterN == 1 && !kPackedB) {
+              load_tma_stage(stage, kb, m0, n0);
               if (++stage == kStages) { stage = 0; phase ^= 1; }
               continue;
             }
+            const int32_t k0 = static_cast<int32_t>(kb * BLOCK_K);
             if constexpr (kClusterN > 1) {
               // this CTA's share of the A tile, written into every CTA's stage (and counted on every barrier)
               constexpr uint32_t kShare = BLOCK_M / kClusterN;
