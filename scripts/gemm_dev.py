@@ -87,6 +87,15 @@ def _kernel_timer():
     return _bench_gemm().Bench(torch, 20, 3)
 
 
+def changed_config(base, text):
+    """base with the fields of 'field=value,field*=factor,...' replaced or multiplied; (config, changed fields)."""
+    changes = {}
+    for kv in filter(None, text.split(",")):
+        f, v = kv.split("=")
+        changes[f.rstrip("*")] = getattr(base, f[:-1]) * int(v) if f.endswith("*") else int(v)
+    return dataclasses.replace(base, **changes), changes
+
+
 def configs_for(m, n, k, spec):
     """The configs of a --sweep spec valid for the shape ('auto' is gemm_config's choice)."""
     from l2side import fp8_gemm
@@ -94,12 +103,7 @@ def configs_for(m, n, k, spec):
     for item in spec.split(";"):
         if item.startswith("auto"):  # 'auto' or 'auto:field=value,field*=factor,...' (gemm_config's choice,
             # fields replaced or multiplied)
-            base = fp8_gemm.gemm_config(m, n, k)
-            changes = {}
-            for kv in filter(None, item[5:].split(",")):
-                f, v = kv.split("=")
-                changes[f.rstrip("*")] = getattr(base, f[:-1]) * int(v) if f.endswith("*") else int(v)
-            c = dataclasses.replace(base, **changes)
+            c, changes = changed_config(fp8_gemm.gemm_config(m, n, k), item[5:])
             if "stages" not in changes:  # as many as fit the changed config
                 c = dataclasses.replace(c, stages=fp8_gemm.max_stages(c.block_m, c.block_n, c.tma_store,
                                                                       c.kblocks_per_stage))
@@ -235,8 +239,8 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
     compared bitwise with the unpacked one's), then cuBLAS; times with CUDA events, L2 flushed.
     energy_seconds > 0: also mJ per GEMM from NVML (steady power over back-to-back calls, without flushes,
     x time per back-to-back call), variants alternating over two rounds.
-    overrides ('field=value,...', e.g. 'double_acc=1,group_m=16'): changes to the blocks of both the packed calls
-    (packed_config's choice) and the unpacked one."""
+    overrides ('field=value,field*=factor,...', e.g. 'double_acc=1,group_m=16'; changed_config): changes to the
+    blocks of both the packed calls (packed_config's choice) and the unpacked one."""
     import l2side
     from l2side import fp8_gemm
     flush = torch.empty(256 << 20 if timed else 1, dtype=torch.int32, device="cuda")
@@ -257,9 +261,8 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
                                   tma_store=n % 8 == 0)
         packed_cfg = None
         if overrides:
-            changes = {f: int(v) for f, v in (kv.split("=") for kv in overrides.split(","))}
-            cfg = dataclasses.replace(cfg, **changes)
-            packed_cfg = dataclasses.replace(fp8_gemm.packed_config(m, n, k, bn), **changes)  # (its block_n stays bn)
+            cfg = changed_config(cfg, overrides)[0]
+            packed_cfg = changed_config(fp8_gemm.packed_config(m, n, k, bn), overrides)[0]  # (its block_n stays bn)
         ref_out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
         l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg)
         d = diff(ref_out, reference(a, sa, b, sb))
