@@ -27,29 +27,33 @@ def cuobjdump() -> str:
 
 
 def k_loop(sass: str) -> list[str]:
-    """The math K loop: of the back-branch ranges around a QGMMA, the one with the most QGMMA, the shortest
-    of those (the double-accumulator kernel's loop of unrolled K-block pairs, not its one-block tail loop)."""
+    """The math K loop: of the innermost back-branch ranges around a QGMMA (no other such range inside), the one
+    with the most QGMMA (the double-accumulator kernel's loop of unrolled K-block pairs, not its one-block tail
+    loop), the first in the code (packed B has a second copy of the math loop for claimed ranks, after it).
+    Innermost: ptxas also places some blocks of a loop after the function's end, branching back from there."""
     lines = [(int(m.group(1), 16), m.group(2).strip()) for m in
              (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
     mmas = [a for a, t in lines if "QGMMA" in t]
-    best = None
+    loops = []
     for a, t in lines:
         m = re.search(r"BRA 0x([0-9a-f]+)", t)
         if m and int(m.group(1), 16) <= a:
             lo = int(m.group(1), 16)
             count = sum(lo <= q <= a for q in mmas)
-            if count and (best is None or (-count, a - lo) < (-best[2], best[1] - best[0])):
-                best = (lo, a, count)
-    if best is None:
+            if count:
+                loops.append((lo, a, count))
+    inner = [x for x in loops if not any(y != x and x[0] <= y[0] and y[1] <= x[1] for y in loops)]
+    if not inner:
         raise RuntimeError("no loop around a QGMMA")
-    return [t for b, t in lines if best[0] <= b <= best[1]]
+    lo, hi, _ = min(inner, key=lambda x: (-x[2], x[0]))
+    return [t for b, t in lines if lo <= b <= hi]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="7168,16384", help="N,K")
     p.add_argument("--configs", default="128,128;128,128,ts5",
-                   help="BM,BN[,tsS|skS|da|kbG];... (da: double accumulators, kbG: G K blocks per stage)")
+                   help="BM,BN[,tsS|skS|da|kbG];... (da: double accumulators, pk: packed B, kbG: G K blocks per stage)")
     args = p.parse_args()
     from l2side import fp8_gemm
     n, k = (int(v) for v in args.shape.split(","))
@@ -59,6 +63,8 @@ def main() -> int:
         for r in rest:
             if r == "da":
                 extra["double_acc"] = True
+            elif r == "pk":
+                extra["packed_b"] = True
             else:
                 extra[{"ts": "tail_split", "sk": "split_k", "kb": "kblocks_per_stage"}[r[:2]]] = int(r[2:])
         stages = fp8_gemm.max_stages(int(bm), int(bn), True, extra.get("kblocks_per_stage", 1))
@@ -73,7 +79,9 @@ def main() -> int:
         print(f"N={n} K={k} {item:18s} K loop: {len(loop):4d} instructions for {kblocks} K blocks "
               f"({len(loop) / kblocks:.0f} per block), {sum('S2UR' in t for t in loop)} S2UR, "
               f"{sum('QGMMA' in t for t in loop)} QGMMA, {sum('FFMA' in t for t in loop)} FFMA, "
-              f"{sum('FSEL' in t for t in loop)} FSEL, {sum('DEPBAR.LE gsb0' in t for t in loop)} wgmma waits")
+              f"{sum('FSEL' in t for t in loop)} FSEL, {sum('R2UR' in t for t in loop)} R2UR, "
+              f"{sum('DEPBAR.LE gsb0' in t for t in loop)} wgmma waits; whole kernel: {sass.count('R2UR')} R2UR, "
+              f"{sass.count('BRA.U.ANY')} BRA.U.ANY")
     return 0
 
 

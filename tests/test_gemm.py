@@ -376,9 +376,9 @@ def _compile_cases():
 
 @requires_nvcc
 @needs_module
-@pytest.mark.parametrize("define", ["-DL2SIDE_EARLY_ISSUE", "-DL2SIDE_TIMELINE"])
+@pytest.mark.parametrize("define", ["-DL2SIDE_TIMELINE"])
 def test_kernel_work_builds_compile(define, tmp_path, monkeypatch):
-    """The kernel-work variants behind nvcc defines (gemm_dev.py --timeline, the early-issue A/B) still compile."""
+    """The kernel-work variants behind nvcc defines (gemm_dev.py --timeline) still compile."""
     monkeypatch.setenv("L2SIDE_CACHE_DIR", str(tmp_path))
     for m, n, k in ((64, 2112, 7168), (4096, 7168, 2048)):
         assert fp8_gemm.build(n, k, fp8_gemm.gemm_config(m, n, k), options=(define,))[:4] == b"\x7fELF"
@@ -410,6 +410,23 @@ def test_producer_loops_stay_on_the_uniform_datapath(tmp_path, monkeypatch):
     for m, n, k in ((64, 2112, 7168), (4096, 7168, 16384)):
         sass = _sass(fp8_gemm.build(n, k, fp8_gemm.gemm_config(m, n, k)), tmp_path)
         assert sass.count("R2UR") <= 8, f"{m}x{n}x{k}: {sass.count('R2UR')} R2UR"
+
+
+@requires_nvcc
+@needs_module
+def test_packed_math_loop_is_the_unpacked_one(tmp_path, monkeypatch):
+    """The packed kernel's math warps walk their tiles on the uniform datapath like the unpacked kernel's: a tile
+    read from the ring as a per-thread value cost 16 R2UR per double-accumulator K loop, and a second copy of the
+    tile body for claimed ranks 16 instructions per K block (perf-notes "packed B session 10")."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    from gemm_sass_loop import k_loop
+    monkeypatch.setenv("L2SIDE_CACHE_DIR", str(tmp_path))
+    for m, n, k, block_n in ((4096, 7168, 16384, 128), (64, 7168, 16384, 64)):
+        packed = fp8_gemm.packed_config(m, n, k, block_n)
+        unpacked = dataclasses.replace(packed, packed_b=False)
+        loops = [k_loop(_sass(fp8_gemm.build(n, k, c), tmp_path)) for c in (packed, unpacked)]
+        assert not any("R2UR" in line for line in loops[0]), f"{m}x{n}x{k}: R2UR in the packed math loop"
+        assert len(loops[0]) <= len(loops[1]) + 8, f"{m}x{n}x{k}: {len(loops[0])} vs {len(loops[1])} instructions"
 
 
 @requires_nvcc

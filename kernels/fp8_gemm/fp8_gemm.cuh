@@ -124,6 +124,47 @@ __device__ __forceinline__ bool claim_rank(uint32_t* workspace, uint32_t q, uint
   return r < 256 && !(atomicOr(workspace + q * 8 + r / 32, bit) & bit);
 }
 
+// This CTA's home queue and rank: by blockIdx where that is unique without claims (one queue, or the side
+// ignored), else its SM's side's queue (near) or the other side's (far) and the SM's rank among its side's SMs.
+// The producer and the math warps compute it alike, warp-uniform, so that both tile loops stay on the uniform
+// datapath. Returns whether the rank has to be claimed.
+__device__ __forceinline__ bool packed_home(const PackedBArgs& packed, uint32_t& queue, uint32_t& rank) {
+  const bool one_queue = packed.ctas[0] == 0 || packed.ctas[1] == 0;
+  if (one_queue || packed.mode == 1) {
+    queue = one_queue ? (packed.ctas[0] == 0 ? 1u : 0u) : (blockIdx.x & 1u);
+    rank = one_queue ? blockIdx.x : blockIdx.x >> 1;
+    return false;
+  }
+  const uint32_t my_side = sm_side(packed.sm_side_bits);
+  queue = packed.mode == 0 ? my_side : my_side ^ 1u;
+  rank = sm_rank_in_side(my_side ? packed.sm_side_bits : packed.sm_side0_bits);
+  return true;
+}
+
+// How many tiles rank `rank` of queue `queue` runs (its tiles: rank, rank + workers, ... of the queue's)
+__device__ __forceinline__ uint32_t packed_tile_count(const PackedBArgs& packed, uint32_t queue, uint32_t rank,
+                                                      uint32_t num_m_blocks) {
+  const uint32_t tiles = (queue == 0 ? packed.queue_len0 : packed.queue_len1) * num_m_blocks;
+  const uint32_t workers = packed.workers[queue];
+  return rank < workers && rank < tiles ? (tiles - rank + workers - 1) / workers : 0u;
+}
+
+// Tile `round` of that rank: the grouped raster of GroupedScheduler over (M-block, queue position), groups of
+// kGroupM M-blocks, M-block fastest, so that the tiles in flight share a few A and B panels in L2
+template <uint32_t kGroupM>
+__device__ __forceinline__ void packed_tile(const PackedBArgs& packed, uint32_t queue, uint32_t rank, uint32_t round,
+                                            uint32_t num_m_blocks, uint32_t& m, uint32_t& n) {
+  const uint32_t len = queue == 0 ? packed.queue_len0 : packed.queue_len1;
+  const uint32_t t = rank + round * packed.workers[queue];
+  const uint32_t group_m = kGroupM == 0 ? num_m_blocks : kGroupM;
+  const uint32_t group = t / (group_m * len);
+  const uint32_t first_m = group * group_m;
+  const uint32_t width = min(group_m, num_m_blocks - first_m);
+  const uint32_t in_group = t - group * group_m * len;
+  m = first_m + in_group % width;
+  n = static_cast<uint32_t>(packed.queue_blocks[queue * packed.queue_width + in_group / width]);
+}
+
 // Split workspace (kMaxSplit > 1): for the split tiles (scheduler order, from tail_first on) partials
 // [tile - tail_first][math warpgroups][splits][64 x BLOCK_N fp32, in the accumulator fragment order: float4 i
 // of thread t at (i * 128 + t) * 4], counters [tile - tail_first][math warpgroups] (zero before a launch; the
@@ -192,18 +233,6 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   uint32_t* tile_slots = reinterpret_cast<uint32_t*>(tile_empty + 2);     // [2][2]: m_block, n_block
 
   const uint32_t lane = threadIdx.x % 32;
-  // Kernel work (-DL2SIDE_EARLY_ISSUE, the A/B of session 8's lead): the producer thread issues the first tile's
-  // first stages right after initialising the barriers, before the block-wide barrier and setmaxnreg. Their
-  // number is a constant and whether the CTA has a tile is recomputed after the barrier: nothing flows from the
-  // single-thread block into the producer loop (in session 8's version, d74791f, a count did, and ptxas made the
-  // loop per-thread, an R2UR waterfall at every TMA load).
-#ifdef L2SIDE_EARLY_ISSUE
-  constexpr bool kEarlyIssue = !kPackedB && kClusterN == 1 && kMaxSplit == 1;
-#else
-  constexpr bool kEarlyIssue = false;
-#endif
-  constexpr uint32_t kTileStages = ceil_div(kNumKBlocks, kStageKBlocks);
-  constexpr uint32_t kEarlyStages = !kEarlyIssue ? 0 : kStages < kTileStages ? kStages : kTileStages;
   // A, its scales and B of the stage starting at K block kb into stage s by TMA tensor loads, counted on its full
   // barrier (the loads of an unpacked B without clusters; the caller expects the bytes first)
   auto load_tma_stage = [&](uint32_t s, uint32_t kb, int32_t m0, int32_t n0) {
@@ -248,19 +277,6 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       ptx::mbar_init(tile_empty + r, kMathWarpgroups * 4);
     }
     ptx::mbar_init_fence();
-#ifdef L2SIDE_EARLY_ISSUE
-    if constexpr (kEarlyIssue) {  // the first tile's first kEarlyStages stages, before the block-wide barrier
-      GroupedScheduler<SHAPE_N, BLOCK_M, BLOCK_N, kGroupM, kClusterN, kMaxSplit> first(shape_m, 0);
-      uint32_t m, n, t, sp, ns;
-      if (first.next(m, n, t, sp, ns)) {
-        const int32_t m0 = static_cast<int32_t>(m * BLOCK_M), n0 = static_cast<int32_t>(n * BLOCK_N);
-        for (uint32_t s = 0; s < kEarlyStages; ++s) {
-          ptx::mbar_arrive_expect_tx(full + s, Smem::kTxBytes);
-          load_tma_stage(s, s * kStageKBlocks, m0, n0);
-        }
-      }
-    }
-#endif
   }
   // with clusters the peer multicasts into this CTA's stages and arrives on its barriers: all initialised first
   if constexpr (kClusterN > 1) ptx::cluster_sync(); else __syncthreads();
@@ -268,7 +284,8 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   const uint32_t cta_rank = kClusterN > 1 ? ptx::cluster_cta_rank() : 0;
   GroupedScheduler<SHAPE_N, BLOCK_M, BLOCK_N, kGroupM, kClusterN, kMaxSplit> scheduler(
       shape_m, cta_rank, split_k.tail_first, split_k.splits);
-  uint32_t m_block, n_block, tile = 0, split = 0, n_splits = 1;
+  uint32_t tile = 0, split = 0, n_splits = 1;
+  [[maybe_unused]] const uint32_t num_m_blocks = ceil_div(shape_m, BLOCK_M);
   // the K blocks of a unit: [kb_begin, kb_end) (the host checked that no range is empty)
   auto kb_begin = [&]() { return kMaxSplit == 1 ? 0u : split * ceil_div(kNumKBlocks, n_splits); };
   auto kb_end = [&]() {
@@ -284,18 +301,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       // packed B: this CTA's queue and rank in it (PackedBArgs)
       uint32_t queue = 0, rank = 0;
       bool ranked = true;  // false: the rank must be claimed (the SM's own rank was taken)
-      const uint32_t num_m_blocks = ceil_div(shape_m, BLOCK_M);
       if constexpr (kPackedB) {
-        const bool one_queue = packed.ctas[0] == 0 || packed.ctas[1] == 0;
-        if (one_queue || packed.mode == 1) {  // ranks by blockIdx: unique, nothing to claim
-          queue = one_queue ? (packed.ctas[0] == 0 ? 1u : 0u) : (blockIdx.x & 1u);
-          rank = one_queue ? blockIdx.x : blockIdx.x >> 1;
-        } else {  // the SM's rank among its side's SMs, taken in the claim masks
-          const uint32_t my_side = sm_side(packed.sm_side_bits);
-          queue = packed.mode == 0 ? my_side : my_side ^ 1u;
-          rank = sm_rank_in_side(my_side ? packed.sm_side_bits : packed.sm_side0_bits);
+        if (packed_home(packed, queue, rank))
           ranked = rank < packed.ctas[queue] && claim_rank(packed.workspace, queue, rank);
-        }
       }
       // The producer's tile loop for (queue, rank) from pipeline position `at`. queue and rank by value: with the
       // SM's own rank they are warp-uniform to ptxas, which keeps the loop on the uniform datapath; a claimed
@@ -305,9 +313,6 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       struct Position { uint32_t stage, phase, ring, ring_phase; };  // stage ring; packed B: the tile ring
       auto produce = [&](auto claimed, const uint32_t queue, const uint32_t rank, Position at) {
         uint32_t stage = at.stage, phase = at.phase, ring = at.ring, ring_phase = at.ring_phase;
-        // K blocks of the first tile issued early (always 0 without L2SIDE_EARLY_ISSUE)
-        [[maybe_unused]] uint32_t skip =
-            std::is_same_v<decltype(claimed), std::false_type> ? kEarlyStages * kStageKBlocks : 0;
         [[maybe_unused]] uint32_t round = 0, first_chunk = 0;  // (packed B)
         uint32_t m_block, n_block;
         auto publish = [&](uint32_t m, uint32_t n) {
@@ -317,36 +322,24 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           ptx::mbar_arrive(tile_full + ring);  // (release: the slot's writes are seen by whoever waits)
           if (++ring == 2) { ring = 0; ring_phase ^= 1; }
         };
+        [[maybe_unused]] const uint32_t count = kPackedB ? packed_tile_count(packed, queue, rank, num_m_blocks) : 0;
         auto next_tile = [&](uint32_t& m, uint32_t& n) -> bool {
           if constexpr (!kPackedB) {
             return scheduler.next(m, n, tile, split, n_splits);
           } else {
-            const uint32_t len = queue == 0 ? packed.queue_len0 : packed.queue_len1;
-            const uint32_t workers = packed.workers[queue];
-            const uint32_t t = rank + round++ * workers;
-            if (rank >= workers || t >= len * num_m_blocks) return false;
-            // the grouped raster of GroupedScheduler over (M-block, queue position): groups of kGroupM M-blocks,
-            // M-block fastest, so the tiles in flight share a few A and B panels in L2
-            const uint32_t group_m = kGroupM == 0 ? num_m_blocks : kGroupM;
-            const uint32_t group = t / (group_m * len);
-            const uint32_t first_m = group * group_m;
-            const uint32_t width = min(group_m, num_m_blocks - first_m);
-            const uint32_t in_group = t - group * group_m * len;
-            m = first_m + in_group % width;
-            const uint32_t j = in_group / width;
-            n = static_cast<uint32_t>(packed.queue_blocks[queue * packed.queue_width + j]);
+            if (round == count) return false;
+            packed_tile<kGroupM>(packed, queue, rank, round++, num_m_blocks, m, n);
             first_chunk = static_cast<uint32_t>(packed.block_first[queue * packed.n_blocks + n]);
-            publish(m, n);
+            // the math warps walk the home rank's tiles themselves (uniform); a claimed rank's go through the ring
+            if constexpr (decltype(claimed)::value) publish(m, n);
             return true;
           }
         };
         while (next_tile(m_block, n_block)) {
           [[maybe_unused]] const int32_t m0 = static_cast<int32_t>(m_block * BLOCK_M),
                                          n0 = static_cast<int32_t>(n_block * BLOCK_N);
-          const uint32_t first_kb = kb_begin() + (kEarlyIssue ? skip : 0);
-          if constexpr (kEarlyIssue) skip = 0;
 #pragma unroll 1
-          for (uint32_t kb = first_kb, end = kb_end(); kb < end; kb += kStageKBlocks) {
+          for (uint32_t kb = kb_begin(), end = kb_end(); kb < end; kb += kStageKBlocks) {
             ptx::mbar_wait(empty + stage, phase ^ 1);  // first pass: the "previous" phase counts as done
             uint64_t* bar = full + stage;
             ptx::mbar_arrive_expect_tx(bar, Smem::kTxBytes);  // (K blocks past K arrive zero-filled: counted too)
@@ -390,24 +383,19 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           }
         }
       };
-      // where the pipeline stands after `tiles` more tiles from `at` (a count, not the loop's variables: a value
-      // flowing from the per-thread loop below into the uniform one above made ptxas give both vector registers)
-      auto after = [&](Position at, uint32_t tiles) {
+      // where the pipeline stands after `tiles` more tiles from `at`, `published` or not through the tile ring (a
+      // count, not the loop's variables: a value flowing from the per-thread loop below into the uniform one above
+      // made ptxas give both vector registers)
+      auto after = [&](Position at, uint32_t tiles, bool published) {
         const uint32_t stages = at.phase * kStages + at.stage + tiles * ceil_div(kb_end() - kb_begin(), kStageKBlocks);
-        const uint32_t rings = at.ring_phase * 2 + at.ring + tiles;
+        const uint32_t rings = at.ring_phase * 2 + at.ring + (published ? tiles : 0);
         return Position{stages % kStages, (stages / kStages) & 1u, rings % 2, (rings / 2) & 1u};
       };
-      auto tiles_of = [&](uint32_t queue, uint32_t rank) {  // how many tiles produce(queue, rank) runs
-        const uint32_t tiles = (queue == 0 ? packed.queue_len0 : packed.queue_len1) * num_m_blocks;
-        const uint32_t workers = packed.workers[queue];
-        return rank < workers && rank < tiles ? (tiles - rank + workers - 1) / workers : 0u;
-      };
+      auto tiles_of = [&](uint32_t q, uint32_t r) { return packed_tile_count(packed, q, r, num_m_blocks); };
       // The SM's rank always, even when the claim failed (the loop under a branch on the claim's result was
-      // per-thread to ptxas). With an early issue the first tile's first kEarlyStages stages are in flight already.
-      const uint32_t early = kEarlyIssue && scheduler.unit < scheduler.num_units ? kEarlyStages : 0;
-      const Position start{early % kStages, (early / kStages) & 1u, 0, 0};
-      produce(std::false_type{}, queue, rank, start);
-      Position at = after(Position{0, 0, 0, 0}, tiles_of(queue, rank));  // (early stages are the first tile's)
+      // per-thread to ptxas).
+      produce(std::false_type{}, queue, rank, Position{0, 0, 0, 0});
+      Position at = after(Position{0, 0, 0, 0}, tiles_of(queue, rank), false);
       if (!ranked) {
         // another CTA ran on this SM already (CTAs not one per SM): the rank above ran twice (the same values
         // stored twice), and this CTA also runs the first free rank of either queue, so that every rank runs
@@ -421,11 +409,11 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         uint32_t r = first_free(queue);
         if (r < packed.ctas[queue]) {
           produce(std::true_type{}, queue, r, at);
-          at = after(at, tiles_of(queue, r));
+          at = after(at, tiles_of(queue, r), true);
         } else {
           r = first_free(queue ^ 1u);
           produce(std::true_type{}, queue ^ 1u, r, at);
-          at = after(at, tiles_of(queue ^ 1u, r));
+          at = after(at, tiles_of(queue ^ 1u, r), true);
         }
       }
       if constexpr (kPackedB) {
@@ -518,21 +506,8 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       }
     };
 
-    uint32_t ring = 0, ring_phase = 0;
-    auto next_tile = [&](uint32_t& m, uint32_t& n) -> bool {
-      if constexpr (!kPackedB) {
-        return scheduler.next(m, n, tile, split, n_splits);
-      } else {  // the producer's choice, through the ring
-        ptx::mbar_wait(tile_full + ring, ring_phase);
-        m = tile_slots[2 * ring];
-        n = tile_slots[2 * ring + 1];
-        __syncwarp();
-        if (lane == 0) ptx::mbar_arrive(tile_empty + ring);
-        if (++ring == 2) { ring = 0; ring_phase ^= 1; }
-        return m != 0xFFFFFFFFu;
-      }
-    };
-    while (next_tile(m_block, n_block)) {
+    // One tile (or split unit): its K blocks through the stage ring, then the epilogue
+    auto run_tile = [&](const uint32_t m_block, const uint32_t n_block) {
       const uint32_t n0 = n_block * BLOCK_N;
       const float* sb_first = scales_b + (n0 / BLOCK_K) * sb_stride_n;
       const float* sb_second =
@@ -646,7 +621,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         // (broadcast from lane 0 so that ptxas sees a warp-uniform branch: a per-thread condition on this
         // `continue` made the loop-carried stage / phase non-uniform, and every K block's wgmma descriptors
         // then went through R2UR moves)
-        if (!__shfl_sync(0xffffffffu, *sums_tile, 0)) continue;
+        if (!__shfl_sync(0xffffffffu, *sums_tile, 0)) return;
         // Sum every partial, this unit's own included (it is in the workspace too), in split order into out:
         // the bits do not depend on which unit sums, and no second array of kNumAccum registers is needed
         // (a 192-wide tile spilled with one). One split at a time, all of its loads in flight together.
@@ -696,7 +671,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
                               static_cast<int32_t>(m_block * BLOCK_M + wg * 64));
           ptx::tma_store_commit();
         }
-        continue;
+        return;
       }
       const uint32_t r0 = m_block * BLOCK_M + row, r1 = r0 + 8;
       __nv_bfloat16* d0 = d + static_cast<size_t>(r0) * SHAPE_N;
@@ -721,6 +696,33 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
             if (col + 1 < SHAPE_N) d1[col + 1] = __float2bfloat16_rn(out[4 * j + 3]);
           }
         }
+      }
+    };
+    if constexpr (!kPackedB) {
+      uint32_t m_block, n_block;
+      while (scheduler.next(m_block, n_block, tile, split, n_splits)) run_tile(m_block, n_block);
+    } else {
+      // The home rank's tiles, walked as the producer's first loop does, then a claimed rank's (rare: CTAs not one
+      // per SM) from the producer through the tile ring until its end mark. One copy of the tile body, its branches
+      // warp-uniform to ptxas (ring values broadcast from lane 0): a tile read from the ring as a per-thread value
+      // made it rebuild the wgmma descriptors through R2UR every K block, and a second copy of the body for the
+      // ring pushed the first's shared-memory base out of the uniform registers (132 vs 116 instructions per K block)
+      uint32_t queue, rank, m_block, n_block, round = 0, ring = 0, ring_phase = 0;
+      packed_home(packed, queue, rank);
+      const uint32_t count = packed_tile_count(packed, queue, rank, num_m_blocks);
+#pragma unroll 1
+      while (true) {
+        if (round < count) {
+          packed_tile<kGroupM>(packed, queue, rank, round++, num_m_blocks, m_block, n_block);
+        } else {
+          ptx::mbar_wait(tile_full + ring, ring_phase);
+          m_block = __shfl_sync(0xffffffffu, tile_slots[2 * ring], 0);
+          n_block = __shfl_sync(0xffffffffu, tile_slots[2 * ring + 1], 0);
+          if (lane == 0) ptx::mbar_arrive(tile_empty + ring);
+          if (++ring == 2) { ring = 0; ring_phase ^= 1; }
+          if (m_block == 0xFFFFFFFFu) break;
+        }
+        run_tile(m_block, n_block);
       }
     }
     if constexpr (kTmaStore) {
