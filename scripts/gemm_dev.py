@@ -268,7 +268,9 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
         d = diff(ref_out, reference(a, sa, b, sb))
         calls = {"unpacked": lambda: l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg)}
         t_ref = clock(calls["unpacked"], flush)
-        line = f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={bn} da={int((packed_cfg or cfg).double_acc)} {packed.kind:5s} diff={d:.1e} | unpacked {t_ref:7.1f} us"
+        # da: double accumulators of the unpacked call / of the packed calls (packed_config's choice unless changed)
+        da = f"{int(cfg.double_acc)}/{int((packed_cfg or fp8_gemm.packed_config(m, n, k, bn)).double_acc)}"
+        line = f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={bn} da={da} {packed.kind:5s} diff={d:.1e} | unpacked {t_ref:7.1f} us"
         # "plain": the same tiles packed contiguously (chunk i = i, both sides): the chunk pattern without side purity
         plain = l2side.pack_b(b, sb, block_n=bn, layout="plain")
         for name, weight, mode in (("near", packed, "near"), ("ignore", packed, "ignore"), ("far", packed, "far"),
