@@ -519,11 +519,12 @@ def packed_b_args(base: int, side_mask: int, queue_blocks: int, block_first: int
 def packed_schedule(sm_side, num_sms: int, mode: int, queue_len: tuple, m_blocks: int,
                     compute_bound: bool) -> tuple[int, tuple, tuple]:
     """(mode, ctas, workers) of the packed-B kernel's static schedule (PackedBArgs), for a grid of one CTA per SM.
-    ctas[q]: the CTAs side_mode sends to queue q (near: the SMs of side q, far: of the other side, ignore: CTA
-    parity); an empty queue's CTAs go to the other one. Near / far fall back to ignore (the mode returned) when
-    the table cannot give every queue with tiles its CTAs (a GPU without a split, fewer SMs than the table).
-    workers[q]: how many of them take tiles — all, or when compute-bound the fewest that need the same rounds
-    (as grid_size does for the unpacked kernel)."""
+    ctas[q]: the CTAs side_mode sends to queue q (near: the SMs of side q, far: of the other side, ignore: the
+    even-ranked SMs of side q and the odd-ranked of the other, PACKED_BY_PARITY: CTA parity); an empty queue's
+    CTAs go to the other one. The modes fall back to PACKED_BY_PARITY (the mode returned) when the table cannot
+    give every queue with tiles its CTAs (a GPU without a split, fewer SMs than the table; for ignore, sides that
+    differ by more than one SM). workers[q]: how many of them take tiles — all, or when compute-bound the fewest
+    that need the same rounds (as grid_size does for the unpacked kernel)."""
     side1 = sum(1 for smid, s in enumerate(sm_side) if s == 1 and smid < 256)
     per_side = (num_sms - side1, side1)
     ctas = ((num_sms + 1) // 2, num_sms // 2)
@@ -532,7 +533,14 @@ def packed_schedule(sm_side, num_sms: int, mode: int, queue_len: tuple, m_blocks
         if min(by_side) >= 0 and all(by_side[q] > 0 or not queue_len[q] for q in (0, 1)):
             ctas = by_side
         else:
-            mode = SIDE_MODES["ignore"]
+            mode = PACKED_BY_PARITY
+    elif mode == SIDE_MODES["ignore"]:
+        # ranks 0, 2, ... of side q and 1, 3, ... of the other: contiguous in each queue when the sides differ by
+        # at most one SM
+        if min(per_side) > 0 and abs(per_side[0] - per_side[1]) <= 1:
+            ctas = tuple((per_side[q] + 1) // 2 + per_side[q ^ 1] // 2 for q in (0, 1))
+        else:
+            mode = PACKED_BY_PARITY
     if not queue_len[1]:
         ctas = (num_sms, 0)
     elif not queue_len[0]:
@@ -633,6 +641,7 @@ def _fire(prepared, stream: int) -> None:
 
 
 SIDE_MODES = {"near": 0, "ignore": 1, "far": 2}
+PACKED_BY_PARITY = 3  # PackedBArgs.mode: queue and rank by CTA parity (side-ignored where the table cannot split)
 
 
 def _queues(packed):
@@ -714,7 +723,8 @@ def gemm(a, a_scales, b, b_scales=None, out=None, *, config: GemmConfig | None =
 
     b may be a PackedB from l2side.pack_b (then b_scales is omitted: the packed weight holds them): every SM
     then computes the tiles of N-blocks stored on its own L2 side, reading B only from its near side.
-    side_mode ("near", "ignore": queue by CTA parity, "far": the other side first) exists for measurements.
+    side_mode ("near", "ignore": half of each side's SMs on each side's tiles, "far": every SM on the other
+    side's tiles) exists for measurements.
 
     Under torch.compile this goes through the custom ops torch.ops.l2side.fp8_gemm / fp8_gemm_out (which
     have fake implementations), so `torch.compile(fullgraph=True)` traces it (unpacked B only).

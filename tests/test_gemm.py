@@ -827,21 +827,22 @@ def test_packed_args_struct_matches_the_kernel_layout():
 
 
 def _kernel_ranks(sms, sm_side, mode, ctas):
-    """The packed kernel's start (fp8_gemm.cuh, producer), CTA by CTA in start order; sms[i]: the SM id CTA i
-    runs on. Returns the (queue, rank) pairs each CTA runs. Side ignored, or one queue: by blockIdx. Near / far:
-    the SM's rank among the present SMs of its side (an id outside the table counts as side 0), claimed; if
-    taken, that rank again plus the first free rank of its queue, else of the other."""
+    """The packed kernel's start (fp8_gemm.cuh, packed_home and the producer's claims), CTA by CTA in start
+    order; sms[i]: the SM id CTA i runs on. Returns the (queue, rank) pairs each CTA runs. One queue or
+    PACKED_BY_PARITY: by blockIdx. Else the SM's rank r among the present SMs of its side (an id outside the
+    table counts as side 0) in queue side (near), side ^ 1 (far) or side ^ (r & 1) (ignore), claimed; if taken,
+    that rank again plus the first free rank of its queue, else of the other."""
     claimed, out = set(), []
     one_queue = 0 in ctas
     table = lambda i: sm_side[i] if i < len(sm_side) else -1  # noqa: E731
     for cta, sm in enumerate(sms):
-        if one_queue or mode == 1:
+        if one_queue or mode == fp8_gemm.PACKED_BY_PARITY:
             queue = (1 if ctas[0] == 0 else 0) if one_queue else cta & 1
             out.append([(queue, cta if one_queue else cta >> 1)])
             continue
         side = 1 if table(sm) == 1 else 0
-        queue = side if mode == 0 else side ^ 1
         rank = sum(1 for j in range(min(sm, 256)) if table(j) == side)
+        queue = side if mode == 0 else side ^ 1 if mode == 2 else side ^ (rank & 1)
         runs = [(queue, rank)]
         if rank < ctas[queue] and rank < 256 and (queue, rank) not in claimed:
             claimed.add((queue, rank))
@@ -878,8 +879,18 @@ def test_packed_schedule_covers_every_tile(table, mode, lengths, m_blocks, bound
     sm_ids = [i for i, s in enumerate(sm_side) if s != -1] if table == "gaps" else list(range(num_sms))
     got_mode, ctas, workers = fp8_gemm.packed_schedule(sm_side, num_sms, mode, lengths, m_blocks, bound)
     assert sum(ctas) == num_sms and all(w <= c for w, c in zip(workers, ctas))
-    # near / far fall back to side-ignored only where the table cannot serve a queue that has tiles
-    assert got_mode == mode or (mode != 1 and got_mode == 1 and table == "no split")
+    # near / far fall back to CTA parity only where the table cannot serve a queue that has tiles, ignore where
+    # a side has no SMs or the sides differ by more than one SM (then its queues would have gaps in their ranks)
+    side1 = sm_side.count(1)
+    per_side = (num_sms - side1, side1)
+    if mode == 1:
+        by_parity = min(per_side) == 0 or abs(per_side[0] - per_side[1]) > 1
+    else:
+        by_side = per_side if mode == 0 else per_side[::-1]
+        by_parity = any(by_side[q] == 0 and lengths[q] for q in (0, 1))
+    assert got_mode == (fp8_gemm.PACKED_BY_PARITY if by_parity else mode)
+    if mode == 1 and not by_parity and 0 not in lengths:  # each queue: the even ranks of its side, the odd of the other
+        assert ctas == tuple((per_side[q] + 1) // 2 + per_side[q ^ 1] // 2 for q in (0, 1))
     for q in (0, 1):
         tiles = lengths[q] * m_blocks
         assert (workers[q] > 0) == (tiles > 0)

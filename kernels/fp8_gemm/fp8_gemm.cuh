@@ -86,8 +86,9 @@ struct SmemLayout {
 // SMs). Near / far: a CTA's queue is its SM's side (or the other) and its rank the SM's rank among its side's
 // SMs, claimed in a mask; should it be taken (CTAs not spread one per SM, e.g. beside another kernel), the CTA
 // takes the first free rank of either queue, so every rank runs once (the grid is ctas[0] + ctas[1]). Side
-// ignored: queue and rank by blockIdx (CTA parity). A dynamic queue (an atomic per tile) measured 16-25% slower
-// at M = 4096 (H200, docs/perf-notes.md session 9), even with the claim issued a tile ahead.
+// ignored: the same with half of each side's SMs in each queue (packed_home). A dynamic queue (an atomic per
+// tile) measured 16-25% slower at M = 4096 (H200, docs/perf-notes.md session 9), even with the claim issued a
+// tile ahead.
 // workspace: [2][8] claim masks (bit r of queue q: rank r taken; up to 256 ranks), then the CTAs-done counter
 constexpr uint32_t kPackedClaimWords = 16;
 struct PackedBArgs {
@@ -99,7 +100,8 @@ struct PackedBArgs {
   uint64_t sm_side_bits[4];       // bit i: side of SM i
   uint64_t sm_side0_bits[4];      // bit i: SM i exists and is on side 0 (the ranks count only present SMs)
   uint32_t queue_width, queue_len0, queue_len1, n_blocks;
-  uint32_t mode;                  // 0: near (own side's queue), 1: side ignored (CTA parity), 2: far
+  uint32_t mode;                  // 0: near (own side's queue), 1: side ignored (half of each side's SMs in
+                                  // each queue), 2: far, 3: by CTA parity (ignore's fallback, sides unequal)
   uint32_t paired;                // 1: side-aware chunk pairs; 0: plain layout (chunk i = i)
   uint32_t ctas[2];               // CTAs expected in each queue (the SMs the mode sends to it)
   uint32_t workers[2];            // ranks of each queue that take tiles (<= ctas)
@@ -124,20 +126,21 @@ __device__ __forceinline__ bool claim_rank(uint32_t* workspace, uint32_t q, uint
   return r < 256 && !(atomicOr(workspace + q * 8 + r / 32, bit) & bit);
 }
 
-// This CTA's home queue and rank: by blockIdx where that is unique without claims (one queue, or the side
-// ignored), else its SM's side's queue (near) or the other side's (far) and the SM's rank among its side's SMs.
-// The producer and the math warps compute it alike, warp-uniform, so that both tile loops stay on the uniform
-// datapath. Returns whether the rank has to be claimed.
+// This CTA's home queue and rank: by blockIdx where that is unique without claims (one queue, or mode 3), else
+// from the SM's rank r among its side's SMs: rank r of its own side's queue (near), of the other side's (far), or
+// of queue side ^ (r & 1) (side ignored: each queue gets half of each side's SMs, whatever the CTA -> SM
+// placement; CTA parity matched the sides on an idle H200). The producer and the math warps compute it alike,
+// warp-uniform, so that both tile loops stay on the uniform datapath. Returns whether the rank has to be claimed.
 __device__ __forceinline__ bool packed_home(const PackedBArgs& packed, uint32_t& queue, uint32_t& rank) {
   const bool one_queue = packed.ctas[0] == 0 || packed.ctas[1] == 0;
-  if (one_queue || packed.mode == 1) {
+  if (one_queue || packed.mode == 3) {
     queue = one_queue ? (packed.ctas[0] == 0 ? 1u : 0u) : (blockIdx.x & 1u);
     rank = one_queue ? blockIdx.x : blockIdx.x >> 1;
     return false;
   }
   const uint32_t my_side = sm_side(packed.sm_side_bits);
-  queue = packed.mode == 0 ? my_side : my_side ^ 1u;
   rank = sm_rank_in_side(my_side ? packed.sm_side_bits : packed.sm_side0_bits);
+  queue = packed.mode == 0 ? my_side : packed.mode == 2 ? my_side ^ 1u : my_side ^ (rank & 1u);
   return true;
 }
 
