@@ -840,7 +840,7 @@ def _kernel_ranks(sms, sm_side, mode, ctas):
             queue = (1 if ctas[0] == 0 else 0) if one_queue else cta & 1
             out.append([(queue, cta if one_queue else cta >> 1)])
             continue
-        side = 1 if table(sm) == 1 else 0
+        side = 1 if sm < 256 and table(sm) == 1 else 0  # (the kernel reads ids past 255 as side 0)
         rank = sum(1 for j in range(min(sm, 256)) if table(j) == side)
         queue = side if mode == 0 else side ^ 1 if mode == 2 else side ^ (rank & 1)
         runs = [(queue, rank)]

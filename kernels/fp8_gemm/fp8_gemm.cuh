@@ -69,6 +69,8 @@ struct SmemLayout {
   // then split-K's "this warpgroup sums the tile" flags (one per math warpgroup)
   static constexpr uint32_t kRing = kBarriers + 2 * kStages * sizeof(uint64_t);
   static constexpr uint32_t kSplitFlags = kRing + 4 * sizeof(uint64_t) + 4 * sizeof(uint32_t);
+  // (packed B, which has no split-K, keeps the SM id read at entry in the first flag: PackedHome)
+  static constexpr uint32_t kEntrySm = kSplitFlags;
   // then each math warpgroup's B scales of the current tile: kSbChunk K blocks x (first, second) scale block
   static constexpr uint32_t kSb = kSplitFlags + 4 * sizeof(uint32_t);
   static constexpr uint32_t kSbChunk = 128;
@@ -109,8 +111,7 @@ struct PackedBArgs {
 
 // The rank of this SM among the SMs of its side (SM ids below it with the same side), from the probe's tables
 // (`side_bits`: the SMs of this side).
-__device__ __forceinline__ uint32_t sm_rank_in_side(const uint64_t (&side_bits)[4]) {
-  const uint32_t id = sm_id();
+__device__ __forceinline__ uint32_t sm_rank_in_side(const uint64_t (&side_bits)[4], uint32_t id) {
   uint32_t rank = 0;
 #pragma unroll
   for (uint32_t w = 0; w < 4; ++w) {
@@ -130,16 +131,18 @@ __device__ __forceinline__ bool claim_rank(uint32_t* workspace, uint32_t q, uint
 // from the SM's rank r among its side's SMs: rank r of its own side's queue (near), of the other side's (far), or
 // of queue side ^ (r & 1) (side ignored: each queue gets half of each side's SMs, whatever the CTA -> SM
 // placement; CTA parity matched the sides on an idle H200). The producer and the math warps compute it alike,
-// warp-uniform, so that both tile loops stay on the uniform datapath. Returns whether the rank has to be claimed.
-__device__ __forceinline__ bool packed_home(const PackedBArgs& packed, uint32_t& queue, uint32_t& rank) {
+// warp-uniform, so that both tile loops stay on the uniform datapath, from `sm`: the %smid one thread read at
+// entry (%smid may change under preemption; two reads could give two homes). Returns whether the rank has to be
+// claimed.
+__device__ __forceinline__ bool packed_home(const PackedBArgs& packed, uint32_t sm, uint32_t& queue, uint32_t& rank) {
   const bool one_queue = packed.ctas[0] == 0 || packed.ctas[1] == 0;
   if (one_queue || packed.mode == 3) {
     queue = one_queue ? (packed.ctas[0] == 0 ? 1u : 0u) : (blockIdx.x & 1u);
     rank = one_queue ? blockIdx.x : blockIdx.x >> 1;
     return false;
   }
-  const uint32_t my_side = sm_side(packed.sm_side_bits);
-  rank = sm_rank_in_side(my_side ? packed.sm_side_bits : packed.sm_side0_bits);
+  const uint32_t my_side = sm_side(packed.sm_side_bits, sm);
+  rank = sm_rank_in_side(my_side ? packed.sm_side_bits : packed.sm_side0_bits, sm);
   queue = packed.mode == 0 ? my_side : packed.mode == 2 ? my_side ^ 1u : my_side ^ (rank & 1u);
   return true;
 }
@@ -236,6 +239,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   uint32_t* tile_slots = reinterpret_cast<uint32_t*>(tile_empty + 2);     // [2][2]: m_block, n_block
 
   const uint32_t lane = threadIdx.x % 32;
+  // packed B: %smid once per CTA (it may change under preemption, and the producer and the math warps must agree on
+  // the home it selects): the producer thread's read, kept in shared memory for the math warps
+  [[maybe_unused]] const uint32_t entry_sm = kPackedB ? sm_id() : 0u;
   // A, its scales and B of the stage starting at K block kb into stage s by TMA tensor loads, counted on its full
   // barrier (the loads of an unpacked B without clusters; the caller expects the bytes first)
   auto load_tma_stage = [&](uint32_t s, uint32_t kb, int32_t m0, int32_t n0) {
@@ -280,6 +286,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       ptx::mbar_init(tile_empty + r, kMathWarpgroups * 4);
     }
     ptx::mbar_init_fence();
+    if constexpr (kPackedB) *reinterpret_cast<uint32_t*>(smem + Smem::kEntrySm) = entry_sm;
   }
   // with clusters the peer multicasts into this CTA's stages and arrives on its barriers: all initialised first
   if constexpr (kClusterN > 1) ptx::cluster_sync(); else __syncthreads();
@@ -294,6 +301,12 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   auto kb_end = [&]() {
     return kMaxSplit == 1 ? kNumKBlocks : min(kb_begin() + ceil_div(kNumKBlocks, n_splits), kNumKBlocks);
   };
+  // packed B: a math warp's home (queue, rank), from the SM id the producer thread read (a broadcast keeps it
+  // warp-uniform to ptxas)
+  auto packed_home_of_warp = [&](uint32_t& queue, uint32_t& rank) {
+    const uint32_t sm = __shfl_sync(0xffffffffu, *reinterpret_cast<const uint32_t*>(smem + Smem::kEntrySm), 0);
+    return packed_home(packed, sm, queue, rank);
+  };
 
   if (threadIdx.x >= kMathThreads) {
     // ---------------- producer warpgroup: one thread issues every TMA load
@@ -301,11 +314,13 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
     ptx::setmaxnreg_dec<kProducerRegisters<BLOCK_M / 64, kPackedB>>();
 #endif
     if (threadIdx.x == kMathThreads) {
-      // packed B: this CTA's queue and rank in it (PackedBArgs)
+      // packed B: this CTA's queue and rank in it (PackedBArgs), from this thread's own entry read of %smid: the
+      // value the math warps read back from shared memory, and uniform to ptxas (a value loaded or broadcast made
+      // the chunk address math per-thread here)
       uint32_t queue = 0, rank = 0;
       bool ranked = true;  // false: the rank must be claimed (the SM's own rank was taken)
       if constexpr (kPackedB) {
-        if (packed_home(packed, queue, rank))
+        if (packed_home(packed, entry_sm, queue, rank))
           ranked = rank < packed.ctas[queue] && claim_rank(packed.workspace, queue, rank);
       }
       // The producer's tile loop for (queue, rank) from pipeline position `at`. queue and rank by value: with the
@@ -711,7 +726,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       // made it rebuild the wgmma descriptors through R2UR every K block, and a second copy of the body for the
       // ring pushed the first's shared-memory base out of the uniform registers (132 vs 116 instructions per K block)
       uint32_t queue, rank, m_block, n_block, round = 0, ring = 0, ring_phase = 0;
-      packed_home(packed, queue, rank);
+      packed_home_of_warp(queue, rank);
       const uint32_t count = packed_tile_count(packed, queue, rank, num_m_blocks);
 #pragma unroll 1
       while (true) {
