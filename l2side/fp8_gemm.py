@@ -567,7 +567,7 @@ def _kmajor_map(t, rows: int, k: int, box_rows: int, kblocks: int) -> bytes:
 
 
 def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmConfig | None, index: int,
-             stream: int, packed_args: bytes | None = None):
+             stream: int, packed_args: bytes | None = None, packed_map: bytes | None = None):
     """Everything a launch needs: the kernel, grid, block, shared memory and the parameter buffer."""
     dev = _device(index)
     cfg = config or gemm_config(m, n, k, dev.num_sms)
@@ -578,8 +578,8 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
     kb = _ceil_div(k, BLOCK_K)
     g = cfg.kblocks_per_stage
     tmap_a = _kmajor_map(a, m, k, cfg.block_m // cfg.cluster_n, g)  # (in a cluster each CTA loads its share)
-    # (packed B comes by bulk copies from the packed chunks; the map is not read)
-    tmap_b = tmap_a if cfg.packed_b else _kmajor_map(b, n, k, cfg.block_n, g)
+    # (packed B: packed_map, the packed buffer's map; unread by kernels built with -DL2SIDE_PACKED_BULK)
+    tmap_b = packed_map if cfg.packed_b else _kmajor_map(b, n, k, cfg.block_n, g)
     tmap_sa = jit.tensor_map(sa.data_ptr(), "f32", (m, kb), (sa.stride(1) * 4,), (cfg.block_m, g), swizzle=0)
     if cfg.tma_store:
         chunk = d_chunk_cols(cfg.block_n)
@@ -666,7 +666,7 @@ def packed_config(m: int, n: int, k: int, block_n: int, config: GemmConfig | Non
                   num_sms: int = 132) -> GemmConfig:
     """The block configuration of a packed-B call: `config` (or gemm_config's choice, adjusted below) on the
     packed tile width, with what the packed path does not have turned off (clusters, splits, several K blocks
-    per stage: its B tiles arrive by bulk copies, one K block at a time)."""
+    per stage: its B tiles arrive as 4 KiB chunks, one K block at a time)."""
     cfg = config or gemm_config(m, n, k, num_sms)
     if config is None:
         # 64-row tiles only for M <= 64 and 128 otherwise (how the packed path was measured: the short-K
@@ -707,7 +707,11 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
         args = packed_b_args(packed.base, lay.side_mask if lay.paired else 0, table.data_ptr(),
                              packed.block_first.data_ptr(), queues.data_ptr(), topo.sm_side, width, lengths,
                              lay.n_blocks, mode, lay.paired, ctas, workers)
-        return _prepare(a, a_scales, None, packed.scales, out, m, n, k, cfg, index, stream, packed_args=args)
+        # the packed buffer as rows of 128 bytes, boxes of one chunk (paired) or one tile (plain: contiguous)
+        packed_map = jit.tensor_map(packed.base, "u8", (BLOCK_K, lay.total_chunks * 32), (BLOCK_K,),
+                                    (BLOCK_K, 32 if lay.paired else cfg.block_n), swizzle=0)
+        return _prepare(a, a_scales, None, packed.scales, out, m, n, k, cfg, index, stream, packed_args=args,
+                        packed_map=packed_map)
 
     _launch_cached(key, prepare, stream)
     return out

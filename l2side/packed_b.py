@@ -3,7 +3,7 @@
 B [N, K] e4m3 is cut into tiles of block_n rows x 128 bytes of K (zero-padded beyond N and K). Each tile is
 stored as the SWIZZLE_128B shared-memory image the wgmma reads (row r at byte r * 128, its 16-byte unit u at
 unit position u ^ (r % 8)): block_n * 128 bytes = block_n / 32 chunks of 4 KiB, so a kernel fetches a tile
-with block_n / 32 bulk copies of 4 KiB that land ready for the wgmma.
+with block_n / 32 TMA loads of 4 KiB (one per chunk) that land ready for the wgmma.
 
 Every N-block is assigned a side (`side_plan.packing_plan`: plan_sides' exclusive blocks on their side,
 left-over blocks on both sides) and all its chunks are placed on that side of one side-aware allocation:

@@ -15,7 +15,7 @@
 #   allocator.csv / allocator.json (bench_allocator.py), gemm.csv, elementwise.csv (when those benchmarks exist)
 #   jit_cache.tar.gz the compiled kernels (see JIT cache below)
 # Environment: PYTEST_OPTS (default "-x -q -rA"), BENCH_ALLOCATOR_ARGS / BENCH_GEMM_ARGS / BENCH_ELEMENTWISE_ARGS (extra args),
-#   SKIP_INSTALL=1, SKIP_GEMM=1 (no bench_gemm.py), BENCHES (default "allocator,gemm,packed,elementwise";
+#   SKIP_INSTALL=1, SKIP_GEMM=1 (no bench_gemm.py), PACKED_SHAPES / PACKED_ENERGY_S (the packed ablation's), BENCHES (default "allocator,gemm,packed,elementwise";
 #   also "sanitize", and "sweep": gemm_dev.py --sweep "$SWEEP_SPEC" --clean --fresh on $SWEEP_SHAPES), DEADLINE_S (every part is killed once this many seconds have passed since the start, so
 #   the parts after it still report; default none), L2SIDE_CACHE_DIR (default .jit_cache), JIT_CACHE_EXPORT_MIB
 #   (at most this many MiB of kernels are exported, the newest; default 48).
@@ -142,8 +142,9 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
     echo "benchmarks/bench_gemm.py not there yet: skipped" | tee -a "$OUT/bench.log"
   fi
   if [[ ",$BENCHES," == *,packed,* ]]; then  # side-aware packed B: near / ignore / far vs unpacked (issue 4)
-    run_part gemm_packed_ablation "$OUT/bench.log" "$PYTHON" scripts/gemm_dev.py --packed auto --energy 0.3 \
-      --shapes "64,24576,1536;64,7168,16384;128,7168,16384;128,7168,2048;4096,2112,7168;4096,7168,16384;4096,24576,1536"
+    run_part gemm_packed_ablation "$OUT/bench.log" "$PYTHON" scripts/gemm_dev.py --packed auto \
+      --energy "${PACKED_ENERGY_S:-0.3}" \
+      --shapes "${PACKED_SHAPES:-64,24576,1536;64,7168,16384;128,7168,16384;128,7168,2048;4096,2112,7168;4096,7168,16384;4096,24576,1536}"
   fi
   if [[ ",$BENCHES," == *,sweep,* ]]; then  # GEMM block-config A/B (kernel work): SWEEP_SHAPES, SWEEP_SPEC
     run_part gemm_sweep "$OUT/bench.log" "$PYTHON" scripts/gemm_dev.py --sweep "${SWEEP_SPEC:-auto}" --clean --fresh \

@@ -17,7 +17,7 @@
 // conflicts). Otherwise bf16 pairs go straight from registers to global memory, guarded by M and N.
 //
 // Tiles: GroupedScheduler (scheduler.cuh), or with kPackedB two per-side queues over a side-aware packed B
-// whose tiles arrive by 4 KiB bulk copies from the SM's own L2 side (PackedBArgs below).
+// whose tiles arrive by TMA loads of 4 KiB chunks from the SM's own L2 side (PackedBArgs below).
 // Split along K (kMaxSplit > 1, SplitKArgs below): a tile's K blocks are cut into `splits` contiguous ranges
 // computed by different CTAs — every tile (split-K) or only the last, partial wave's (tail split); each writes
 // its fp32 partial tile to a workspace, and the last of them to finish (a counter per tile and warpgroup)
@@ -206,6 +206,13 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   static_assert(BLOCK_M / kClusterN >= 8, "each CTA multicasts at least 8 rows of A");
   static_assert(!kPackedB || (kClusterN == 1 && BLOCK_N % 32 == 0), "packed B: no clusters, whole 4 KiB chunks");
   constexpr uint32_t kChunksPerTile = BLOCK_N * BLOCK_K / 4096;
+  // packed B by TMA tensor loads over tmap_b (a map of the packed buffer): 3-4% faster than 1-D bulk copies of
+  // the same chunks on every shape measured (H200, docs/perf-notes.md session 12); the bulk copies stay for A/Bs
+#ifdef L2SIDE_PACKED_BULK
+  constexpr bool kPackedTma = false;
+#else
+  constexpr bool kPackedTma = kPackedB;
+#endif
   constexpr uint32_t kMathWarpgroups = BLOCK_M / 64;
   constexpr uint32_t kMathThreads = kMathWarpgroups * kWarpgroupThreads;
   constexpr uint32_t kNumKBlocks = ceil_div(SHAPE_K, BLOCK_K);
@@ -381,18 +388,28 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
             }
             ptx::tma_load_2d(smem + Smem::kSa + stage * Smem::kSaStage, &tmap_sa, bar, m0, static_cast<int32_t>(kb));
             if constexpr (kPackedB) {
-              // the tile's chunks: side-`queue` sequence indices first_chunk + kb * cpt + p (one AND + POPC each)
+              // the tile's chunks: side-`queue` sequence indices first_chunk + kb * cpt + p (one AND + POPC each),
+              // by TMA over tmap_b, the packed buffer as rows of 128 B (no swizzle: the chunks hold the swizzled
+              // image), the whole tile at once in the plain layout (its chunks are contiguous)
+              if (kPackedTma && !packed.paired) {
+                ptx::tma_load_2d(smem + Smem::kB + stage * Smem::kBStage, &tmap_b, bar, 0,
+                                 static_cast<int32_t>((first_chunk + kb * kChunksPerTile) * 32));
+              } else {
 #pragma unroll
-              for (uint32_t p = 0; p < kChunksPerTile; ++p) {
-                const uint64_t i = first_chunk + kb * kChunksPerTile + p;
-                uint64_t chunk = i;
-                if (packed.paired) {
-                  const uint64_t even = 2 * i;
-                  const uint64_t addr = reinterpret_cast<uint64_t>(packed.base) + even * 4096;
-                  chunk = even + ((__popcll(addr & packed.side_mask) & 1u) ^ queue);
+                for (uint32_t p = 0; p < kChunksPerTile; ++p) {
+                  const uint64_t i = first_chunk + kb * kChunksPerTile + p;
+                  uint64_t chunk = i;
+                  if (packed.paired) {
+                    const uint64_t even = 2 * i;
+                    const uint64_t addr = reinterpret_cast<uint64_t>(packed.base) + even * 4096;
+                    chunk = even + ((__popcll(addr & packed.side_mask) & 1u) ^ queue);
+                  }
+                  uint8_t* dst = smem + Smem::kB + stage * Smem::kBStage + p * 4096;
+                  if constexpr (kPackedTma)
+                    ptx::tma_load_2d(dst, &tmap_b, bar, 0, static_cast<int32_t>(chunk * 32));
+                  else
+                    ptx::bulk_load(dst, packed.base + chunk * 4096, 4096, bar);
                 }
-                ptx::bulk_load(smem + Smem::kB + stage * Smem::kBStage + p * 4096, packed.base + chunk * 4096, 4096,
-                               bar);
               }
             } else {
               ptx::tma_load_2d(smem + Smem::kB + stage * Smem::kBStage, &tmap_b, bar, k0, n0);
