@@ -640,7 +640,7 @@ def _fire(prepared, stream: int) -> None:
     _native.launch(device, function, grid, block, smem, stream, params, cluster, offsets)
 
 
-SIDE_MODES = {"near": 0, "ignore": 1, "far": 2}
+SIDE_MODES = {"near": 0, "ignore": 1, "far": 2, "parity": 3}  # (parity: PACKED_BY_PARITY, for measurements)
 PACKED_BY_PARITY = 3  # PackedBArgs.mode: queue and rank by CTA parity (side-ignored where the table cannot split)
 
 
@@ -728,7 +728,7 @@ def gemm(a, a_scales, b, b_scales=None, out=None, *, config: GemmConfig | None =
     b may be a PackedB from l2side.pack_b (then b_scales is omitted: the packed weight holds them): every SM
     then computes the tiles of N-blocks stored on its own L2 side, reading B only from its near side.
     side_mode ("near", "ignore": half of each side's SMs on each side's tiles, "far": every SM on the other
-    side's tiles) exists for measurements.
+    side's tiles, "parity": queue and rank by CTA index, blind to the SMs) exists for measurements.
 
     Under torch.compile this goes through the custom ops torch.ops.l2side.fp8_gemm / fp8_gemm_out (which
     have fake implementations), so `torch.compile(fullgraph=True)` traces it (unpacked B only).

@@ -273,8 +273,9 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
         line = f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={bn} da={da} {packed.kind:5s} diff={d:.1e} | unpacked {t_ref:7.1f} us"
         # "plain": the same tiles packed contiguously (chunk i = i, both sides): the chunk pattern without side purity
         plain = l2side.pack_b(b, sb, block_n=bn, layout="plain")
+        # parity: queue and rank by CTA index (blockIdx ranks instead of the SM's rank in its side)
         for name, weight, mode in (("near", packed, "near"), ("ignore", packed, "ignore"), ("far", packed, "far"),
-                                   ("plain", plain, "ignore")):
+                                   ("parity", packed, "parity"), ("plain", plain, "ignore")):
             out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
             l2side.gemm(a, sa, weight, out=out, side_mode=mode, config=packed_cfg)
             same = torch.equal(out, ref_out)
