@@ -298,11 +298,11 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
     if config.tma_store and n % 8:
         raise ValueError(f"the TMA-store epilogue needs N % 8 == 0 (16-byte output rows), got N={n}; "
                          "use a config with tma_store=False")
-    if config.cluster_n not in (1, 2, 4) or _ceil_div(n, config.block_n) % config.cluster_n:
+    if config.cluster_n not in (1, 2, 4) or (_ceil_div(n, config.block_n) % config.cluster_n and not config.packed_b):
         raise ValueError(f"cluster_n must be 1, 2 or 4 and divide the N-block count ({_ceil_div(n, config.block_n)}),"
                          f" got {config.cluster_n}")
-    if config.packed_b and (config.cluster_n != 1 or config.block_n % 32):
-        raise ValueError("packed B needs cluster_n == 1 and block_n a multiple of 32")
+    if config.packed_b and (config.cluster_n not in (1, 2) or config.block_n % 32):
+        raise ValueError("packed B needs cluster_n 1 or 2 and block_n a multiple of 32")
     for name in ("split_k", "tail_split"):
         splits = getattr(config, name)
         if splits < 1:
@@ -577,7 +577,8 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
     sa = to_native_a_scales(a_scales)
     kb = _ceil_div(k, BLOCK_K)
     g = cfg.kblocks_per_stage
-    tmap_a = _kmajor_map(a, m, k, cfg.block_m // cfg.cluster_n, g)  # (in a cluster each CTA loads its share)
+    # (in a cluster each CTA loads its share of A; with packed B a cluster shares B and each loads its own A)
+    tmap_a = _kmajor_map(a, m, k, cfg.block_m // (1 if cfg.packed_b else cfg.cluster_n), g)
     # (packed B: packed_map, the packed buffer's map; unread by kernels built with -DL2SIDE_PACKED_BULK)
     tmap_b = packed_map if cfg.packed_b else _kmajor_map(b, n, k, cfg.block_n, g)
     tmap_sa = jit.tensor_map(sa.data_ptr(), "f32", (m, kb), (sa.stride(1) * 4,), (cfg.block_m, g), swizzle=0)
@@ -597,6 +598,8 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
         resident = _native.max_active_clusters(kernel.device, kernel.function, cfg.threads, cfg.smem_bytes,
                                                cfg.cluster_n)
         grid = min(grid, max(1, resident) * cfg.cluster_n)
+        if cfg.packed_b and grid != dev.num_sms:  # (the static schedule counted on every SM's cluster)
+            _fail(f"packed B in clusters of {cfg.cluster_n} needs all {dev.num_sms} CTAs resident, got {grid}")
     # what _native.launch takes, prepared once: (device, function, grid, block, smem, params, cluster, offsets)
     launch_args = (kernel.device, kernel.function, grid, cfg.threads, cfg.smem_bytes,
                    params.buffer, cfg.cluster_n, list(params.offsets))
@@ -677,7 +680,8 @@ def packed_config(m: int, n: int, k: int, block_n: int, config: GemmConfig | Non
                                   double_acc=m < COMPUTE_BOUND_M and block_n <= PACKED_DOUBLE_ACC_MAX_BLOCK_N)
     stages = max_stages(cfg.block_m, block_n, cfg.tma_store and n % 8 == 0)
     return dataclasses.replace(cfg, block_n=block_n, stages=min(cfg.stages, stages) if config else stages,
-                               cluster_n=1, packed_b=True, split_k=1, tail_split=1, kblocks_per_stage=1,
+                               cluster_n=cfg.cluster_n if config else 1, packed_b=True, split_k=1, tail_split=1,
+                               kblocks_per_stage=1,
                                tma_store=cfg.tma_store and n % 8 == 0)
 
 
@@ -702,14 +706,22 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
         from .topology import topology
         topo = topology(index)
         queues = jit.stream_scratch("fp8_gemm.rank_claims", index, stream, 32, torch.int32)  # (17 used)
-        mode, ctas, workers = packed_schedule(topo.sm_side, dev.num_sms, SIDE_MODES[side_mode], lengths,
-                                              _ceil_div(m, cfg.block_m), m >= COMPUTE_BOUND_M)
+        m_blocks, units = _ceil_div(m, cfg.block_m), dev.num_sms
+        if cfg.cluster_n > 1:
+            # (an experiment: the clusters, on consecutive M-blocks sharing each B tile, are the schedule's units,
+            # taken by cluster index whatever side_mode asks)
+            if m_blocks % cfg.cluster_n or dev.num_sms % cfg.cluster_n:
+                _fail(f"packed B in clusters of {cfg.cluster_n} needs the M-blocks ({m_blocks}) and SMs "
+                      f"({dev.num_sms}) to be multiples of it")
+            m_blocks, units = m_blocks // cfg.cluster_n, dev.num_sms // cfg.cluster_n
+        mode, ctas, workers = packed_schedule(topo.sm_side, units, SIDE_MODES[side_mode] if cfg.cluster_n == 1
+                                              else PACKED_BY_PARITY, lengths, m_blocks, m >= COMPUTE_BOUND_M)
         args = packed_b_args(packed.base, lay.side_mask if lay.paired else 0, table.data_ptr(),
                              packed.block_first.data_ptr(), queues.data_ptr(), topo.sm_side, width, lengths,
                              lay.n_blocks, mode, lay.paired, ctas, workers)
         # the packed buffer as rows of 128 bytes, boxes of one chunk (paired) or one tile (plain: contiguous)
         packed_map = jit.tensor_map(packed.base, "u8", (BLOCK_K, lay.total_chunks * 32), (BLOCK_K,),
-                                    (BLOCK_K, 32 if lay.paired else cfg.block_n), swizzle=0)
+                                    (BLOCK_K, 32 if lay.paired or cfg.cluster_n > 1 else cfg.block_n), swizzle=0)
         return _prepare(a, a_scales, None, packed.scales, out, m, n, k, cfg, index, stream, packed_args=args,
                         packed_map=packed_map)
 

@@ -407,6 +407,12 @@ def test_producer_loops_stay_on_the_uniform_datapath(tmp_path, monkeypatch):
     packed = fp8_gemm.packed_config(4096, 7168, 16384, 128)
     sass = _sass(fp8_gemm.build(7168, 16384, packed), tmp_path)
     assert "UPOPC" in sass, "the packed producer's chunk address math left the uniform datapath"
+    # in clusters too (the kernel-end cluster barrier in the producer's path took its loop off it)
+    sass = _sass(fp8_gemm.build(7168, 16384, fp8_gemm.packed_config(4096, 7168, 16384, 128, dataclasses.replace(
+        packed, cluster_n=2, packed_b=False))), tmp_path)
+    assert "UPOPC" in sass and sass.count("R2UR") <= 16, "the clustered packed producer left the uniform datapath"
+    clustered = dataclasses.replace(fp8_gemm.gemm_config(4096, 7168, 16384), cluster_n=2, kblocks_per_stage=1)
+    assert _sass(fp8_gemm.build(7168, 16384, clustered), tmp_path).count("R2UR") <= 8
     for m, n, k in ((64, 2112, 7168), (4096, 7168, 16384)):
         sass = _sass(fp8_gemm.build(n, k, fp8_gemm.gemm_config(m, n, k)), tmp_path)
         assert sass.count("R2UR") <= 8, f"{m}x{n}x{k}: {sass.count('R2UR')} R2UR"
@@ -927,11 +933,32 @@ def test_packed_b_gives_the_unpacked_kernels_bits_in_every_side_mode(m, n, k):
                               tma_store=n % 8 == 0)
     want = l2side.gemm(a, sa, b, sb, config=cfg)
     _check(want, gemm_reference(a, sa, b, sb), f"unpacked {m}x{n}x{k}")
-    for mode in ("near", "ignore", "far"):
+    for mode in ("near", "ignore", "far", "parity"):
         for _ in range(2):  # the second launch reuses the re-zeroed tile queues
             out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
             l2side.gemm(a, sa, packed, out=out, side_mode=mode)
             assert torch.equal(out, want), f"{mode}: packed result differs from the unpacked kernel's"
+
+
+@pytest.mark.parametrize("layout", ["sides", "plain"])
+@pytest.mark.gpu
+@requires_hopper
+@needs_module
+def test_packed_b_in_clusters_of_two_gives_the_same_bits(layout):
+    """The cluster experiment (two CTAs on consecutive M-blocks, each multicasting half of every B tile): the
+    unpacked kernel's bits; M-blocks that do not pair up are refused."""
+    m, n, k = 512, 1024, 1280
+    a, sa, b, sb = _inputs(m, n, k, seed=14)
+    packed = l2side.pack_b(b, sb, block_n=128, layout=layout)
+    cfg = fp8_gemm.GemmConfig(128, 128, fp8_gemm.max_stages(128, 128, True), tma_store=True)
+    want = l2side.gemm(a, sa, b, sb, config=cfg)
+    clustered = dataclasses.replace(cfg, cluster_n=2)
+    for _ in range(2):
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        l2side.gemm(a, sa, packed, out=out, config=clustered)
+        assert torch.equal(out, want)
+    with pytest.raises(ValueError, match="multiples of it"):
+        l2side.gemm(a[:384], sa[:384], packed, config=clustered)  # 3 M-blocks
 
 
 @pytest.mark.gpu

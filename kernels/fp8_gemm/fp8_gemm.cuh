@@ -133,12 +133,15 @@ __device__ __forceinline__ bool claim_rank(uint32_t* workspace, uint32_t q, uint
 // placement; CTA parity matched the sides on an idle H200). The producer and the math warps compute it alike,
 // warp-uniform, so that both tile loops stay on the uniform datapath, from `sm`: the %smid one thread read at
 // entry (%smid may change under preemption; two reads could give two homes). Returns whether the rank has to be
-// claimed.
+// claimed. In clusters (kCluster CTAs on consecutive M-blocks sharing each B tile by multicast) the cluster is the
+// unit, by its index (mode 3; the host passes it).
+template <uint32_t kCluster>
 __device__ __forceinline__ bool packed_home(const PackedBArgs& packed, uint32_t sm, uint32_t& queue, uint32_t& rank) {
   const bool one_queue = packed.ctas[0] == 0 || packed.ctas[1] == 0;
-  if (one_queue || packed.mode == 3) {
-    queue = one_queue ? (packed.ctas[0] == 0 ? 1u : 0u) : (blockIdx.x & 1u);
-    rank = one_queue ? blockIdx.x : blockIdx.x >> 1;
+  if (one_queue || packed.mode == 3 || kCluster > 1) {
+    const uint32_t unit = blockIdx.x / kCluster;
+    queue = one_queue ? (packed.ctas[0] == 0 ? 1u : 0u) : (unit & 1u);
+    rank = one_queue ? unit : unit >> 1;
     return false;
   }
   const uint32_t my_side = sm_side(packed.sm_side_bits, sm);
@@ -204,7 +207,10 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
                 "a tile may span at most two 128-wide B-scale blocks");
   static_assert(kClusterN == 1 || kClusterN == 2 || kClusterN == 4, "clusters of 1, 2 or 4 CTAs along N");
   static_assert(BLOCK_M / kClusterN >= 8, "each CTA multicasts at least 8 rows of A");
-  static_assert(!kPackedB || (kClusterN == 1 && BLOCK_N % 32 == 0), "packed B: no clusters, whole 4 KiB chunks");
+  // (packed B in clusters of 2: the CTAs take consecutive M-blocks of one N-block and multicast half the B chunks
+  // each; an experiment, by TMA only)
+  static_assert(!kPackedB || ((kClusterN == 1 || kClusterN == 2) && BLOCK_N % 32 == 0),
+                "packed B: clusters of 1 or 2, whole 4 KiB chunks");
   constexpr uint32_t kChunksPerTile = BLOCK_N * BLOCK_K / 4096;
   // packed B by TMA tensor loads over tmap_b (a map of the packed buffer): 3-4% faster than 1-D bulk copies of
   // the same chunks on every shape measured (H200, docs/perf-notes.md session 12); the bulk copies stay for A/Bs
@@ -213,6 +219,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
 #else
   constexpr bool kPackedTma = kPackedB;
 #endif
+  static_assert(!kPackedB || kClusterN == 1 || kPackedTma, "packed B in clusters: by TMA multicast");
   constexpr uint32_t kMathWarpgroups = BLOCK_M / 64;
   constexpr uint32_t kMathThreads = kMathWarpgroups * kWarpgroupThreads;
   constexpr uint32_t kNumKBlocks = ceil_div(SHAPE_K, BLOCK_K);
@@ -299,10 +306,15 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   if constexpr (kClusterN > 1) ptx::cluster_sync(); else __syncthreads();
 
   const uint32_t cta_rank = kClusterN > 1 ? ptx::cluster_cta_rank() : 0;
-  GroupedScheduler<SHAPE_N, BLOCK_M, BLOCK_N, kGroupM, kClusterN, kMaxSplit> scheduler(
+  GroupedScheduler<SHAPE_N, BLOCK_M, BLOCK_N, kGroupM, kPackedB ? 1 : kClusterN, kMaxSplit> scheduler(
       shape_m, cta_rank, split_k.tail_first, split_k.splits);
   uint32_t tile = 0, split = 0, n_splits = 1;
   [[maybe_unused]] const uint32_t num_m_blocks = ceil_div(shape_m, BLOCK_M);
+  // packed B: the queues' tiles count M-blocks in cluster units (the host makes the M-blocks a multiple of them)
+  [[maybe_unused]] const uint32_t packed_m_units = num_m_blocks / kClusterN;
+  // and a CTA's rank in its cluster from blockIdx (= cta_rank for clusters along x; %cluster_ctarank, read by inline
+  // asm, is per-thread to ptxas and took the producer loop off the uniform datapath)
+  [[maybe_unused]] const uint32_t packed_cta = blockIdx.x % kClusterN;
   // the K blocks of a unit: [kb_begin, kb_end) (the host checked that no range is empty)
   auto kb_begin = [&]() { return kMaxSplit == 1 ? 0u : split * ceil_div(kNumKBlocks, n_splits); };
   auto kb_end = [&]() {
@@ -312,7 +324,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   // warp-uniform to ptxas)
   auto packed_home_of_warp = [&](uint32_t& queue, uint32_t& rank) {
     const uint32_t sm = __shfl_sync(0xffffffffu, *reinterpret_cast<const uint32_t*>(smem + Smem::kEntrySm), 0);
-    return packed_home(packed, sm, queue, rank);
+    return packed_home<kClusterN>(packed, sm, queue, rank);
   };
 
   if (threadIdx.x >= kMathThreads) {
@@ -327,7 +339,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       uint32_t queue = 0, rank = 0;
       bool ranked = true;  // false: the rank must be claimed (the SM's own rank was taken)
       if constexpr (kPackedB) {
-        if (packed_home(packed, entry_sm, queue, rank))
+        if (packed_home<kClusterN>(packed, entry_sm, queue, rank))
           ranked = rank < packed.ctas[queue] && claim_rank(packed.workspace, queue, rank);
       }
       // The producer's tile loop for (queue, rank) from pipeline position `at`. queue and rank by value: with the
@@ -347,13 +359,14 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           ptx::mbar_arrive(tile_full + ring);  // (release: the slot's writes are seen by whoever waits)
           if (++ring == 2) { ring = 0; ring_phase ^= 1; }
         };
-        [[maybe_unused]] const uint32_t count = kPackedB ? packed_tile_count(packed, queue, rank, num_m_blocks) : 0;
+        [[maybe_unused]] const uint32_t count = kPackedB ? packed_tile_count(packed, queue, rank, packed_m_units) : 0;
         auto next_tile = [&](uint32_t& m, uint32_t& n) -> bool {
           if constexpr (!kPackedB) {
             return scheduler.next(m, n, tile, split, n_splits);
           } else {
             if (round == count) return false;
-            packed_tile<kGroupM>(packed, queue, rank, round++, num_m_blocks, m, n);
+            packed_tile<kGroupM>(packed, queue, rank, round++, packed_m_units, m, n);
+            m = m * kClusterN + packed_cta;
             first_chunk = static_cast<uint32_t>(packed.block_first[queue * packed.n_blocks + n]);
             // the math warps walk the home rank's tiles themselves (uniform); a claimed rank's go through the ring
             if constexpr (decltype(claimed)::value) publish(m, n);
@@ -377,7 +390,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
               continue;
             }
             const int32_t k0 = static_cast<int32_t>(kb * BLOCK_K);
-            if constexpr (kClusterN > 1) {
+            if constexpr (kClusterN > 1 && !kPackedB) {
               // this CTA's share of the A tile, written into every CTA's stage (and counted on every barrier)
               constexpr uint32_t kShare = BLOCK_M / kClusterN;
               ptx::tma_load_2d_multicast(smem + Smem::kA + stage * Smem::kAStage + cta_rank * kShare * BLOCK_K, &tmap_a,
@@ -391,7 +404,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
               // the tile's chunks: side-`queue` sequence indices first_chunk + kb * cpt + p (one AND + POPC each),
               // by TMA over tmap_b, the packed buffer as rows of 128 B (no swizzle: the chunks hold the swizzled
               // image), the whole tile at once in the plain layout (its chunks are contiguous)
-              if (kPackedTma && !packed.paired) {
+              if (kPackedTma && !packed.paired && kClusterN == 1) {
                 ptx::tma_load_2d(smem + Smem::kB + stage * Smem::kBStage, &tmap_b, bar, 0,
                                  static_cast<int32_t>((first_chunk + kb * kChunksPerTile) * 32));
               } else {
@@ -405,7 +418,11 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
                     chunk = even + ((__popcll(addr & packed.side_mask) & 1u) ^ queue);
                   }
                   uint8_t* dst = smem + Smem::kB + stage * Smem::kBStage + p * 4096;
-                  if constexpr (kPackedTma)
+                  if constexpr (kClusterN > 1) {  // every CTA of the cluster gets every chunk, each loads 1 / kClusterN
+                    if (p % kClusterN == packed_cta)
+                      ptx::tma_load_2d_multicast(dst, &tmap_b, bar, 0, static_cast<int32_t>(chunk * 32),
+                                                 static_cast<uint16_t>((1u << kClusterN) - 1));
+                  } else if constexpr (kPackedTma)
                     ptx::tma_load_2d(dst, &tmap_b, bar, 0, static_cast<int32_t>(chunk * 32));
                   else
                     ptx::bulk_load(dst, packed.base + chunk * 4096, 4096, bar);
@@ -426,7 +443,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         const uint32_t rings = at.ring_phase * 2 + at.ring + (published ? tiles : 0);
         return Position{stages % kStages, (stages / kStages) & 1u, rings % 2, (rings / 2) & 1u};
       };
-      auto tiles_of = [&](uint32_t q, uint32_t r) { return packed_tile_count(packed, q, r, num_m_blocks); };
+      auto tiles_of = [&](uint32_t q, uint32_t r) { return packed_tile_count(packed, q, r, packed_m_units); };
       // The SM's rank always, even when the claim failed (the loop under a branch on the claim's result was
       // per-thread to ptxas).
       produce(std::false_type{}, queue, rank, Position{0, 0, 0, 0});
@@ -463,6 +480,11 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         }
       }
     }
+    // With clusters the producer warpgroup leaves now rather than at the cluster barrier below (which waits only
+    // for threads that have not exited): the kernel-end barrier in its path took the producer loop off the uniform
+    // datapath (an R2UR before every TMA, POPC for UPOPC). Its copies land without it, and the math warps, which
+    // wait for them, keep the CTA's shared memory alive.
+    if constexpr (kClusterN > 1) return;
   } else {
     // ---------------- math warpgroups
 #ifndef L2SIDE_NO_SETMAXNREG
@@ -744,11 +766,12 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       // ring pushed the first's shared-memory base out of the uniform registers (132 vs 116 instructions per K block)
       uint32_t queue, rank, m_block, n_block, round = 0, ring = 0, ring_phase = 0;
       packed_home_of_warp(queue, rank);
-      const uint32_t count = packed_tile_count(packed, queue, rank, num_m_blocks);
+      const uint32_t count = packed_tile_count(packed, queue, rank, packed_m_units);
 #pragma unroll 1
       while (true) {
         if (round < count) {
-          packed_tile<kGroupM>(packed, queue, rank, round++, num_m_blocks, m_block, n_block);
+          packed_tile<kGroupM>(packed, queue, rank, round++, packed_m_units, m_block, n_block);
+          m_block = m_block * kClusterN + packed_cta;
         } else {
           ptx::mbar_wait(tile_full + ring, ring_phase);
           m_block = __shfl_sync(0xffffffffu, tile_slots[2 * ring], 0);
@@ -772,7 +795,8 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
     }
 #endif
   }
-  // a CTA leaves only once its peer can no longer write into its shared memory or arrive on its barriers
+  // a CTA leaves only once its peer can no longer write into its shared memory or arrive on its barriers (the
+  // producer warpgroup left already: its copies into the peer are awaited by the peer's math warps)
   if constexpr (kClusterN > 1) ptx::cluster_sync();
 #endif
 }
