@@ -696,7 +696,8 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
         return out
     index = a.get_device()
     stream = _raw_stream(index)
-    key = ("packed", _launch_key(a, a_scales, packed.data, packed.scales, out, config, stream), side_mode)
+    key = ("packed", packed.serial, _launch_key(a, a_scales, packed.data, packed.scales, out, config, stream),
+           side_mode)
 
     def prepare():
         dev = _device(index)

@@ -15,6 +15,7 @@ and chunk i = i. See docs/packed-b.md.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -325,6 +326,9 @@ def _pack(b, b_scales, lay: PackedLayout, requested_layout: str) -> "PackedB":
         return PackedB(lay, data, scales, device, requested_layout=requested_layout)
 
 
+_SERIALS = itertools.count()
+
+
 class PackedB:
     """A side-aware packed FP8 weight (see the module doc and docs/packed-b.md). Build it with pack_b.
 
@@ -335,6 +339,9 @@ class PackedB:
     def __init__(self, layout: PackedLayout, data, scales, device, requested_layout: str = "auto"):
         import torch
         self._layout = layout
+        # unique per object: a prepared GEMM launch (its tables, tensor map) is keyed by it, as a new weight may
+        # be packed at a freed one's address with the same shape and another layout
+        self.serial = next(_SERIALS)
         self.data = data
         self.scales = scales
         self.device = torch.device(device)
