@@ -710,17 +710,23 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
         m_blocks, units = _ceil_div(m, cfg.block_m), dev.num_sms
         if cfg.cluster_n > 1:
             # (an experiment: the clusters, on consecutive M-blocks sharing each B tile, are the schedule's units,
-            # taken by cluster index whatever side_mode asks)
+            # taken by cluster index)
+            if side_mode != "parity":
+                _fail(f"packed B in clusters takes its tiles by cluster index: side_mode must be 'parity', got "
+                      f"{side_mode!r}")
             if m_blocks % cfg.cluster_n or dev.num_sms % cfg.cluster_n:
                 _fail(f"packed B in clusters of {cfg.cluster_n} needs the M-blocks ({m_blocks}) and SMs "
                       f"({dev.num_sms}) to be multiples of it")
             m_blocks, units = m_blocks // cfg.cluster_n, dev.num_sms // cfg.cluster_n
-        mode, ctas, workers = packed_schedule(topo.sm_side, units, SIDE_MODES[side_mode] if cfg.cluster_n == 1
-                                              else PACKED_BY_PARITY, lengths, m_blocks, m >= COMPUTE_BOUND_M)
+        mode, ctas, workers = packed_schedule(topo.sm_side, units, SIDE_MODES[side_mode], lengths, m_blocks,
+                                              m >= COMPUTE_BOUND_M)
         args = packed_b_args(packed.base, lay.side_mask if lay.paired else 0, table.data_ptr(),
                              packed.block_first.data_ptr(), queues.data_ptr(), topo.sm_side, width, lengths,
                              lay.n_blocks, mode, lay.paired, ctas, workers)
-        # the packed buffer as rows of 128 bytes, boxes of one chunk (paired) or one tile (plain: contiguous)
+        # the packed buffer as rows of 128 bytes, boxes of one chunk (paired) or one tile (plain: contiguous); the
+        # kernel's row coordinates are int32
+        if lay.total_chunks * 32 >= 2 ** 31:
+            _fail(f"packed B of {lay.nbytes} bytes is too large for the kernel's TMA row coordinates (< 256 GiB)")
         packed_map = jit.tensor_map(packed.base, "u8", (BLOCK_K, lay.total_chunks * 32), (BLOCK_K,),
                                     (BLOCK_K, 32 if lay.paired or cfg.cluster_n > 1 else cfg.block_n), swizzle=0)
         return _prepare(a, a_scales, None, packed.scales, out, m, n, k, cfg, index, stream, packed_args=args,

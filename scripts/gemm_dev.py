@@ -277,6 +277,8 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
         for name, weight, mode in (("near", packed, "near"), ("ignore", packed, "ignore"), ("far", packed, "far"),
                                    ("parity", packed, "parity"), ("plain", plain, "ignore")):
             out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            if packed_cfg is not None and packed_cfg.cluster_n > 1:
+                mode = "parity"  # (packed B in clusters takes tiles by cluster index whatever the column says)
             l2side.gemm(a, sa, weight, out=out, side_mode=mode, config=packed_cfg)
             same = torch.equal(out, ref_out)
             bad += not same

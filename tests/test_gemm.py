@@ -331,6 +331,21 @@ def test_packed_configs_are_valid(m, n, k):
 
 
 @needs_module
+def test_packed_clusters_are_checked():
+    """Packed B in clusters (the experiment): an explicit cluster_n of 2 is kept, any N-block count goes (the
+    cluster shares an N-block), 4 is refused; unpacked clusters still need the N-blocks to pair up."""
+    base = fp8_gemm.GemmConfig(128, 128, 4, cluster_n=2)
+    cfg = fp8_gemm.packed_config(4096, 2112, 7168, 128, base)
+    assert cfg.cluster_n == 2 and cfg.packed_b
+    fp8_gemm.gemm_source(2112, 7168, cfg)  # 17 N-blocks
+    assert fp8_gemm.packed_config(4096, 2112, 7168, 128).cluster_n == 1
+    with pytest.raises(ValueError, match="packed B needs cluster_n 1 or 2"):
+        fp8_gemm.gemm_source(2048, 7168, dataclasses.replace(cfg, cluster_n=4))
+    with pytest.raises(ValueError, match="divide the N-block count"):
+        fp8_gemm.gemm_source(2112, 7168, base)
+
+
+@needs_module
 def test_invalid_tail_split_is_rejected():
     with pytest.raises(ValueError, match="tail_split=57"):
         fp8_gemm.gemm_source(2112, 7168, fp8_gemm.GemmConfig(128, 128, 4, tail_split=57))
@@ -940,25 +955,52 @@ def test_packed_b_gives_the_unpacked_kernels_bits_in_every_side_mode(m, n, k):
             assert torch.equal(out, want), f"{mode}: packed result differs from the unpacked kernel's"
 
 
-@pytest.mark.parametrize("layout", ["sides", "plain"])
+CLUSTER_CASES = [(512, 1024, 1280, 128, 128, "sides"), (512, 1024, 1280, 128, 128, "plain"),
+                 (4096, 2048, 1280, 128, 128, "sides"), (1024, 2048, 1280, 64, 32, "sides")]
+
+
+@pytest.mark.parametrize("m,n,k,block_m,block_n,layout", CLUSTER_CASES,
+                         ids=[f"{m}x{n}x{k}-{bm}x{bn}-{lay}" for m, n, k, bm, bn, lay in CLUSTER_CASES])
 @pytest.mark.gpu
 @requires_hopper
 @needs_module
-def test_packed_b_in_clusters_of_two_gives_the_same_bits(layout):
+def test_packed_b_in_clusters_of_two_gives_the_same_bits(m, n, k, block_m, block_n, layout):
     """The cluster experiment (two CTAs on consecutive M-blocks, each multicasting half of every B tile): the
-    unpacked kernel's bits; M-blocks that do not pair up are refused."""
-    m, n, k = 512, 1024, 1280
+    unpacked kernel's bits, with one tile per cluster and (4096 x 2048: 256 units on 66 clusters) several in a row;
+    M-blocks that do not pair up and side modes other than parity are refused."""
     a, sa, b, sb = _inputs(m, n, k, seed=14)
-    packed = l2side.pack_b(b, sb, block_n=128, layout=layout)
-    cfg = fp8_gemm.GemmConfig(128, 128, fp8_gemm.max_stages(128, 128, True), tma_store=True)
+    packed = l2side.pack_b(b, sb, block_n=block_n, layout=layout)
+    cfg = fp8_gemm.GemmConfig(block_m, block_n, fp8_gemm.max_stages(block_m, block_n, True), tma_store=True)
     want = l2side.gemm(a, sa, b, sb, config=cfg)
     clustered = dataclasses.replace(cfg, cluster_n=2)
     for _ in range(2):
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-        l2side.gemm(a, sa, packed, out=out, config=clustered)
+        l2side.gemm(a, sa, packed, out=out, config=clustered, side_mode="parity")
         assert torch.equal(out, want)
     with pytest.raises(ValueError, match="multiples of it"):
-        l2side.gemm(a[:384], sa[:384], packed, config=clustered)  # 3 M-blocks
+        rows = 3 * block_m  # 3 M-blocks
+        l2side.gemm(a[:rows], sa[:rows], packed, config=clustered, side_mode="parity")
+    with pytest.raises(ValueError, match="side_mode must be 'parity'"):
+        l2side.gemm(a, sa, packed, config=clustered)
+
+
+@pytest.mark.gpu
+@requires_hopper
+@needs_module
+def test_packed_launch_cache_tells_weights_apart():
+    """A prepared packed launch belongs to its PackedB: weights of the same shape packed one after another (often
+    at the freed one's address) with another layout each give the unpacked kernel's bits."""
+    m, n, k = 256, 1024, 1280
+    a, sa, b, sb = _inputs(m, n, k, seed=15)
+    cfg = fp8_gemm.GemmConfig(128, 128, fp8_gemm.max_stages(128, 128, True), tma_store=True)
+    want = l2side.gemm(a, sa, b, sb, config=cfg)
+    out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+    for layout in ("sides", "plain", "sides", "plain"):
+        packed = l2side.pack_b(b, sb, block_n=128, layout=layout)
+        out.fill_(float("nan"))
+        l2side.gemm(a, sa, packed, out=out, config=cfg)
+        assert torch.equal(out, want), layout
+        del packed
 
 
 @pytest.mark.gpu
