@@ -668,8 +668,9 @@ def _queues(packed):
 def packed_config(m: int, n: int, k: int, block_n: int, config: GemmConfig | None = None,
                   num_sms: int = 132) -> GemmConfig:
     """The block configuration of a packed-B call: `config` (or gemm_config's choice, adjusted below) on the
-    packed tile width, with what the packed path does not have turned off (clusters, splits, several K blocks
-    per stage: its B tiles arrive as 4 KiB chunks, one K block at a time)."""
+    packed tile width, with what the packed path does not have turned off (splits, several K blocks per stage:
+    its B tiles arrive as 4 KiB chunks, one K block at a time; clusters unless `config` asks for 2, the cluster
+    experiment of docs/packed-b.md)."""
     cfg = config or gemm_config(m, n, k, num_sms)
     if config is None:
         # 64-row tiles only for M <= 64 and 128 otherwise (how the packed path was measured: the short-K
