@@ -315,9 +315,9 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
                 raise ValueError(f"{name} > 1 needs cluster_n == 1 and an unpacked B")
     if config.kblocks_per_stage not in (1, 2, 4):
         raise ValueError(f"kblocks_per_stage must be 1, 2 or 4, got {config.kblocks_per_stage}")
-    if config.kblocks_per_stage > 1 and (k % BLOCK_K or config.cluster_n != 1 or config.packed_b
+    if config.kblocks_per_stage > 1 and (k % BLOCK_K or config.cluster_n != 1
                                          or config.split_k > 1 or config.tail_split > 1):
-        raise ValueError("kblocks_per_stage > 1 needs K a multiple of 128, cluster_n == 1, an unpacked B and no "
+        raise ValueError("kblocks_per_stage > 1 needs K a multiple of 128, cluster_n == 1 and no "
                          f"split (K={k}, {config})")
     if config.split_k > 1 and config.tail_split > 1:
         raise ValueError("split_k and tail_split are exclusive (split_k already splits every tile)")
@@ -668,9 +668,9 @@ def _queues(packed):
 def packed_config(m: int, n: int, k: int, block_n: int, config: GemmConfig | None = None,
                   num_sms: int = 132) -> GemmConfig:
     """The block configuration of a packed-B call: `config` (or gemm_config's choice, adjusted below) on the
-    packed tile width, with what the packed path does not have turned off (splits, several K blocks per stage:
-    its B tiles arrive as 4 KiB chunks, one K block at a time; clusters unless `config` asks for 2, the cluster
-    experiment of docs/packed-b.md)."""
+    packed tile width, with what the packed path does not have turned off: splits; clusters and several K blocks
+    per stage unless `config` asks for them (opt-in: the cluster experiment of docs/packed-b.md, and 2 or 4 K
+    blocks per stage, whose chunks follow one another in the packed sequence; not measured yet)."""
     cfg = config or gemm_config(m, n, k, num_sms)
     if config is None:
         # 64-row tiles only for M <= 64 and 128 otherwise (how the packed path was measured: the short-K
@@ -679,11 +679,11 @@ def packed_config(m: int, n: int, k: int, block_n: int, config: GemmConfig | Non
         # 64 wide (the packed kernel keeps 40 registers for its producer, so wider double accumulators spill)
         cfg = dataclasses.replace(cfg, block_m=64 if m <= 64 else 128,
                                   double_acc=m < COMPUTE_BOUND_M and block_n <= PACKED_DOUBLE_ACC_MAX_BLOCK_N)
-    stages = max_stages(cfg.block_m, block_n, cfg.tma_store and n % 8 == 0)
+    kblocks = cfg.kblocks_per_stage if config and cfg.cluster_n == 1 and k % BLOCK_K == 0 else 1
+    stages = max_stages(cfg.block_m, block_n, cfg.tma_store and n % 8 == 0, kblocks)
     return dataclasses.replace(cfg, block_n=block_n, stages=min(cfg.stages, stages) if config else stages,
                                cluster_n=cfg.cluster_n if config else 1, packed_b=True, split_k=1, tail_split=1,
-                               kblocks_per_stage=1,
-                               tma_store=cfg.tma_store and n % 8 == 0)
+                               kblocks_per_stage=kblocks, tma_store=cfg.tma_store and n % 8 == 0)
 
 
 def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):

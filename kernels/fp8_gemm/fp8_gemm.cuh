@@ -228,8 +228,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   static_assert(kMaxSplit == 1 || (kClusterN == 1 && !kPackedB), "split-K: no clusters, no packed B");
   // kStageKBlocks > 1: each stage is loaded by 3-D boxes over [rows][K / 128][128] views (whole K blocks only)
   static_assert(kStageKBlocks == 1 || kStageKBlocks == 2 || kStageKBlocks == 4, "1, 2 or 4 K blocks per stage");
-  static_assert(kStageKBlocks == 1 || (kClusterN == 1 && !kPackedB && kMaxSplit == 1 && SHAPE_K % BLOCK_K == 0),
-                "several K blocks per stage: no clusters, packed B or split, and K a multiple of 128");
+  static_assert(kStageKBlocks == 1 || (kClusterN == 1 && (!kPackedB || kPackedTma) && kMaxSplit == 1 &&
+                                       SHAPE_K % BLOCK_K == 0),
+                "several K blocks per stage: no clusters, packed B by TMA only, no split, K a multiple of 128");
   constexpr uint32_t kNumAccum = BLOCK_N / 2;  // fp32 per thread for 64 x BLOCK_N per warpgroup
   // double accumulators: pairs of K blocks per unrolled loop body (the most, up to 4, that divide the K blocks)
 #ifdef L2SIDE_DACC_PAIRS  // (kernel work: A/B of the body length, e.g. 1 = a drain every two K blocks)
@@ -390,7 +391,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
               continue;
             }
             const int32_t k0 = static_cast<int32_t>(kb * BLOCK_K);
-            if constexpr (kClusterN > 1 && !kPackedB) {
+            if constexpr (kStageKBlocks > 1) {  // (packed B: A as load_tma_stage loads it)
+              ptx::tma_load_3d(smem + Smem::kA + stage * Smem::kAStage, &tmap_a, bar, 0, m0, static_cast<int32_t>(kb));
+            } else if constexpr (kClusterN > 1 && !kPackedB) {
               // this CTA's share of the A tile, written into every CTA's stage (and counted on every barrier)
               constexpr uint32_t kShare = BLOCK_M / kClusterN;
               ptx::tma_load_2d_multicast(smem + Smem::kA + stage * Smem::kAStage + cta_rank * kShare * BLOCK_K, &tmap_a,
@@ -401,15 +404,19 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
             }
             ptx::tma_load_2d(smem + Smem::kSa + stage * Smem::kSaStage, &tmap_sa, bar, m0, static_cast<int32_t>(kb));
             if constexpr (kPackedB) {
-              // the tile's chunks: side-`queue` sequence indices first_chunk + kb * cpt + p (one AND + POPC each),
-              // by TMA over tmap_b, the packed buffer as rows of 128 B (no swizzle: the chunks hold the swizzled
-              // image), the whole tile at once in the plain layout (its chunks are contiguous)
+              // the stage's chunks: side-`queue` sequence indices first_chunk + kb * cpt + p (one AND + POPC each;
+              // with several K blocks per stage their tiles follow one another in the sequence as in the stage), by
+              // TMA over tmap_b, the packed buffer as rows of 128 B (no swizzle: the chunks hold the swizzled
+              // image), a whole tile at once in the plain layout (its chunks are contiguous). (K blocks past K:
+              // whatever chunks follow, or zeros past the buffer; counted, and never read by the math.)
               if (kPackedTma && !packed.paired && kClusterN == 1) {
-                ptx::tma_load_2d(smem + Smem::kB + stage * Smem::kBStage, &tmap_b, bar, 0,
-                                 static_cast<int32_t>((first_chunk + kb * kChunksPerTile) * 32));
+#pragma unroll
+                for (uint32_t g = 0; g < kStageKBlocks; ++g)
+                  ptx::tma_load_2d(smem + Smem::kB + stage * Smem::kBStage + g * BLOCK_N * BLOCK_K, &tmap_b, bar, 0,
+                                   static_cast<int32_t>((first_chunk + (kb + g) * kChunksPerTile) * 32));
               } else {
 #pragma unroll
-                for (uint32_t p = 0; p < kChunksPerTile; ++p) {
+                for (uint32_t p = 0; p < kStageKBlocks * kChunksPerTile; ++p) {
                   const uint64_t i = first_chunk + kb * kChunksPerTile + p;
                   uint64_t chunk = i;
                   if (packed.paired) {
