@@ -280,7 +280,8 @@ def test_tail_split_is_chosen_where_the_last_wave_is_partial_and_long(monkeypatc
 
 @needs_module
 def test_kblocks_per_stage_rules():
-    """Several K blocks per stage: 1, 2 or 4, whole K blocks (K % 128 == 0), no cluster / packed B / split;
+    """Several K blocks per stage: 1, 2 or 4, whole K blocks (K % 128 == 0), no cluster / split (packed B: only
+    when a config asks for it);
     the stages then count groups of K blocks (at most MAX_STAGES K blocks in flight)."""
     cfg = fp8_gemm.GemmConfig(64, 16, 3, kblocks_per_stage=4)
     assert re.search(r"\b1, 4, Mma>", fp8_gemm.gemm_source(2112, 7168, cfg))
@@ -293,8 +294,11 @@ def test_kblocks_per_stage_rules():
     assert fp8_gemm.max_stages(64, 16, True, 4) == fp8_gemm.MAX_STAGES // 4
     assert (fp8_gemm.smem_layout_bytes(64, 16, 3, True, 4) - fp8_gemm.smem_layout_bytes(64, 16, 3, True, 1)
             == 3 * 3 * (64 * 128 + 16 * 128 + 64 * 4))
-    with pytest.raises(ValueError, match="kblocks_per_stage"):
-        fp8_gemm.gemm_source(2112, 7168, dataclasses.replace(cfg, packed_b=True, block_n=32))
+    packed = dataclasses.replace(cfg, packed_b=True, block_n=32)
+    assert re.search(r"\b1, 4, Mma>", fp8_gemm.gemm_source(2112, 7168, packed))
+    assert fp8_gemm.packed_config(64, 2112, 7168, 32, packed).kblocks_per_stage == 4
+    assert fp8_gemm.packed_config(64, 2112, 7168, 32).kblocks_per_stage == 1  # (not by default: not measured)
+    assert fp8_gemm.packed_config(64, 2112, 7168 + 16, 32, packed).kblocks_per_stage == 1  # (partial K block)
     # gemm_config: two per stage exactly for the memory-bound tiles up to 64 wide with whole K blocks
     for m, n, k in DEEPSEEK + UNALIGNED:
         c = fp8_gemm.gemm_config(m, n, k)
