@@ -446,7 +446,9 @@ def test_packed_math_loop_is_the_unpacked_one(tmp_path, monkeypatch):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
     from gemm_sass_loop import k_loop
     monkeypatch.setenv("L2SIDE_CACHE_DIR", str(tmp_path))
-    for m, n, k, block_n in ((4096, 7168, 16384, 128), (64, 7168, 16384, 64)):
+    # (short K too: the tile loop of session 11 kept the K loop uniform only from 16 loop bodies on)
+    for m, n, k, block_n in ((4096, 7168, 16384, 128), (64, 7168, 16384, 64), (128, 7168, 2048, 64),
+                             (64, 2112, 7168, 32)):
         packed = fp8_gemm.packed_config(m, n, k, block_n)
         unpacked = dataclasses.replace(packed, packed_b=False)
         loops = [k_loop(_sass(fp8_gemm.build(n, k, c), tmp_path)) for c in (packed, unpacked)]
@@ -986,6 +988,43 @@ def test_packed_b_in_clusters_of_two_gives_the_same_bits(m, n, k, block_m, block
         l2side.gemm(a[:rows], sa[:rows], packed, config=clustered, side_mode="parity")
     with pytest.raises(ValueError, match="side_mode must be 'parity'"):
         l2side.gemm(a, sa, packed, config=clustered)
+
+
+SPIN_SOURCE = r'''
+extern "C" __global__ void l2side_test_spin(unsigned long long cycles) {
+  extern __shared__ unsigned char smem[];  // (asked large: no other CTA fits beside it)
+  const long long start = clock64();
+  while (clock64() - start < static_cast<long long>(cycles)) {
+  }
+  if (threadIdx.x == 0 && cycles == 0) smem[0] = 0;
+}
+'''
+
+
+@pytest.mark.gpu
+@requires_hopper
+@needs_module
+def test_packed_b_with_ctas_sharing_sms():
+    """CTAs not one per SM: a third of the SMs held by another kernel, so that CTAs of the GEMM queue behind their
+    first wave and start on SMs whose rank is taken; they claim the free ranks (the producer tells the math warps
+    which), and every tile is computed: the unpacked kernel's bits in every side mode."""
+    from l2side import jit
+    m, n, k = 1024, 7168, 2048
+    a, sa, b, sb = _inputs(m, n, k, seed=16)
+    packed = l2side.pack_b(b, sb, block_n=128)
+    cfg = fp8_gemm.GemmConfig(128, 128, fp8_gemm.max_stages(128, 128, True), tma_store=True)
+    want = l2side.gemm(a, sa, b, sb, config=cfg)
+    spin = jit.load_kernel(SPIN_SOURCE, "l2side_test_spin", name="test_spin")
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+    side, main = torch.cuda.Stream(), torch.cuda.Stream()  # (two created streams: they run concurrently)
+    for mode in ("near", "ignore", "far", "parity"):
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        torch.cuda.synchronize()
+        spin.launch(sms // 3, 128, jit.Params().u64(2_000_000), smem=200 * 1024, stream=side.cuda_stream)
+        with torch.cuda.stream(main):
+            l2side.gemm(a, sa, packed, out=out, side_mode=mode, config=cfg)
+        torch.cuda.synchronize()
+        assert torch.equal(out, want), f"{mode}: tiles missing or wrong with CTAs sharing SMs"
 
 
 @pytest.mark.gpu

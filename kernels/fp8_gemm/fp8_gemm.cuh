@@ -65,7 +65,7 @@ struct SmemLayout {
   static constexpr uint32_t kB = kA + kStages * kAStage;
   static constexpr uint32_t kSa = kB + kStages * kBStage;
   static constexpr uint32_t kBarriers = align_up(kSa + kStages * kSaStage, 8);
-  // then the tile ring of the side-aware schedule: 2 full + 2 empty barriers and 2 x (m_block, n_block),
+  // then the packed-B schedule's word on a second rank (a barrier, 3 words spare, then (queue, rank) and 2 spare),
   // then split-K's "this warpgroup sums the tile" flags (one per math warpgroup)
   static constexpr uint32_t kRing = kBarriers + 2 * kStages * sizeof(uint64_t);
   static constexpr uint32_t kSplitFlags = kRing + 4 * sizeof(uint64_t) + 4 * sizeof(uint32_t);
@@ -249,9 +249,10 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + Smem::kBarriers);
   uint64_t* empty = full + kStages;
-  uint64_t* tile_full = reinterpret_cast<uint64_t*>(smem + Smem::kRing);  // the packed-B schedule's tile ring
-  uint64_t* tile_empty = tile_full + 2;
-  uint32_t* tile_slots = reinterpret_cast<uint32_t*>(tile_empty + 2);     // [2][2]: m_block, n_block
+  // packed B: the producer's word to the math warps on a second (claimed) rank: (queue, rank) in tile_slots, ready
+  // when tile_full completes its phase 0
+  uint64_t* tile_full = reinterpret_cast<uint64_t*>(smem + Smem::kRing);
+  uint32_t* tile_slots = reinterpret_cast<uint32_t*>(tile_full + 4);
 
   const uint32_t lane = threadIdx.x % 32;
   // packed B: %smid once per CTA (it may change under preemption, and the producer and the math warps must agree on
@@ -296,10 +297,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       ptx::mbar_init(full + s, 1);                         // the producer's arrive (+ TMA bytes)
       ptx::mbar_init(empty + s, kMathWarpgroups * 4 * kClusterN);  // each math warp of each CTA of the cluster
     }
-    for (uint32_t r = 0; r < 2; ++r) {
-      ptx::mbar_init(tile_full + r, 1);
-      ptx::mbar_init(tile_empty + r, kMathWarpgroups * 4);
-    }
+    ptx::mbar_init(tile_full, 1);
     ptx::mbar_init_fence();
     if constexpr (kPackedB) *reinterpret_cast<uint32_t*>(smem + Smem::kEntrySm) = entry_sm;
   }
@@ -348,18 +346,11 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       // rank is per-thread to it, and every TMA and bulk copy that depends on it becomes an R2UR waterfall loop,
       // too slow for the single producer thread to keep up with the math (H200 4096 x 7168 x 16384: ~1070 vs
       // ~860 us). `claimed` (std::false_type / true_type) makes the two calls below two copies of the loop.
-      struct Position { uint32_t stage, phase, ring, ring_phase; };  // stage ring; packed B: the tile ring
-      auto produce = [&](auto claimed, const uint32_t queue, const uint32_t rank, Position at) {
-        uint32_t stage = at.stage, phase = at.phase, ring = at.ring, ring_phase = at.ring_phase;
+      struct Position { uint32_t stage, phase; };
+      auto produce = [&]([[maybe_unused]] auto claimed, const uint32_t queue, const uint32_t rank, Position at) {
+        uint32_t stage = at.stage, phase = at.phase;
         [[maybe_unused]] uint32_t round = 0, first_chunk = 0;  // (packed B)
         uint32_t m_block, n_block;
-        auto publish = [&](uint32_t m, uint32_t n) {
-          ptx::mbar_wait(tile_empty + ring, ring_phase ^ 1);
-          tile_slots[2 * ring] = m;
-          tile_slots[2 * ring + 1] = n;
-          ptx::mbar_arrive(tile_full + ring);  // (release: the slot's writes are seen by whoever waits)
-          if (++ring == 2) { ring = 0; ring_phase ^= 1; }
-        };
         [[maybe_unused]] const uint32_t count = kPackedB ? packed_tile_count(packed, queue, rank, packed_m_units) : 0;
         auto next_tile = [&](uint32_t& m, uint32_t& n) -> bool {
           if constexpr (!kPackedB) {
@@ -369,8 +360,6 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
             packed_tile<kGroupM>(packed, queue, rank, round++, packed_m_units, m, n);
             m = m * kClusterN + packed_cta;
             first_chunk = static_cast<uint32_t>(packed.block_first[queue * packed.n_blocks + n]);
-            // the math warps walk the home rank's tiles themselves (uniform); a claimed rank's go through the ring
-            if constexpr (decltype(claimed)::value) publish(m, n);
             return true;
           }
         };
@@ -442,19 +431,24 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           }
         }
       };
-      // where the pipeline stands after `tiles` more tiles from `at`, `published` or not through the tile ring (a
-      // count, not the loop's variables: a value flowing from the per-thread loop below into the uniform one above
-      // made ptxas give both vector registers)
-      auto after = [&](Position at, uint32_t tiles, bool published) {
+      // where the pipeline stands after `tiles` more tiles from `at` (a count, not the loop's variables: a value
+      // flowing from the per-thread loop below into the uniform one above made ptxas give both vector registers)
+      auto after = [&](Position at, uint32_t tiles) {
         const uint32_t stages = at.phase * kStages + at.stage + tiles * ceil_div(kb_end() - kb_begin(), kStageKBlocks);
-        const uint32_t rings = at.ring_phase * 2 + at.ring + (published ? tiles : 0);
-        return Position{stages % kStages, (stages / kStages) & 1u, rings % 2, (rings / 2) & 1u};
+        return Position{stages % kStages, (stages / kStages) & 1u};
       };
       auto tiles_of = [&](uint32_t q, uint32_t r) { return packed_tile_count(packed, q, r, packed_m_units); };
+      // the math warps' second rank, once this thread knows it: none (rank 0xFFFFFFFF has no tiles) or a claimed one
+      auto tell_second = [&](uint32_t q, uint32_t r) {
+        tile_slots[0] = q;
+        tile_slots[1] = r;
+        ptx::mbar_arrive(tile_full);  // (release: the slots' writes are seen by whoever waits)
+      };
       // The SM's rank always, even when the claim failed (the loop under a branch on the claim's result was
       // per-thread to ptxas).
-      produce(std::false_type{}, queue, rank, Position{0, 0, 0, 0});
-      Position at = after(Position{0, 0, 0, 0}, tiles_of(queue, rank), false);
+      produce(std::false_type{}, queue, rank, Position{0, 0});
+      [[maybe_unused]] const Position at = after(Position{0, 0}, tiles_of(queue, rank));
+      if (kPackedB && ranked) tell_second(0, 0xFFFFFFFFu);
       if (!ranked) {
         // another CTA ran on this SM already (CTAs not one per SM): the rank above ran twice (the same values
         // stored twice), and this CTA also runs the first free rank of either queue, so that every rank runs
@@ -467,18 +461,15 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         };
         uint32_t r = first_free(queue);
         if (r < packed.ctas[queue]) {
+          tell_second(queue, r);
           produce(std::true_type{}, queue, r, at);
-          at = after(at, tiles_of(queue, r), true);
         } else {
           r = first_free(queue ^ 1u);
+          tell_second(queue ^ 1u, r);
           produce(std::true_type{}, queue ^ 1u, r, at);
-          at = after(at, tiles_of(queue ^ 1u, r), true);
         }
       }
       if constexpr (kPackedB) {
-        ptx::mbar_wait(tile_empty + at.ring, at.ring_phase ^ 1);  // no more tiles
-        tile_slots[2 * at.ring] = 0xFFFFFFFFu;
-        ptx::mbar_arrive(tile_full + at.ring);
         // the last CTA to finish fetching re-zeroes the claim masks for the next launch
         __threadfence();  // (this CTA's claims are done before it counts)
         if (atomicAdd(packed.workspace + kPackedClaimWords, 1u) == gridDim.x - 1) {
@@ -766,28 +757,29 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       uint32_t m_block, n_block;
       while (scheduler.next(m_block, n_block, tile, split, n_splits)) run_tile(m_block, n_block);
     } else {
-      // The home rank's tiles, walked as the producer's first loop does, then a claimed rank's (rare: CTAs not one
-      // per SM) from the producer through the tile ring until its end mark. One copy of the tile body, its branches
-      // warp-uniform to ptxas (ring values broadcast from lane 0): a tile read from the ring as a per-thread value
-      // made it rebuild the wgmma descriptors through R2UR every K block, and a second copy of the body for the
-      // ring pushed the first's shared-memory base out of the uniform registers (132 vs 116 instructions per K block)
-      uint32_t queue, rank, m_block, n_block, round = 0, ring = 0, ring_phase = 0;
-      packed_home_of_warp(queue, rank);
-      const uint32_t count = packed_tile_count(packed, queue, rank, packed_m_units);
+      // The home rank's tiles, walked as the producer's first loop does, then those of the rank the producer
+      // claimed besides (rare: CTAs not one per SM; its (queue, rank) broadcast from lane 0), in one counted loop
+      // around one copy of the tile body. Earlier shapes of this loop cost the K loop its uniform datapath: tiles
+      // read one by one from a ring (a loop left on an end mark) made every wgmma descriptor an R2UR away
+      // whenever the K loop ran fewer than 16 bodies (K < 16384: 878 vs 603 instructions per 8 K blocks at 64 x
+      // 7168 x 2048), and a second copy of the body pushed the shared-memory base out of the uniform registers.
+      uint32_t q, r, m_block, n_block, first = 0;
+      packed_home_of_warp(q, r);
+      uint32_t total = packed_tile_count(packed, q, r, packed_m_units);
+      bool second = false;
 #pragma unroll 1
-      while (true) {
-        if (round < count) {
-          packed_tile<kGroupM>(packed, queue, rank, round++, packed_m_units, m_block, n_block);
-          m_block = m_block * kClusterN + packed_cta;
-        } else {
-          ptx::mbar_wait(tile_full + ring, ring_phase);
-          m_block = __shfl_sync(0xffffffffu, tile_slots[2 * ring], 0);
-          n_block = __shfl_sync(0xffffffffu, tile_slots[2 * ring + 1], 0);
-          if (lane == 0) ptx::mbar_arrive(tile_empty + ring);
-          if (++ring == 2) { ring = 0; ring_phase ^= 1; }
-          if (m_block == 0xFFFFFFFFu) break;
+      for (uint32_t t = 0; t < total || !second; ++t) {
+        if (t == total) {
+          ptx::mbar_wait(tile_full, 0);
+          q = __shfl_sync(0xffffffffu, tile_slots[0], 0);
+          r = __shfl_sync(0xffffffffu, tile_slots[1], 0);
+          second = true;
+          first = t;
+          total += packed_tile_count(packed, q, r, packed_m_units);
+          if (t == total) break;
         }
-        run_tile(m_block, n_block);
+        packed_tile<kGroupM>(packed, q, r, t - first, packed_m_units, m_block, n_block);
+        run_tile(m_block * kClusterN + packed_cta, n_block);
       }
     }
     if constexpr (kTmaStore) {
