@@ -670,7 +670,8 @@ def packed_config(m: int, n: int, k: int, block_n: int, config: GemmConfig | Non
     """The block configuration of a packed-B call: `config` (or gemm_config's choice, adjusted below) on the
     packed tile width, with what the packed path does not have turned off: splits; clusters and several K blocks
     per stage unless `config` asks for them (opt-in: the cluster experiment of docs/packed-b.md, and 2 or 4 K
-    blocks per stage, whose chunks follow one another in the packed sequence; not measured yet)."""
+    blocks per stage, whose chunks follow one another in the packed sequence; not measured yet: a config from
+    gemm_config, which picks 2 for thin memory-bound tiles, turns it on too)."""
     cfg = config or gemm_config(m, n, k, num_sms)
     if config is None:
         # 64-row tiles only for M <= 64 and 128 otherwise (how the packed path was measured: the short-K

@@ -799,6 +799,32 @@ def test_kblocks_per_stage_is_bitwise_the_one_block_kernel(m, n, k, bm, bn, dacc
     assert torch.equal(got, want)
 
 
+PACKED_KBLOCK_CASES = [  # (m, n, k, block_m, block_n, g): 10 K blocks (a partial last stage with g = 4), 56
+    (64, 2112, 1280, 64, 32, 4), (128, 1000, 1280, 128, 64, 2), (64, 7168, 7168, 64, 64, 2)]
+
+
+@pytest.mark.parametrize("m,n,k,bm,bn,g", PACKED_KBLOCK_CASES,
+                         ids=[f"{c[0]}x{c[1]}x{c[2]}-{c[3]}x{c[4]}-g{c[5]}" for c in PACKED_KBLOCK_CASES])
+@pytest.mark.parametrize("layout", ["sides", "plain"])
+@pytest.mark.gpu
+@requires_hopper
+@needs_module
+def test_packed_b_with_several_k_blocks_per_stage(m, n, k, bm, bn, g, layout):
+    """Packed B with g K blocks per stage (opt-in by config): the chunks of consecutive K tiles into one stage,
+    the loads past K counted and unread: the unpacked one-block kernel's bits in every side mode."""
+    a, sa, b, sb = _inputs(m, n, k, seed=17 + g)
+    tma_store = n % 8 == 0
+    one = fp8_gemm.GemmConfig(bm, bn, fp8_gemm.max_stages(bm, bn, tma_store), tma_store=tma_store, double_acc=True)
+    want = l2side.gemm(a, sa, b, sb, config=one)
+    grouped = dataclasses.replace(one, kblocks_per_stage=g, stages=fp8_gemm.max_stages(bm, bn, tma_store, g))
+    packed = l2side.pack_b(b, sb, block_n=bn, layout=layout)
+    assert fp8_gemm.packed_config(m, n, k, bn, grouped).kblocks_per_stage == g
+    for mode in ("near", "ignore", "far"):
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        l2side.gemm(a, sa, packed, out=out, side_mode=mode, config=grouped)
+        assert torch.equal(out, want), mode
+
+
 @pytest.mark.gpu
 @requires_hopper
 @needs_module
@@ -1017,12 +1043,20 @@ def test_packed_b_with_ctas_sharing_sms():
     spin = jit.load_kernel(SPIN_SOURCE, "l2side_test_spin", name="test_spin")
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count
     side, main = torch.cuda.Stream(), torch.cuda.Stream()  # (two created streams: they run concurrently)
-    for mode in ("near", "ignore", "far", "parity"):
-        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-        torch.cuda.synchronize()
-        spin.launch(sms // 3, 128, jit.Params().u64(2_000_000), smem=200 * 1024, stream=side.cuda_stream)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    for mode in ("near", "ignore", "far", "parity"):  # (compiled and prepared first: the launch below is quick)
         with torch.cuda.stream(main):
             l2side.gemm(a, sa, packed, out=out, side_mode=mode, config=cfg)
+    spin.launch(1, 128, jit.Params().u64(1000), smem=200 * 1024, stream=side.cuda_stream)
+    torch.cuda.synchronize()
+    for mode in ("near", "ignore", "far", "parity"):
+        out.fill_(float("nan"))
+        torch.cuda.synchronize()
+        spin.launch(sms // 3, 128, jit.Params().u64(20_000_000), smem=200 * 1024, stream=side.cuda_stream)
+        with torch.cuda.stream(main):
+            l2side.gemm(a, sa, packed, out=out, side_mode=mode, config=cfg)
+        main.synchronize()
+        assert not side.query(), "the spin kernel ended before the GEMM: no CTAs shared an SM"
         torch.cuda.synchronize()
         assert torch.equal(out, want), f"{mode}: tiles missing or wrong with CTAs sharing SMs"
 
