@@ -15,8 +15,8 @@
 #   allocator.csv / allocator.json (bench_allocator.py), gemm.csv, elementwise.csv (when those benchmarks exist)
 #   jit_cache.tar.gz the compiled kernels (see JIT cache below)
 # Environment: PYTEST_OPTS (default "-x -q -rA"), BENCH_ALLOCATOR_ARGS / BENCH_GEMM_ARGS / BENCH_ELEMENTWISE_ARGS (extra args),
-#   SKIP_INSTALL=1, SKIP_GEMM=1 (no bench_gemm.py), PACKED_SHAPES / PACKED_ENERGY_S (the packed ablation's
-#   shapes and NVML seconds), BENCHES (default "allocator,gemm,packed,elementwise";
+#   SKIP_INSTALL=1, SKIP_GEMM=1 (no bench_gemm.py), PACKED_SHAPES / PACKED_ENERGY_S / PACKED_SET (the packed ablation's
+#   shapes, NVML seconds and gemm_dev --packed-set changes), BENCHES (default "allocator,gemm,packed,elementwise";
 #   also "sanitize", and "sweep": gemm_dev.py --sweep "$SWEEP_SPEC" --clean --fresh on $SWEEP_SHAPES), DEADLINE_S (every part is killed once this many seconds have passed since the start, so
 #   the parts after it still report; default none), L2SIDE_CACHE_DIR (default .jit_cache), JIT_CACHE_EXPORT_MIB
 #   (at most this many MiB of kernels are exported, the newest; default 48).
@@ -144,7 +144,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   fi
   if [[ ",$BENCHES," == *,packed,* ]]; then  # side-aware packed B: near / ignore / far vs unpacked (issue 4)
     run_part gemm_packed_ablation "$OUT/bench.log" "$PYTHON" scripts/gemm_dev.py --packed auto \
-      --energy "${PACKED_ENERGY_S:-0.3}" \
+      --energy "${PACKED_ENERGY_S:-0.3}" ${PACKED_SET:+--packed-set "$PACKED_SET"} \
       --shapes "${PACKED_SHAPES:-64,24576,1536;64,7168,16384;128,7168,16384;128,7168,2048;4096,2112,7168;4096,7168,16384;4096,24576,1536}"
   fi
   if [[ ",$BENCHES," == *,sweep,* ]]; then  # GEMM block-config A/B (kernel work): SWEEP_SHAPES, SWEEP_SPEC
