@@ -261,7 +261,10 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
                                   tma_store=n % 8 == 0)
         packed_cfg = None
         if overrides:
-            cfg = changed_config(cfg, overrides)[0]
+            cfg, changes = changed_config(cfg, overrides)
+            if "stages" not in changes:  # (as many as fit the changed blocks, e.g. more K blocks per stage)
+                cfg = dataclasses.replace(cfg, stages=fp8_gemm.max_stages(cfg.block_m, cfg.block_n, cfg.tma_store,
+                                                                          cfg.kblocks_per_stage))
             packed_cfg = changed_config(fp8_gemm.packed_config(m, n, k, bn), overrides)[0]  # (its block_n stays bn)
         ref_out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
         l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg)
