@@ -96,6 +96,15 @@ def changed_config(base, text):
     return dataclasses.replace(base, **changes), changes
 
 
+def changed_blocks(base, text):
+    """changed_config, with as many stages as fit the changed blocks unless the text sets them."""
+    from l2side import fp8_gemm
+    c, changes = changed_config(base, text)
+    if "stages" not in changes:
+        c = dataclasses.replace(c, stages=fp8_gemm.max_stages(c.block_m, c.block_n, c.tma_store, c.kblocks_per_stage))
+    return c
+
+
 def configs_for(m, n, k, spec):
     """The configs of a --sweep spec valid for the shape ('auto' is gemm_config's choice)."""
     from l2side import fp8_gemm
@@ -103,10 +112,7 @@ def configs_for(m, n, k, spec):
     for item in spec.split(";"):
         if item.startswith("auto"):  # 'auto' or 'auto:field=value,field*=factor,...' (gemm_config's choice,
             # fields replaced or multiplied)
-            c, changes = changed_config(fp8_gemm.gemm_config(m, n, k), item[5:])
-            if "stages" not in changes:  # as many as fit the changed config
-                c = dataclasses.replace(c, stages=fp8_gemm.max_stages(c.block_m, c.block_n, c.tma_store,
-                                                                      c.kblocks_per_stage))
+            c = changed_blocks(fp8_gemm.gemm_config(m, n, k), item[5:])
         else:
             c = full_config(*(int(v) for v in item.split(",")))
         try:
@@ -261,10 +267,7 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
                                   tma_store=n % 8 == 0)
         packed_cfg = None
         if overrides:
-            cfg, changes = changed_config(cfg, overrides)
-            if "stages" not in changes:  # (as many as fit the changed blocks, e.g. more K blocks per stage)
-                cfg = dataclasses.replace(cfg, stages=fp8_gemm.max_stages(cfg.block_m, cfg.block_n, cfg.tma_store,
-                                                                          cfg.kblocks_per_stage))
+            cfg = changed_blocks(cfg, overrides)  # (stages refitted, e.g. to more K blocks per stage)
             packed_cfg = changed_config(fp8_gemm.packed_config(m, n, k, bn), overrides)[0]  # (its block_n stays bn)
         ref_out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
         l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg)

@@ -159,10 +159,12 @@ __device__ __forceinline__ uint32_t packed_tile_count(const PackedBArgs& packed,
 }
 
 // Tile `round` of that rank: the grouped raster of GroupedScheduler over (M-block, queue position), groups of
-// kGroupM M-blocks, M-block fastest, so that the tiles in flight share a few A and B panels in L2
-template <uint32_t kGroupM>
+// kGroupM M-blocks, M-block fastest, so that the tiles in flight share a few A and B panels in L2. In clusters the
+// raster walks units of kCluster consecutive M-blocks (num_m_blocks counts units), and CTA `cta` of the cluster
+// takes its M-block of the unit.
+template <uint32_t kGroupM, uint32_t kCluster>
 __device__ __forceinline__ void packed_tile(const PackedBArgs& packed, uint32_t queue, uint32_t rank, uint32_t round,
-                                            uint32_t num_m_blocks, uint32_t& m, uint32_t& n) {
+                                            uint32_t num_m_blocks, uint32_t cta, uint32_t& m, uint32_t& n) {
   const uint32_t len = queue == 0 ? packed.queue_len0 : packed.queue_len1;
   const uint32_t t = rank + round * packed.workers[queue];
   const uint32_t group_m = kGroupM == 0 ? num_m_blocks : kGroupM;
@@ -170,7 +172,7 @@ __device__ __forceinline__ void packed_tile(const PackedBArgs& packed, uint32_t 
   const uint32_t first_m = group * group_m;
   const uint32_t width = min(group_m, num_m_blocks - first_m);
   const uint32_t in_group = t - group * group_m * len;
-  m = first_m + in_group % width;
+  m = (first_m + in_group % width) * kCluster + cta;
   n = static_cast<uint32_t>(packed.queue_blocks[queue * packed.queue_width + in_group / width]);
 }
 
@@ -357,8 +359,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
             return scheduler.next(m, n, tile, split, n_splits);
           } else {
             if (round == count) return false;
-            packed_tile<kGroupM>(packed, queue, rank, round++, packed_m_units, m, n);
-            m = m * kClusterN + packed_cta;
+            packed_tile<kGroupM, kClusterN>(packed, queue, rank, round++, packed_m_units, packed_cta, m, n);
             first_chunk = static_cast<uint32_t>(packed.block_first[queue * packed.n_blocks + n]);
             return true;
           }
@@ -778,8 +779,8 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           total += packed_tile_count(packed, q, r, packed_m_units);
           if (t == total) break;
         }
-        packed_tile<kGroupM>(packed, q, r, t - first, packed_m_units, m_block, n_block);
-        run_tile(m_block * kClusterN + packed_cta, n_block);
+        packed_tile<kGroupM, kClusterN>(packed, q, r, t - first, packed_m_units, packed_cta, m_block, n_block);
+        run_tile(m_block, n_block);
       }
     }
     if constexpr (kTmaStore) {
