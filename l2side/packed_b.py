@@ -123,6 +123,19 @@ class PackedLayout:
         pos = self.block_pos()
         return np.where(pos >= 0, pos * self.chunks_per_block, -1).astype(np.int32)
 
+    def pair_tiles(self) -> int:
+        """Tiles of the pairs schedule (`l2side.gemm(..., side_mode="pairs")`): side 0's and side 1's j-th N-blocks
+        fill the two chunks of the same 8 KiB pairs, so a tile of both (2 x block_n wide) reads whole pairs. That
+        tile is output block j when side 0's j-th N-block is 2j and side 1's is 2j + 1 (a last odd N-block pairs
+        with whatever side 1 stores there: its half of the tile lies past N). ceil(n_blocks / 2) where the plan
+        alternates so (equal or nearly equal SMs per side), else 0 (also for the plain layout)."""
+        nb, (s0, s1) = self.n_blocks, self.stored
+        tiles = _ceil_div(nb, 2)
+        if not self.paired or len(s0) < tiles or len(s1) < nb // 2:
+            return 0
+        aligned = all(s0[j] == 2 * j for j in range(tiles)) and all(s1[j] == 2 * j + 1 for j in range(nb // 2))
+        return tiles if aligned else 0
+
     def side_blocks(self) -> np.ndarray:
         """int32 [2, max(1, len(stored[0]), len(stored[1]))]: stored[s], padded with -1."""
         width = max(1, len(self.stored[0]), len(self.stored[1]))
