@@ -336,13 +336,15 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
         "    __nv_bfloat16* d, const float* scales_b, uint32_t sb_stride_n, uint32_t sb_stride_k, uint32_t shape_m,\n"
         "    const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,\n"
         "    const __grid_constant__ CUtensorMap tmap_sa, const __grid_constant__ CUtensorMap tmap_d,\n"
+        "    const __grid_constant__ CUtensorMap tmap_b_tiles0, const __grid_constant__ CUtensorMap tmap_b_tiles1,\n"
         "    const __grid_constant__ l2side::fp8_gemm::PackedBArgs packed,\n"
         "    const __grid_constant__ l2side::fp8_gemm::SplitKArgs split_k) {\n"
         f"  l2side::fp8_gemm::gemm_body<{n}, {k}, {config.block_m}, {config.block_n}, {config.stages}, "
         f"{config.group_m}, {'true' if config.tma_store else 'false'}, {config.cluster_n}, "
         f"{'true' if config.double_acc else 'false'}, {'true' if config.packed_b else 'false'}, "
         f"{max(config.split_k, config.tail_split)}, {config.kblocks_per_stage}, Mma>(\n"
-        "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa, tmap_d, packed, split_k);\n"
+        "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa, tmap_d, tmap_b_tiles0,\n"
+        "      tmap_b_tiles1, packed, split_k);\n"
         "}\n")
 
 
@@ -507,10 +509,10 @@ def _split_k_args(m: int, n: int, config: GemmConfig, num_sms: int, index: int, 
 
 
 def packed_b_args(base: int, side_mask: int, queue_blocks: int, block_first: int, workspace: int, sm_side,
-                  queue_width: int, queue_len: tuple, n_blocks: int, mode: int, paired: bool,
+                  queue_width: int, queue_len: tuple, n_blocks: int, mode: int, paired: int,
                   ctas: tuple = (0, 0), workers: tuple = (0, 0)) -> bytes:
     """The PackedBArgs struct the kernel takes by value (sm_side: side of each SM id, -1 for none; ctas and
-    workers per queue from packed_schedule)."""
+    workers per queue from packed_schedule; paired: 0 plain, 1 side-aware, 2 side-aware with tile boxes)."""
     side0 = sm_side_bits([1 if side == 0 else 0 for side in sm_side])
     return _PACKED_ARGS.pack(base, side_mask, queue_blocks, block_first, workspace, *sm_side_bits(sm_side), *side0,
                              queue_width, queue_len[0], queue_len[1], n_blocks, mode, int(paired), *ctas, *workers)
@@ -567,7 +569,7 @@ def _kmajor_map(t, rows: int, k: int, box_rows: int, kblocks: int) -> bytes:
 
 
 def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmConfig | None, index: int,
-             stream: int, packed_args: bytes | None = None, packed_map: bytes | None = None):
+             stream: int, packed_args: bytes | None = None, packed_map: bytes | None = None, tile_maps=None):
     """Everything a launch needs: the kernel, grid, block, shared memory and the parameter buffer."""
     dev = _device(index)
     cfg = config or gemm_config(m, n, k, dev.num_sms)
@@ -590,6 +592,7 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
         tmap_d = tmap_a  # unused by the kernel
     params = (jit.Params().ptr(out).ptr(b_scales).u32(b_scales.stride(0)).u32(b_scales.stride(1)).u32(m)
               .tensor_map(tmap_a).tensor_map(tmap_b).tensor_map(tmap_sa).tensor_map(tmap_d)
+              .tensor_map(tile_maps[0] if tile_maps else tmap_b).tensor_map(tile_maps[1] if tile_maps else tmap_b)
               .raw(packed_args or NO_PACKED_B, 8).raw(_split_k_args(m, n, cfg, dev.num_sms, index, stream), 8))
     kernel.check_params(params)
     # (packed B: one CTA per SM, the static per-side schedule of PackedBArgs decides which of them work)
@@ -661,6 +664,24 @@ def check_pairs(layout) -> int:
         _fail(f"side_mode='pairs' needs the sides' N-blocks to alternate (0, 2, 4, ... and 1, 3, 5, ...); this "
               f"packing plan does not (SMs per side too unequal): {layout.stored}")
     return tiles
+
+
+def side_tile_boxes(side_mask: int, base: int, block_n: int, total_chunks: int):
+    """The two 4-D TMA maps (as tensor_map arguments: ptr, dtype, dims, strides, box) that load a side-pure tile
+    of the pair layout as one box (fp8_gemm.cuh, "Tile boxes"), for chunk offsets c0 = 0 and 1; None where its
+    tiles are not such boxes: odd chunk counts, tiles of a number of 16 KiB units that is not a power of two or
+    whose side mask bits between 14 and the tile's alignment vary the chunk offset from unit to unit, a base not
+    aligned to the tile, or no side mask (plain)."""
+    chunks = block_n // 32
+    units = chunks // 2
+    if not side_mask or chunks % 2 or units & (units - 1) or not (side_mask >> 12) & 1:
+        return None
+    span = units * 16384
+    if side_mask & (span - 1) & ~0x3FFF or base % span or total_chunks % 4:
+        return None
+    bit13 = (side_mask >> 13) & 1
+    return tuple((base + c0 * 4096, "u8", (BLOCK_K, 32, 2, total_chunks // 4),
+                  (BLOCK_K, 8192 + ((c0 ^ bit13) - c0) * 4096, 16384), (BLOCK_K, 32, 2, units)) for c0 in (0, 1))
 
 
 def _pair_queues(packed):
@@ -761,17 +782,24 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
             m_blocks, units = m_blocks // cfg.cluster_n, dev.num_sms // cfg.cluster_n
         mode, ctas, workers = packed_schedule(topo.sm_side, units, SIDE_MODES[side_mode], lengths, m_blocks,
                                               m >= COMPUTE_BOUND_M)
-        args = packed_b_args(packed.base, lay.side_mask if lay.paired else 0, table.data_ptr(),
-                             block_first.data_ptr(), queues.data_ptr(), topo.sm_side, width, lengths,
-                             n_blocks, mode, lay.paired, ctas, workers)
         # the packed buffer as rows of 128 bytes, boxes of one chunk (paired) or one tile (plain: contiguous); the
         # kernel's row coordinates are int32
         if lay.total_chunks * 32 >= 2 ** 31:
             _fail(f"packed B of {lay.nbytes} bytes is too large for the kernel's TMA row coordinates (< 256 GiB)")
         packed_map = jit.tensor_map(packed.base, "u8", (BLOCK_K, lay.total_chunks * 32), (BLOCK_K,),
                                     (BLOCK_K, 32 if lay.paired or cfg.cluster_n > 1 else cfg.block_n), swizzle=0)
+        tile_maps = None
+        if side_mode != "pairs" and cfg.cluster_n == 1:
+            boxes = side_tile_boxes(lay.side_mask if lay.paired else 0, packed.base, cfg.block_n, lay.total_chunks)
+            try:  # (a driver that refuses the maps' interleaved strides leaves the chunk loads)
+                tile_maps = tuple(jit.tensor_map(*box, swizzle=0) for box in boxes) if boxes else None
+            except RuntimeError:
+                tile_maps = None
+        args = packed_b_args(packed.base, lay.side_mask if lay.paired else 0, table.data_ptr(),
+                             block_first.data_ptr(), queues.data_ptr(), topo.sm_side, width, lengths,
+                             n_blocks, mode, 2 if tile_maps else int(lay.paired), ctas, workers)
         return _prepare(a, a_scales, None, packed.scales, out, m, n, k, cfg, index, stream, packed_args=args,
-                        packed_map=packed_map)
+                        packed_map=packed_map, tile_maps=tile_maps)
 
     _launch_cached(key, prepare, stream)
     return out

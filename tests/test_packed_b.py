@@ -233,6 +233,48 @@ def test_pairs_tiles_read_both_chunks_of_their_pairs(n, block_n, mask, base):
                     assert got[half * cpt:(half + 1) * cpt] == want.tolist()
 
 
+@pytest.mark.parametrize("block_n", [64, 128, 256])
+@pytest.mark.parametrize("mask", MASKS + [sides.side_mask(0x9000)])  # (the last: bit 13 not in the mask)
+@pytest.mark.parametrize("base", [0, 1 << 22])
+def test_tile_boxes_load_exactly_the_sides_chunks(block_n, mask, base):
+    """fp8_gemm.side_tile_boxes (the kernel's one-box side-pure tile load): for every tile of every side, the box
+    over map c0 (c0 = side(pair i) ^ side, coordinates (0, 0, 0, i / 2)) reads, in shared-memory order, exactly
+    the tile's chunks (tile_chunks); None where the chunk offsets vary inside a tile."""
+    from l2side import fp8_gemm
+    lay = PackedLayout.create(13 * block_n, 700, block_n, (66, 66), mask, True)
+    boxes = fp8_gemm.side_tile_boxes(lay.side_mask, base, block_n, lay.total_chunks)
+    units = block_n // 64
+    if mask & (units * 16384 - 1) & ~0x3FFF:
+        assert boxes is None
+        return
+    assert boxes is not None
+    first = lay.block_first()
+    for s in (0, 1):
+        for nb in lay.stored[s]:
+            for kb in range(lay.k_tiles):
+                i = int(first[s, nb]) + kb * lay.chunks_per_tile
+                c0 = (bin((base + 2 * i * 4096) & mask).count("1") & 1) ^ s
+                ptr, _, dims, strides, box = boxes[c0]
+                assert box == (128, 32, 2, units) and dims[3] * 4 == lay.total_chunks
+                got = [(ptr - base + b * strides[1] + (i // 2 + u) * strides[2]) // 4096
+                       for u in range(units) for b in range(2)]
+                assert all((ptr - base + b * strides[1] + u * strides[2]) % 4096 == 0 for u in range(2) for b in range(2))
+                assert got == lay.tile_chunks(nb, kb, base, s).tolist()
+                assert max(got) < lay.total_chunks
+
+
+def test_tile_boxes_only_where_a_tile_is_one_box():
+    from l2side import fp8_gemm
+    mask = MASKS[1]
+    assert fp8_gemm.side_tile_boxes(mask, 1 << 22, 128, 64) is not None
+    assert fp8_gemm.side_tile_boxes(mask, 1 << 22, 96, 64) is None   # 3 chunks per tile
+    assert fp8_gemm.side_tile_boxes(mask, 1 << 22, 32, 64) is None   # 1 chunk: the chunk load is the tile
+    assert fp8_gemm.side_tile_boxes(mask, 8192, 128, 64) is None     # base not aligned to the tile's 32 KiB
+    assert fp8_gemm.side_tile_boxes(0, 1 << 22, 128, 64) is None     # plain
+    assert fp8_gemm.side_tile_boxes(mask, 1 << 22, 256, 64) is None  # 0xAB000 has bit 15: offsets vary in 64 KiB
+    assert fp8_gemm.side_tile_boxes(MASKS[0], 1 << 22, 256, 64) is not None  # 0xB3000 has not
+
+
 def test_pair_tiles_only_where_the_plan_alternates():
     assert PackedLayout.create(7 * 128, 300, 128, (66, 66), MASKS[0], True).pair_tiles() == 4
     assert PackedLayout.create(7 * 128, 300, 128, (66, 66), MASKS[0], False).pair_tiles() == 0  # plain

@@ -99,6 +99,12 @@ struct SmemLayout {
 // The host passes one queue of pair indices j with block_first[0][j] = the pairs' first sequence index, and
 // uses it only where side 0's j-th N-block is 2j and side 1's 2j + 1 (the tile is then output block j).
 constexpr uint32_t kPackedPairs = 4;
+// Tile boxes (paired == 2): within an aligned 16 KiB unit (2 pairs) a side's two chunks sit at c0 * 4K and
+// 8K + c1 * 4K, c0 = the chunk offset of the first pair (side(pair) ^ side), c1 = c0 ^ (side mask bit 13): an
+// affine pattern. So a tile of 2U chunks (U units, the host checks that the mask has no bit between 14 and the
+// tile's alignment, so every unit of it has the same c0) is one 4-D TMA box (128 B, 32 rows, 2 pairs, U units)
+// over tmap_b_tiles[c0]: base + c0 * 4K, strides 128 B / 8K + (c1 - c0) * 4K / 16K. One load per tile instead of
+// 2U chunk loads.
 // workspace: [2][8] claim masks (bit r of queue q: rank r taken; up to 256 ranks), then the CTAs-done counter
 constexpr uint32_t kPackedClaimWords = 16;
 struct PackedBArgs {
@@ -113,7 +119,8 @@ struct PackedBArgs {
   uint32_t mode;                  // 0: near (own side's queue), 1: side ignored (half of each side's SMs in
                                   // each queue), 2: far, 3: by CTA parity (ignore's fallback, sides unequal),
                                   // 4: pairs (kPackedPairs: one queue of tiles two N-blocks wide, see below)
-  uint32_t paired;                // 1: side-aware chunk pairs; 0: plain layout (chunk i = i)
+  uint32_t paired;                // 0: plain layout (chunk i = i); 1: side-aware chunk pairs; 2: the same, and a
+                                  // side's tile loads as one box of tmap_b_tiles[its chunk offset] (below)
   uint32_t ctas[2];               // CTAs expected in each queue (the SMs the mode sends to it)
   uint32_t workers[2];            // ranks of each queue that take tiles (<= ctas)
 };
@@ -209,6 +216,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
                                           uint32_t sb_stride_n, uint32_t sb_stride_k, uint32_t shape_m,
                                           const CUtensorMap& tmap_a, const CUtensorMap& tmap_b,
                                           const CUtensorMap& tmap_sa, const CUtensorMap& tmap_d,
+                                          const CUtensorMap& tmap_b_tiles0, const CUtensorMap& tmap_b_tiles1,
                                           const PackedBArgs& packed, const SplitKArgs& split_k) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   static_assert(BLOCK_M == 64 || BLOCK_M == 128 || BLOCK_M == 192, "BLOCK_M is 64, 128 or 192 (1-3 math warpgroups)");
@@ -231,6 +239,12 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   constexpr bool kPackedTma = kPackedB;
 #endif
   static_assert(!kPackedB || kClusterN == 1 || kPackedTma, "packed B in clusters: by TMA multicast");
+  // (-DL2SIDE_PACKED_CHUNK_LOADS: every packed tile by chunk loads, for A/Bs of the boxes)
+#ifdef L2SIDE_PACKED_CHUNK_LOADS
+  constexpr bool kChunkLoadsOnly = true;
+#else
+  constexpr bool kChunkLoadsOnly = false;
+#endif
   constexpr uint32_t kMathWarpgroups = BLOCK_M / 64;
   constexpr uint32_t kMathThreads = kMathWarpgroups * kWarpgroupThreads;
   constexpr uint32_t kNumKBlocks = ceil_div(SHAPE_K, BLOCK_K);
@@ -302,6 +316,10 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   if (threadIdx.x == kMathThreads) {
     ptx::prefetch_tensor_map(&tmap_a);
     ptx::prefetch_tensor_map(&tmap_b);
+    if (kPackedB && packed.paired == 2) {
+      ptx::prefetch_tensor_map(&tmap_b_tiles0);
+      ptx::prefetch_tensor_map(&tmap_b_tiles1);
+    }
     ptx::prefetch_tensor_map(&tmap_sa);
     if constexpr (kTmaStore) ptx::prefetch_tensor_map(&tmap_d);
     for (uint32_t s = 0; s < kStages; ++s) {
@@ -412,11 +430,21 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
               // TMA over tmap_b, the packed buffer as rows of 128 B (no swizzle: the chunks hold the swizzled
               // image), a whole tile at once in the plain layout (its chunks are contiguous). (K blocks past K:
               // whatever chunks follow, or zeros past the buffer; counted, and never read by the math.)
-              if (kPackedTma && !packed.paired && kClusterN == 1) {
+              if (kPackedTma && !packed.paired && kClusterN == 1 && !kChunkLoadsOnly) {
 #pragma unroll
                 for (uint32_t g = 0; g < kStageKBlocks; ++g)
                   ptx::tma_load_2d(smem + Smem::kB + stage * Smem::kBStage + g * BLOCK_N * BLOCK_K, &tmap_b, bar, 0,
                                    static_cast<int32_t>((first_chunk + (kb + g) * kChunksPerTile) * 32));
+              } else if (kPackedTma && kChunksPerTile % 2 == 0 && kClusterN == 1 && !kChunkLoadsOnly &&
+                         packed.paired == 2 && packed.mode != kPackedPairs) {
+#pragma unroll
+                for (uint32_t g = 0; g < kStageKBlocks; ++g) {  // (tile boxes, above)
+                  const uint64_t i = first_chunk + (kb + g) * kChunksPerTile;
+                  const uint64_t addr = reinterpret_cast<uint64_t>(packed.base) + 2 * i * 4096;
+                  const uint32_t c0 = (__popcll(addr & packed.side_mask) & 1u) ^ queue;
+                  ptx::tma_load_4d(smem + Smem::kB + stage * Smem::kBStage + g * BLOCK_N * BLOCK_K,
+                                   c0 ? &tmap_b_tiles1 : &tmap_b_tiles0, bar, 0, 0, 0, static_cast<int32_t>(i / 2));
+                }
               } else {
 #pragma unroll
                 for (uint32_t p = 0; p < kStageKBlocks * kChunksPerTile; ++p) {
