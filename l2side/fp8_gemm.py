@@ -646,24 +646,8 @@ def _fire(prepared, stream: int) -> None:
     _native.launch(device, function, grid, block, smem, stream, params, cluster, offsets)
 
 
-SIDE_MODES = {"near": 0, "ignore": 1, "far": 2, "parity": 3, "pairs": 4}  # (parity: PACKED_BY_PARITY, for measurements)
+SIDE_MODES = {"near": 0, "ignore": 1, "far": 2, "parity": 3}  # (parity: PACKED_BY_PARITY, for measurements)
 PACKED_BY_PARITY = 3  # PackedBArgs.mode: queue and rank by CTA parity (side-ignored where the table cannot split)
-PACKED_PAIRS = 4      # PackedBArgs.mode (kPackedPairs): tiles of two N-blocks sharing their chunk pairs
-PAIRS_MAX_BLOCK_N = 64  # pairs tiles are 2 x block_n wide; wider than 128 would spill the math warps' registers
-
-
-def check_pairs(layout) -> int:
-    """The tile count of side_mode="pairs" for a PackedLayout, or a ValueError saying why it has none."""
-    if not layout.paired:
-        _fail("side_mode='pairs' needs a side-aware packed B (kind 'sides'), got the plain layout")
-    if layout.block_n > PAIRS_MAX_BLOCK_N:
-        _fail(f"side_mode='pairs' computes tiles of two N-blocks: it needs a packed B with block_n <= "
-              f"{PAIRS_MAX_BLOCK_N}, got block_n={layout.block_n} (l2side.pack_b(b, b_scales, block_n=64))")
-    tiles = layout.pair_tiles()
-    if not tiles:
-        _fail(f"side_mode='pairs' needs the sides' N-blocks to alternate (0, 2, 4, ... and 1, 3, 5, ...); this "
-              f"packing plan does not (SMs per side too unequal): {layout.stored}")
-    return tiles
 
 
 def side_tile_boxes(side_mask: int, base: int, block_n: int, total_chunks: int):
@@ -682,21 +666,6 @@ def side_tile_boxes(side_mask: int, base: int, block_n: int, total_chunks: int):
     bit13 = (side_mask >> 13) & 1
     return tuple((base + c0 * 4096, "u8", (BLOCK_K, 32, 2, total_chunks // 4),
                   (BLOCK_K, 8192 + ((c0 ^ bit13) - c0) * 4096, 16384), (BLOCK_K, 32, 2, units)) for c0 in (0, 1))
-
-
-def _pair_queues(packed):
-    """(queue table [2, tiles], block_first [tiles], tiles) of side_mode="pairs" on the device: one queue of
-    the pair indices j, whose pairs start at side sequence index j * chunks_per_block (check_pairs)."""
-    cached = getattr(packed, "_gemm_pairs", None)
-    if cached is None:
-        lay = packed.layout
-        tiles = check_pairs(lay)
-        table = torch.full((2, tiles), -1, dtype=torch.int32)
-        table[0] = torch.arange(tiles, dtype=torch.int32)
-        first = torch.arange(tiles, dtype=torch.int64) * lay.chunks_per_block
-        cached = (table.to(packed.device), first.to(torch.int32).to(packed.device), tiles)
-        packed._gemm_pairs = cached
-    return cached
 
 
 def _queues(packed):
@@ -753,19 +722,11 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
     key = ("packed", packed.serial, _launch_key(a, a_scales, packed.data, packed.scales, out, config, stream),
            side_mode)
 
-    lay = packed.layout
-    if side_mode == "pairs":
-        check_pairs(lay)
-
     def prepare():
         dev = _device(index)
-        if side_mode == "pairs":
-            table, block_first, width = _pair_queues(packed)
-            lengths, n_blocks, tile_n = (width, 0), width, 2 * packed.block_n
-        else:
-            (table, width, lengths), block_first = _queues(packed), packed.block_first
-            n_blocks, tile_n = lay.n_blocks, packed.block_n
-        cfg = packed_config(m, n, k, tile_n, config, dev.num_sms)
+        cfg = packed_config(m, n, k, packed.block_n, config, dev.num_sms)
+        table, width, lengths = _queues(packed)
+        lay = packed.layout
         from .topology import topology
         topo = topology(index)
         queues = jit.stream_scratch("fp8_gemm.rank_claims", index, stream, 32, torch.int32)  # (17 used)
@@ -783,21 +744,24 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
         mode, ctas, workers = packed_schedule(topo.sm_side, units, SIDE_MODES[side_mode], lengths, m_blocks,
                                               m >= COMPUTE_BOUND_M)
         # the packed buffer as rows of 128 bytes, boxes of one chunk (paired) or one tile (plain: contiguous); the
-        # kernel's row coordinates are int32
+        # kernel's row coordinates are int32. (Kernels built with -DL2SIDE_PACKED_CHUNK_LOADS load every tile by
+        # chunks, for A/Bs.)
+        chunk_loads = "-DL2SIDE_PACKED_CHUNK_LOADS" in EXTRA_OPTIONS
         if lay.total_chunks * 32 >= 2 ** 31:
             _fail(f"packed B of {lay.nbytes} bytes is too large for the kernel's TMA row coordinates (< 256 GiB)")
         packed_map = jit.tensor_map(packed.base, "u8", (BLOCK_K, lay.total_chunks * 32), (BLOCK_K,),
-                                    (BLOCK_K, 32 if lay.paired or cfg.cluster_n > 1 else cfg.block_n), swizzle=0)
+                                    (BLOCK_K, 32 if lay.paired or cfg.cluster_n > 1 or chunk_loads else cfg.block_n),
+                                    swizzle=0)
         tile_maps = None
-        if side_mode != "pairs" and cfg.cluster_n == 1:
+        if cfg.cluster_n == 1 and not chunk_loads:
             boxes = side_tile_boxes(lay.side_mask if lay.paired else 0, packed.base, cfg.block_n, lay.total_chunks)
             try:  # (a driver that refuses the maps' interleaved strides leaves the chunk loads)
                 tile_maps = tuple(jit.tensor_map(*box, swizzle=0) for box in boxes) if boxes else None
             except RuntimeError:
                 tile_maps = None
         args = packed_b_args(packed.base, lay.side_mask if lay.paired else 0, table.data_ptr(),
-                             block_first.data_ptr(), queues.data_ptr(), topo.sm_side, width, lengths,
-                             n_blocks, mode, 2 if tile_maps else int(lay.paired), ctas, workers)
+                             packed.block_first.data_ptr(), queues.data_ptr(), topo.sm_side, width, lengths,
+                             lay.n_blocks, mode, 2 if tile_maps else int(lay.paired), ctas, workers)
         return _prepare(a, a_scales, None, packed.scales, out, m, n, k, cfg, index, stream, packed_args=args,
                         packed_map=packed_map, tile_maps=tile_maps)
 
@@ -817,9 +781,6 @@ def gemm(a, a_scales, b, b_scales=None, out=None, *, config: GemmConfig | None =
     then computes the tiles of N-blocks stored on its own L2 side, reading B only from its near side.
     side_mode ("near", "ignore": half of each side's SMs on each side's tiles, "far": every SM on the other
     side's tiles, "parity": queue and rank by CTA index, blind to the SMs) exists for measurements.
-    side_mode="pairs" (packs with block_n <= 64): tiles of two N-blocks, one of each side, that read whole
-    8 KiB chunk pairs, half of them from the far side (docs/packed-b.md: for large M, where B is re-read
-    from L2 and a side-pure stream is served slower).
 
     Under torch.compile this goes through the custom ops torch.ops.l2side.fp8_gemm / fp8_gemm_out (which
     have fake implementations), so `torch.compile(fullgraph=True)` traces it (unpacked B only).

@@ -26,6 +26,7 @@ ROWS_PER_CHUNK = sides.CHUNK_BYTES // BLOCK_K   # 32 rows of 128 bytes = one 4 K
 MAX_BLOCK_N = 256
 LAYOUTS = ("auto", "sides", "plain")
 BASE_ALIGN = 2 * sides.CHUNK_BYTES  # chunk pairs (2i, 2i+1) must be two halves of an 8 KiB-aligned range
+TILE_BOX_ALIGN = 16 * sides.CHUNK_BYTES  # a side's tile of up to 256 rows loads as one TMA box from a base so aligned
 KERNEL_NAME = "l2side_pack_b"
 
 __all__ = ["pack_b", "PackedB", "PackedLayout", "check_block_n"]
@@ -122,19 +123,6 @@ class PackedLayout:
         Tile (n, kb), part p is the side-s chunk of sequence index block_first[s, n] + kb * cpt + p."""
         pos = self.block_pos()
         return np.where(pos >= 0, pos * self.chunks_per_block, -1).astype(np.int32)
-
-    def pair_tiles(self) -> int:
-        """Tiles of the pairs schedule (`l2side.gemm(..., side_mode="pairs")`): side 0's and side 1's j-th N-blocks
-        fill the two chunks of the same 8 KiB pairs, so a tile of both (2 x block_n wide) reads whole pairs. That
-        tile is output block j when side 0's j-th N-block is 2j and side 1's is 2j + 1 (a last odd N-block pairs
-        with whatever side 1 stores there: its half of the tile lies past N). ceil(n_blocks / 2) where the plan
-        alternates so (equal or nearly equal SMs per side), else 0 (also for the plain layout)."""
-        nb, (s0, s1) = self.n_blocks, self.stored
-        tiles = _ceil_div(nb, 2)
-        if not self.paired or len(s0) < tiles or len(s1) < nb // 2:
-            return 0
-        aligned = all(s0[j] == 2 * j for j in range(tiles)) and all(s1[j] == 2 * j + 1 for j in range(nb // 2))
-        return tiles if aligned else 0
 
     def side_blocks(self) -> np.ndarray:
         """int32 [2, max(1, len(stored[0]), len(stored[1]))]: stored[s], padded with -1."""
@@ -261,16 +249,19 @@ def _check(b, b_scales, block_n, layout, *, need_cuda: bool = True):
 
 
 def _allocate(nbytes: int, device):
-    """One side-aware allocation of nbytes with an 8 KiB-aligned start (large ones start 4 MiB-aligned;
-    small ones are sub-allocated at 512 B, so a little more is taken and the aligned part used)."""
+    """One side-aware allocation of nbytes with a 64 KiB-aligned start (8 KiB below 64 KiB; large ones start
+    4 MiB-aligned; small ones are sub-allocated at 512 B, so a little more is taken and the aligned part used).
+    8 KiB for the chunk pairs, 64 KiB so that the GEMM loads each side-pure tile as one box (fp8_gemm.side_tile_boxes)."""
     import torch
     from .memory import empty
+    align = TILE_BOX_ALIGN if nbytes >= TILE_BOX_ALIGN else BASE_ALIGN
     raw = empty(nbytes, dtype=torch.uint8, device=device)
-    if raw.data_ptr() % BASE_ALIGN:
-        raw = empty(nbytes + BASE_ALIGN, dtype=torch.uint8, device=device)
-        offset = -raw.data_ptr() % BASE_ALIGN
+    if raw.data_ptr() % align:
+        del raw
+        raw = empty(nbytes + align, dtype=torch.uint8, device=device)
+        offset = -raw.data_ptr() % align
         raw = raw[offset:offset + nbytes]
-    assert raw.data_ptr() % BASE_ALIGN == 0
+    assert raw.data_ptr() % align == 0
     return raw
 
 
@@ -345,7 +336,8 @@ _SERIALS = itertools.count()
 class PackedB:
     """A side-aware packed FP8 weight (see the module doc and docs/packed-b.md). Build it with pack_b.
 
-    Tensors (on `device`): data (uint8 [total_chunks * 4096], one side-aware allocation, 8 KiB-aligned),
+    Tensors (on `device`): data (uint8 [total_chunks * 4096], one side-aware allocation, 8 KiB-aligned; 64 KiB
+    from 64 KiB on),
     scales (float32 [ceil(N/128), ceil(K/128)] contiguous, the given values), and the int32 tables a kernel
     takes: block_side [n_blocks], block_pos / block_first [2, n_blocks], side_blocks [2, max blocks/side]."""
 
@@ -388,7 +380,7 @@ class PackedB:
 
     @property
     def base(self) -> int:
-        """The buffer's address (8 KiB-aligned): chunk c is at base + c * 4096."""
+        """The buffer's address (8 KiB-aligned, 64 KiB from 64 KiB on): chunk c is at base + c * 4096."""
         return self.data.data_ptr()
 
     def __repr__(self) -> str:

@@ -292,19 +292,6 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
                                                                                 config=packed_cfg)
             t = clock(calls[name], flush)
             line += f" | {name} {t:7.1f} us {2 * m * n * k / t / 1e6:6.0f} TF{'' if same else ' MISMATCH'}"
-        # pairs: tiles of side 0's and side 1's j-th N-blocks (2 x 64 wide, from a block_n 64 pack), reading whole
-        # chunk pairs (half far); compared with the unpacked kernel on the same double-width blocks
-        pack64 = packed if bn == 64 else l2side.pack_b(b, sb, block_n=64) if bn == 128 else None
-        if pack64 is not None and pack64.layout.pair_tiles() and not (packed_cfg and packed_cfg.cluster_n > 1):
-            pc = fp8_gemm.packed_config(m, n, k, 128, packed_cfg)
-            want = l2side.gemm(a, sa, b, sb, config=dataclasses.replace(pc, packed_b=False))
-            out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-            calls["pairs"] = lambda out=out: l2side.gemm(a, sa, pack64, out=out, side_mode="pairs", config=packed_cfg)
-            calls["pairs"]()
-            same = torch.equal(out, want)
-            bad += not same
-            t = clock(calls["pairs"], flush)
-            line += f" | pairs {t:7.1f} us {2 * m * n * k / t / 1e6:6.0f} TF{'' if same else ' MISMATCH'}"
         f = cublas_fn(a, sa, b, sb) if timed else None
         if f is not None:
             calls["cuBLAS"] = f

@@ -335,19 +335,6 @@ def test_packed_configs_are_valid(m, n, k):
 
 
 @needs_module
-def test_pairs_are_checked():
-    """side_mode="pairs" needs a side-aware pack with block_n <= 64 whose plan alternates the sides."""
-    from l2side.packed_b import PackedLayout
-    assert fp8_gemm.check_pairs(PackedLayout.create(2112, 7168, 64, (66, 66), 0xAB000, True)) == 17
-    with pytest.raises(ValueError, match="plain layout"):
-        fp8_gemm.check_pairs(PackedLayout.create(2112, 7168, 64, (66, 66), 0, False))
-    with pytest.raises(ValueError, match="block_n <= 64"):
-        fp8_gemm.check_pairs(PackedLayout.create(2112, 7168, 128, (66, 66), 0xAB000, True))
-    with pytest.raises(ValueError, match="alternate"):
-        fp8_gemm.check_pairs(PackedLayout.create(384 * 64, 7168, 64, (72, 60), 0xAB000, True))
-    assert fp8_gemm.SIDE_MODES["pairs"] == fp8_gemm.PACKED_PAIRS == 4
-
-
 def test_packed_clusters_are_checked():
     """Packed B in clusters (the experiment): an explicit cluster_n of 2 is kept, any N-block count goes (the
     cluster shares an N-block), 4 is refused; unpacked clusters still need the N-blocks to pair up."""
@@ -1000,50 +987,32 @@ def test_packed_b_gives_the_unpacked_kernels_bits_in_every_side_mode(m, n, k):
             assert torch.equal(out, want), f"{mode}: packed result differs from the unpacked kernel's"
 
 
-PAIRS_CASES = [  # (m, n, k, block_n, g): an odd N-block count (the last pair half past N), N % 128 != 0,
-    # a partial K block, several K blocks per stage, M-blocks not whole, block_n 32 (64-wide pair tiles)
-    (4096, 2112, 1280, 64, 1), (300, 1000, 4112, 64, 1), (129, 7168, 2048, 64, 2), (1, 200, 272, 64, 1),
-    (512, 2112, 1280, 32, 4), (64, 7168, 7168, 64, 1)]
-
-
-@pytest.mark.parametrize("m,n,k,bn,g", PAIRS_CASES, ids=[f"{c[0]}x{c[1]}x{c[2]}-bn{c[3]}-g{c[4]}" for c in PAIRS_CASES])
+@pytest.mark.parametrize("block_n", [64, 128])
 @pytest.mark.gpu
 @requires_hopper
 @needs_module
-def test_packed_b_pairs_gives_the_unpacked_kernels_bits(m, n, k, bn, g):
-    """side_mode="pairs": tiles of side 0's and side 1's j-th N-blocks (2 x block_n wide) read from the chunk
-    pairs they share: the unpacked kernel's bits with the same (double-width) blocks, launch after launch."""
-    a, sa, b, sb = _inputs(m, n, k, seed=23 + g)
-    packed = l2side.pack_b(b, sb, block_n=bn)
-    if not packed.layout.pair_tiles():
-        pytest.skip(f"this GPU's packing plan does not alternate the sides: {packed.layout.stored}")
-    config = None
-    if g > 1:
-        base = fp8_gemm.packed_config(m, n, k, 2 * bn)
-        config = dataclasses.replace(base, kblocks_per_stage=g, stages=fp8_gemm.max_stages(
-            base.block_m, 2 * bn, base.tma_store, g))
-    cfg = fp8_gemm.packed_config(m, n, k, 2 * bn, config)
-    assert cfg.block_n == 2 * bn and cfg.kblocks_per_stage == g
-    want = l2side.gemm(a, sa, b, sb, config=dataclasses.replace(cfg, packed_b=False, kblocks_per_stage=1))
-    _check(want, gemm_reference(a, sa, b, sb), f"unpacked {m}x{n}x{k}")
-    for _ in range(2):
-        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-        l2side.gemm(a, sa, packed, out=out, side_mode="pairs", config=config)
-        assert torch.equal(out, want), "pairs: packed result differs from the unpacked kernel's"
-    # the same weight still runs near afterwards (another launch-cache entry)
-    near = l2side.gemm(a, sa, packed)
-    _check(near, gemm_reference(a, sa, b, sb), "near after pairs")
-
-
-@pytest.mark.gpu
-@requires_hopper
-@needs_module
-def test_packed_b_pairs_refuses_what_it_cannot_do():
-    a, sa, b, sb = _inputs(256, 1024, 512, seed=5)
-    with pytest.raises(ValueError, match="block_n <= 64"):
-        l2side.gemm(a, sa, l2side.pack_b(b, sb, block_n=128), side_mode="pairs")
-    with pytest.raises(ValueError, match="plain layout"):
-        l2side.gemm(a, sa, l2side.pack_b(b, sb, block_n=64, layout="plain"), side_mode="pairs")
+def test_packed_b_side_tiles_load_as_one_box(block_n):
+    """The side-pure tiles of a pack of 64 KiB or more load as one 4-D TMA box each (fp8_gemm.side_tile_boxes):
+    the buffer is aligned for it, the driver accepts the maps' interleaved strides, and the bits are the unpacked
+    kernel's, also with two K blocks per stage."""
+    from l2side import jit
+    m, n, k = 256, 2112, 1280
+    a, sa, b, sb = _inputs(m, n, k, seed=31)
+    packed = l2side.pack_b(b, sb, block_n=block_n)
+    lay = packed.layout
+    assert packed.base % (block_n // 64 * 16384) == 0
+    boxes = fp8_gemm.side_tile_boxes(lay.side_mask, packed.base, block_n, lay.total_chunks)
+    assert boxes is not None, "this GPU's side mask varies the chunk offset inside a tile"
+    for box in boxes:
+        assert len(jit.tensor_map(*box, swizzle=0)) == 128
+    one = fp8_gemm.GemmConfig(128, block_n, fp8_gemm.max_stages(128, block_n, True), tma_store=True)
+    want = l2side.gemm(a, sa, b, sb, config=one)
+    two = dataclasses.replace(one, kblocks_per_stage=2, stages=fp8_gemm.max_stages(128, block_n, True, 2))
+    for cfg in (one, two):
+        for mode in ("near", "far"):
+            out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            l2side.gemm(a, sa, packed, out=out, side_mode=mode, config=cfg)
+            assert torch.equal(out, want), (cfg.kblocks_per_stage, mode)
 
 
 CLUSTER_CASES = [(512, 1024, 1280, 128, 128, "sides"), (512, 1024, 1280, 128, 128, "plain"),

@@ -206,33 +206,6 @@ def test_tables():
     assert plain.total_chunks == 7 * cpb
 
 
-@pytest.mark.parametrize("n,block_n", [(7 * 64, 64), (7 * 64 - 5, 64), (2112, 64), (2112, 32), (1000, 64), (64, 64)])
-@pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("base", [0, 1 << 22, (1 << 22) + 8192])
-def test_pairs_tiles_read_both_chunks_of_their_pairs(n, block_n, mask, base):
-    """side_mode="pairs" (fp8_gemm.cuh, the producer's chunk loop with per_tile = cpt / 2): part q of pair tile j's
-    K block kb is side 0's chunk q of N-block 2j's tile (q < cpt), else side 1's chunk q - cpt of N-block 2j + 1's
-    tile; both chunks of each pair it touches, nothing else."""
-    lay = PackedLayout.create(n, 300, block_n, (66, 66), mask, True)
-    tiles = lay.pair_tiles()
-    assert tiles == (lay.n_blocks + 1) // 2
-    cpt, first = lay.chunks_per_tile, lay.block_first()
-    for j in range(tiles):
-        for kb in range(lay.k_tiles):
-            got = []
-            for q in range(2 * cpt):  # the kernel's formula
-                half = int(q >= cpt)
-                i = j * lay.chunks_per_block + kb * cpt + q - half * cpt
-                even = 2 * i
-                got.append(even + ((bin((base + even * 4096) & mask).count("1") & 1) ^ half))
-            assert sorted(got) == [2 * (j * lay.chunks_per_block + kb * cpt) + c for c in range(2 * cpt)]
-            for half in (0, 1):
-                nb = 2 * j + half
-                if nb < lay.n_blocks:
-                    want = lay.chunk_of(first[half, nb] + kb * cpt + np.arange(cpt), half, base)
-                    assert got[half * cpt:(half + 1) * cpt] == want.tolist()
-
-
 @pytest.mark.parametrize("block_n", [64, 128, 256])
 @pytest.mark.parametrize("mask", MASKS + [sides.side_mask(0x9000)])  # (the last: bit 13 not in the mask)
 @pytest.mark.parametrize("base", [0, 1 << 22])
@@ -273,14 +246,6 @@ def test_tile_boxes_only_where_a_tile_is_one_box():
     assert fp8_gemm.side_tile_boxes(0, 1 << 22, 128, 64) is None     # plain
     assert fp8_gemm.side_tile_boxes(mask, 1 << 22, 256, 64) is None  # 0xAB000 has bit 15: offsets vary in 64 KiB
     assert fp8_gemm.side_tile_boxes(MASKS[0], 1 << 22, 256, 64) is not None  # 0xB3000 has not
-
-
-def test_pair_tiles_only_where_the_plan_alternates():
-    assert PackedLayout.create(7 * 128, 300, 128, (66, 66), MASKS[0], True).pair_tiles() == 4
-    assert PackedLayout.create(7 * 128, 300, 128, (66, 66), MASKS[0], False).pair_tiles() == 0  # plain
-    assert PackedLayout.create(384 * 64, 300, 64, (66, 66), MASKS[0], True).pair_tiles() == 192
-    assert PackedLayout.create(384 * 64, 300, 64, (72, 60), MASKS[0], True).pair_tiles() == 0  # not alternating
-    assert PackedLayout.create(64, 300, 64, (66, 66), MASKS[0], True).pair_tiles() == 1
 
 
 @pytest.mark.parametrize("n,k,block_n,paired,col", [(200, 272, 64, True, 0), (900, 400, 96, True, 16),

@@ -91,14 +91,6 @@ struct SmemLayout {
 // ignored: the same with half of each side's SMs in each queue (packed_home). A dynamic queue (an atomic per
 // tile) measured 16-25% slower at M = 4096 (H200, docs/perf-notes.md session 9), even with the claim issued a
 // tile ahead.
-// Pairs (mode 4): side s's N-block at position j and side s ^ 1's at position j share the 8 KiB chunk pairs of
-// their tiles (one chunk of each pair on each side), so a tile twice as wide as the packed one, made of side 0's
-// j-th N-block (its first half) and side 1's (its second), reads every chunk of the pairs it touches: contiguous
-// 8 KiB, the pattern the L2 serves at full rate where B is re-read from it (a side-pure stream is served ~25%
-// slower: docs/perf-notes.md, packed B session 12), at the price of half the reads crossing to the far side.
-// The host passes one queue of pair indices j with block_first[0][j] = the pairs' first sequence index, and
-// uses it only where side 0's j-th N-block is 2j and side 1's 2j + 1 (the tile is then output block j).
-constexpr uint32_t kPackedPairs = 4;
 // Tile boxes (paired == 2): within an aligned 16 KiB unit (2 pairs) a side's two chunks sit at c0 * 4K and
 // 8K + c1 * 4K, c0 = the chunk offset of the first pair (side(pair) ^ side), c1 = c0 ^ (side mask bit 13): an
 // affine pattern. So a tile of 2U chunks (U units, the host checks that the mask has no bit between 14 and the
@@ -117,8 +109,7 @@ struct PackedBArgs {
   uint64_t sm_side0_bits[4];      // bit i: SM i exists and is on side 0 (the ranks count only present SMs)
   uint32_t queue_width, queue_len0, queue_len1, n_blocks;
   uint32_t mode;                  // 0: near (own side's queue), 1: side ignored (half of each side's SMs in
-                                  // each queue), 2: far, 3: by CTA parity (ignore's fallback, sides unequal),
-                                  // 4: pairs (kPackedPairs: one queue of tiles two N-blocks wide, see below)
+                                  // each queue), 2: far, 3: by CTA parity (ignore's fallback, sides unequal)
   uint32_t paired;                // 0: plain layout (chunk i = i); 1: side-aware chunk pairs; 2: the same, and a
                                   // side's tile loads as one box of tmap_b_tiles[its chunk offset] (below)
   uint32_t ctas[2];               // CTAs expected in each queue (the SMs the mode sends to it)
@@ -375,10 +366,6 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       // rank is per-thread to it, and every TMA and bulk copy that depends on it becomes an R2UR waterfall loop,
       // too slow for the single producer thread to keep up with the math (H200 4096 x 7168 x 16384: ~1070 vs
       // ~860 us). `claimed` (std::false_type / true_type) makes the two calls below two copies of the loop.
-      // packed B: pair sequence indices per tile and K block (pairs: half the tile's chunks; in pairs mode the
-      // host keeps kChunksPerTile even)
-      [[maybe_unused]] const uint32_t per_tile =
-          kPackedB && packed.mode == kPackedPairs ? kChunksPerTile / 2 : kChunksPerTile;
       struct Position { uint32_t stage, phase; };
       auto produce = [&]([[maybe_unused]] auto claimed, const uint32_t queue, const uint32_t rank, Position at) {
         uint32_t stage = at.stage, phase = at.phase;
@@ -436,7 +423,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
                   ptx::tma_load_2d(smem + Smem::kB + stage * Smem::kBStage + g * BLOCK_N * BLOCK_K, &tmap_b, bar, 0,
                                    static_cast<int32_t>((first_chunk + (kb + g) * kChunksPerTile) * 32));
               } else if (kPackedTma && kChunksPerTile % 2 == 0 && kClusterN == 1 && !kChunkLoadsOnly &&
-                         packed.paired == 2 && packed.mode != kPackedPairs) {
+                         packed.paired == 2) {
 #pragma unroll
                 for (uint32_t g = 0; g < kStageKBlocks; ++g) {  // (tile boxes, above)
                   const uint64_t i = first_chunk + (kb + g) * kChunksPerTile;
@@ -448,16 +435,12 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
               } else {
 #pragma unroll
                 for (uint32_t p = 0; p < kStageKBlocks * kChunksPerTile; ++p) {
-                  // (pairs: part q of the tile's K block g is, for q < cpt / 2, side 0's chunk of pair
-                  // first + (kb + g) * cpt / 2 + q, else side 1's chunk of pair ... + q - cpt / 2)
-                  const uint32_t g = p / kChunksPerTile, q = p % kChunksPerTile;
-                  const uint32_t half = q >= per_tile ? 1u : 0u;
-                  const uint64_t i = first_chunk + (kb + g) * per_tile + q - half * per_tile;
+                  const uint64_t i = first_chunk + kb * kChunksPerTile + p;
                   uint64_t chunk = i;
                   if (packed.paired) {
                     const uint64_t even = 2 * i;
                     const uint64_t addr = reinterpret_cast<uint64_t>(packed.base) + even * 4096;
-                    chunk = even + ((__popcll(addr & packed.side_mask) & 1u) ^ queue ^ half);
+                    chunk = even + ((__popcll(addr & packed.side_mask) & 1u) ^ queue);
                   }
                   uint8_t* dst = smem + Smem::kB + stage * Smem::kBStage + p * 4096;
                   if constexpr (kClusterN > 1) {  // every CTA of the cluster gets every chunk, each loads 1 / kClusterN
