@@ -251,7 +251,8 @@ def _check(b, b_scales, block_n, layout, *, need_cuda: bool = True):
 def _allocate(nbytes: int, device):
     """One side-aware allocation of nbytes with a 64 KiB-aligned start (8 KiB below 64 KiB; large ones start
     4 MiB-aligned; small ones are sub-allocated at 512 B, so a little more is taken and the aligned part used).
-    8 KiB for the chunk pairs, 64 KiB so that the GEMM loads each side-pure tile as one box (fp8_gemm.side_tile_boxes)."""
+    8 KiB for the chunk pairs, 64 KiB so that the GEMM loads each side-pure tile as one box
+    (fp8_gemm.side_tile_boxes)."""
     import torch
     from .memory import empty
     align = TILE_BOX_ALIGN if nbytes >= TILE_BOX_ALIGN else BASE_ALIGN

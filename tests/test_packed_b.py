@@ -231,7 +231,6 @@ def test_tile_boxes_load_exactly_the_sides_chunks(block_n, mask, base):
                 assert box == (128, 32, 2, units) and dims[3] * 4 == lay.total_chunks
                 got = [(ptr - base + b * strides[1] + (i // 2 + u) * strides[2]) // 4096
                        for u in range(units) for b in range(2)]
-                assert all((ptr - base + b * strides[1] + u * strides[2]) % 4096 == 0 for u in range(2) for b in range(2))
                 assert got == lay.tile_chunks(nb, kb, base, s).tolist()
                 assert max(got) < lay.total_chunks
 
