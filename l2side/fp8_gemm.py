@@ -754,7 +754,7 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
                                     swizzle=0)
         tile_maps = None
         if cfg.cluster_n == 1 and not chunk_loads:
-            boxes = side_tile_boxes(lay.side_mask if lay.paired else 0, packed.base, cfg.block_n, lay.total_chunks)
+            boxes = side_tile_boxes(lay.side_mask, packed.base, cfg.block_n, lay.total_chunks)  # (plain: mask 0)
             try:  # (a driver that refuses the maps' interleaved strides leaves the chunk loads)
                 tile_maps = tuple(jit.tensor_map(*box, swizzle=0) for box in boxes) if boxes else None
             except RuntimeError:

@@ -226,7 +226,7 @@ def test_tile_boxes_load_exactly_the_sides_chunks(block_n, mask, base):
         for nb in lay.stored[s]:
             for kb in range(lay.k_tiles):
                 i = int(first[s, nb]) + kb * lay.chunks_per_tile
-                c0 = (bin((base + 2 * i * 4096) & mask).count("1") & 1) ^ s
+                c0 = sides.side_of_address(base + 2 * i * 4096, mask) ^ s
                 ptr, _, dims, strides, box = boxes[c0]
                 assert box == (128, 32, 2, units) and dims[3] * 4 == lay.total_chunks
                 got = [(ptr - base + b * strides[1] + (i // 2 + u) * strides[2]) // 4096
