@@ -311,8 +311,9 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
             kb = _ceil_div(k, BLOCK_K)
             if splits > kb or (splits - 1) * _ceil_div(kb, splits) >= kb:
                 raise ValueError(f"{name}={splits} leaves a range of K blocks empty (K has {kb} blocks of 128)")
-            if config.cluster_n != 1 or config.packed_b:
-                raise ValueError(f"{name} > 1 needs cluster_n == 1 and an unpacked B")
+            if config.cluster_n != 1 or (config.packed_b and name == "tail_split"):
+                raise ValueError(f"{name} > 1 needs cluster_n == 1" + (" and an unpacked B" if name == "tail_split"
+                                                                        else ""))
     if config.kblocks_per_stage not in (1, 2, 4):
         raise ValueError(f"kblocks_per_stage must be 1, 2 or 4, got {config.kblocks_per_stage}")
     if config.kblocks_per_stage > 1 and (k % BLOCK_K or config.cluster_n != 1
@@ -519,14 +520,15 @@ def packed_b_args(base: int, side_mask: int, queue_blocks: int, block_first: int
 
 
 def packed_schedule(sm_side, num_sms: int, mode: int, queue_len: tuple, m_blocks: int,
-                    compute_bound: bool) -> tuple[int, tuple, tuple]:
+                    compute_bound: bool, splits: int = 1) -> tuple[int, tuple, tuple]:
     """(mode, ctas, workers) of the packed-B kernel's static schedule (PackedBArgs), for a grid of one CTA per SM.
     ctas[q]: the CTAs side_mode sends to queue q (near: the SMs of side q, far: of the other side, ignore: the
     even-ranked SMs of side q and the odd-ranked of the other, PACKED_BY_PARITY: CTA parity); an empty queue's
     CTAs go to the other one. The modes fall back to PACKED_BY_PARITY (the mode returned) when the table cannot
     give every queue with tiles its CTAs (a GPU without a split, fewer SMs than the table; for ignore, sides that
-    differ by more than one SM). workers[q]: how many of them take tiles — all, or when compute-bound the fewest
-    that need the same rounds (as grid_size does for the unpacked kernel)."""
+    differ by more than one SM). workers[q]: how many of them take units (tiles, or `splits` K ranges of each
+    tile) — all, or when compute-bound the fewest that need the same rounds (as grid_size does for the unpacked
+    kernel)."""
     side1 = sum(1 for smid, s in enumerate(sm_side) if s == 1 and smid < 256)
     per_side = (num_sms - side1, side1)
     ctas = ((num_sms + 1) // 2, num_sms // 2)
@@ -549,7 +551,7 @@ def packed_schedule(sm_side, num_sms: int, mode: int, queue_len: tuple, m_blocks
         ctas = (0, num_sms)
     workers = []
     for q in (0, 1):
-        tiles = queue_len[q] * m_blocks
+        tiles = queue_len[q] * m_blocks * splits
         w = max(1, min(ctas[q], tiles)) if ctas[q] else 0
         if compute_bound and w:
             w = _ceil_div(tiles, _ceil_div(tiles, w))
@@ -686,13 +688,35 @@ def _queues(packed):
     return cached
 
 
+def packed_split_for(queue_tiles: tuple, ctas: tuple, k_blocks: int, max_split: int = 4, min_k_blocks: int = 4,
+                     min_gain: float = 0.015) -> int:
+    """Split-K of a packed-B call (1: none): queue q's tiles run on its ctas[q] CTAs, so a queue with fewer
+    tiles than CTAs leaves SMs idle (64 x 2112 x 7168 with 64-wide tiles: 33 tiles for 132 SMs). In tile times
+    the schedule takes max over q of ceil(tiles_q * S / ctas_q) rounds of ceil(K blocks / S) / K blocks of a
+    tile, plus the S - 1 partials the summing unit reads (SPLIT_REDUCE_K); the best S <= max_split with
+    `min_k_blocks` K blocks per range and no empty range, if it saves `min_gain`."""
+    def rounds(s):
+        return max((_ceil_div(t * s, c) for t, c in zip(queue_tiles, ctas) if t and c), default=0)
+
+    best, best_time = 1, float(rounds(1))
+    for s in range(2, max_split + 1):
+        per = _ceil_div(k_blocks, s)
+        if per < min_k_blocks or (s - 1) * per >= k_blocks:
+            continue
+        t = rounds(s) * per / k_blocks + (s - 1) * SPLIT_REDUCE_K / (k_blocks * BLOCK_K)
+        if t < best_time - 1e-9:
+            best, best_time = s, t
+    return best if best_time <= rounds(1) * (1.0 - min_gain) else 1
+
+
 def packed_config(m: int, n: int, k: int, block_n: int, config: GemmConfig | None = None,
                   num_sms: int = 132) -> GemmConfig:
     """The block configuration of a packed-B call: `config` (or gemm_config's choice, adjusted below) on the
-    packed tile width, with what the packed path does not have turned off: splits; clusters and several K blocks
-    per stage unless `config` asks for them (opt-in: the cluster experiment of docs/packed-b.md, and 2 or 4 K
-    blocks per stage, whose chunks follow one another in the packed sequence; not measured yet: a config from
-    gemm_config, which picks 2 for thin memory-bound tiles, turns it on too)."""
+    packed tile width, with what the packed path does not have turned off: the tail split; split-K, clusters and
+    several K blocks per stage unless `config` asks for them (opt-in: the cluster experiment of docs/packed-b.md,
+    and 2 or 4 K blocks per stage, whose chunks follow one another in the packed sequence; not measured yet: a
+    config from gemm_config, which picks 2 for thin memory-bound tiles, turns it on too). Without `config` the
+    call then picks split-K from its queues (packed_split_for)."""
     cfg = config or gemm_config(m, n, k, num_sms)
     if config is None:
         # 64-row tiles only for M <= 64 and 128 otherwise (how the packed path was measured: the short-K
@@ -704,8 +728,48 @@ def packed_config(m: int, n: int, k: int, block_n: int, config: GemmConfig | Non
     kblocks = cfg.kblocks_per_stage if config and cfg.cluster_n == 1 and k % BLOCK_K == 0 else 1
     stages = max_stages(cfg.block_m, block_n, cfg.tma_store and n % 8 == 0, kblocks)
     return dataclasses.replace(cfg, block_n=block_n, stages=min(cfg.stages, stages) if config else stages,
-                               cluster_n=cfg.cluster_n if config else 1, packed_b=True, split_k=1, tail_split=1,
+                               cluster_n=cfg.cluster_n if config else 1, packed_b=True,
+                               split_k=cfg.split_k if config else 1, tail_split=1,
                                kblocks_per_stage=kblocks, tma_store=cfg.tma_store and n % 8 == 0)
+
+
+def packed_plan(m: int, n: int, k: int, block_n: int, lengths: tuple, sm_side, num_sms: int,
+                side_mode: str = "near", config: GemmConfig | None = None) -> tuple[GemmConfig, int, tuple, tuple]:
+    """(config, mode, ctas, workers) of a packed-B call with queues of `lengths` N-blocks: packed_config, then
+    the static schedule (packed_schedule) and, without `config`, split-K for memory-bound calls whose queues
+    have fewer tiles than CTAs (packed_split_for; compute-bound tiles keep the kernel without the split path,
+    as gemm_config does)."""
+    cfg = packed_config(m, n, k, block_n, config, num_sms)
+    m_blocks, units = _ceil_div(m, cfg.block_m), num_sms
+    if cfg.cluster_n > 1:
+        # (an experiment: the clusters, on consecutive M-blocks sharing each B tile, are the schedule's units,
+        # taken by cluster index)
+        if side_mode != "parity":
+            _fail(f"packed B in clusters takes its tiles by cluster index: side_mode must be 'parity', got "
+                  f"{side_mode!r}")
+        if m_blocks % cfg.cluster_n or num_sms % cfg.cluster_n:
+            _fail(f"packed B in clusters of {cfg.cluster_n} needs the M-blocks ({m_blocks}) and SMs "
+                  f"({num_sms}) to be multiples of it")
+        m_blocks, units = m_blocks // cfg.cluster_n, num_sms // cfg.cluster_n
+    mode, ctas, workers = packed_schedule(sm_side, units, SIDE_MODES[side_mode], lengths, m_blocks,
+                                          m >= COMPUTE_BOUND_M)
+    if config is None and m < COMPUTE_BOUND_M and cfg.cluster_n == 1 and cfg.kblocks_per_stage == 1:
+        cfg = dataclasses.replace(cfg, split_k=packed_split_for(tuple(q * m_blocks for q in lengths), ctas,
+                                                                _ceil_div(k, BLOCK_K)))
+    if cfg.split_k > 1:
+        mode, ctas, workers = packed_schedule(sm_side, units, SIDE_MODES[side_mode], lengths, m_blocks,
+                                              m >= COMPUTE_BOUND_M, cfg.split_k)
+    return cfg, mode, ctas, workers
+
+
+def packed_call_config(m: int, packed, side_mode: str = "near", config: GemmConfig | None = None) -> GemmConfig:
+    """The block configuration l2side.gemm runs for `m` rows of A with this PackedB (its split-K included), e.g.
+    to run the unpacked kernel with the same blocks: the two give the same bits."""
+    from .topology import topology
+    index = packed.data.get_device()
+    lengths = _queues(packed)[2]
+    return packed_plan(m, packed.n, packed.k, packed.block_n, lengths, topology(index).sm_side,
+                       _device(index).num_sms, side_mode, config)[0]
 
 
 def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
@@ -724,25 +788,13 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
 
     def prepare():
         dev = _device(index)
-        cfg = packed_config(m, n, k, packed.block_n, config, dev.num_sms)
         table, width, lengths = _queues(packed)
         lay = packed.layout
         from .topology import topology
         topo = topology(index)
         queues = jit.stream_scratch("fp8_gemm.rank_claims", index, stream, 32, torch.int32)  # (17 used)
-        m_blocks, units = _ceil_div(m, cfg.block_m), dev.num_sms
-        if cfg.cluster_n > 1:
-            # (an experiment: the clusters, on consecutive M-blocks sharing each B tile, are the schedule's units,
-            # taken by cluster index)
-            if side_mode != "parity":
-                _fail(f"packed B in clusters takes its tiles by cluster index: side_mode must be 'parity', got "
-                      f"{side_mode!r}")
-            if m_blocks % cfg.cluster_n or dev.num_sms % cfg.cluster_n:
-                _fail(f"packed B in clusters of {cfg.cluster_n} needs the M-blocks ({m_blocks}) and SMs "
-                      f"({dev.num_sms}) to be multiples of it")
-            m_blocks, units = m_blocks // cfg.cluster_n, dev.num_sms // cfg.cluster_n
-        mode, ctas, workers = packed_schedule(topo.sm_side, units, SIDE_MODES[side_mode], lengths, m_blocks,
-                                              m >= COMPUTE_BOUND_M)
+        cfg, mode, ctas, workers = packed_plan(m, n, k, packed.block_n, lengths, topo.sm_side, dev.num_sms,
+                                               side_mode, config)
         # the packed buffer as rows of 128 bytes, boxes of one chunk (paired) or one tile (plain: contiguous); the
         # kernel's row coordinates are int32. (Kernels built with -DL2SIDE_PACKED_CHUNK_LOADS load every tile by
         # chunks, for A/Bs.)

@@ -240,8 +240,8 @@ def packed_block_n(m: int) -> int:
 
 
 def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides=""):
-    """Per shape (block_n 0: packed_block_n(M)): the unpacked kernel with the packed kernel's blocks, then the
-    packed one in each side mode, then the same tiles packed contiguously ('plain': no side purity) (outputs
+    """Per shape (block_n 0: packed_block_n(M)): the unpacked kernel with the packed kernel's blocks (and split-K),
+    the unpacked kernel with its own (gemm_config: 'auto'), then the packed one in each side mode, then the same tiles packed contiguously ('plain': no side purity) (outputs
     compared bitwise with the unpacked one's), then cuBLAS; times with CUDA events, L2 flushed.
     energy_seconds > 0: also mJ per GEMM from NVML (steady power over back-to-back calls, without flushes,
     x time per back-to-back call), variants alternating over two rounds.
@@ -263,12 +263,17 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
         a, sa, b, sb = make(m, n, k)
         packed = l2side.pack_b(b, sb, block_n=bn)
         base = fp8_gemm.gemm_config(m, n, k)
+        # (the packed call's split-K too: the unpacked kernel gives its bits only with the same K ranges)
         cfg = fp8_gemm.GemmConfig(base.block_m, bn, fp8_gemm.max_stages(base.block_m, bn, n % 8 == 0),
-                                  tma_store=n % 8 == 0)
+                                  tma_store=n % 8 == 0, split_k=fp8_gemm.packed_call_config(m, packed).split_k)
         packed_cfg = None
         if overrides:
             cfg = changed_blocks(cfg, overrides)  # (stages refitted, e.g. to more K blocks per stage)
             packed_cfg = changed_config(fp8_gemm.packed_config(m, n, k, bn), overrides)[0]  # (its block_n stays bn)
+            # (an explicit config has no automatic split: the same K ranges on both sides where a split is allowed)
+            split = cfg.split_k if packed_cfg.kblocks_per_stage == 1 and cfg.kblocks_per_stage == 1 else 1
+            cfg = dataclasses.replace(cfg, split_k=split)
+            packed_cfg = dataclasses.replace(packed_cfg, split_k=split)
         ref_out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
         l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg)
         d = diff(ref_out, reference(a, sa, b, sb))
@@ -276,7 +281,12 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
         t_ref = clock(calls["unpacked"], flush)
         # da: double accumulators of the unpacked call / of the packed calls (packed_config's choice unless changed)
         da = f"{int(cfg.double_acc)}/{int((packed_cfg or fp8_gemm.packed_config(m, n, k, bn)).double_acc)}"
-        line = f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={bn} da={da} {packed.kind:5s} diff={d:.1e} | unpacked {t_ref:7.1f} us"
+        line = (f"{m:5d} {n:6d} {k:6d} bm={cfg.block_m} bn={bn} da={da} sk={cfg.split_k} {packed.kind:5s} diff={d:.1e} "
+                f"| unpacked {t_ref:7.1f} us")
+        # the unpacked kernel with its own blocks (gemm_config): what a user without pack_b gets
+        auto_out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+        calls["auto"] = lambda: l2side.gemm(a, sa, b, sb, out=auto_out)
+        line += f" | auto {clock(calls['auto'], flush):7.1f} us"
         # "plain": the same tiles packed contiguously (chunk i = i, both sides): the chunk pattern without side purity
         plain = l2side.pack_b(b, sb, block_n=bn, layout="plain")
         # parity: queue and rank by CTA index (blockIdx ranks instead of the SM's rank in its side)

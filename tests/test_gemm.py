@@ -208,6 +208,44 @@ def test_packed_config_uses_the_packed_width(m, n, k, block_n):
 
 
 @needs_module
+@pytest.mark.parametrize("queue_tiles,ctas,k_blocks,want", [
+    ((17, 16), (66, 66), 56, 3),    # 64 x 2112 x 7168, 64-wide: 4 would put 68 units on 66 CTAs (two rounds)
+    ((33, 33), (66, 66), 56, 2),    # 32-wide
+    ((32, 32), (66, 66), 56, 2),    # 64 x 4096 x 7168
+    ((56, 56), (66, 66), 16, 1),    # 64 x 7168 x 2048: 112 units would take two rounds
+    ((192, 192), (66, 66), 12, 1),  # 64 x 24576 x 1536: more tiles than CTAs
+    ((1, 0), (132, 0), 1, 1),       # one K block: nothing to split
+    ((3, 3), (66, 66), 6, 1),       # ranges of at least 4 K blocks
+    ((3, 3), (66, 66), 8, 2),
+    ((5, 0), (132, 0), 64, 4),      # at most 4
+])
+def test_packed_split_for(queue_tiles, ctas, k_blocks, want):
+    assert fp8_gemm.packed_split_for(queue_tiles, ctas, k_blocks) == want
+
+
+@needs_module
+def test_packed_plan_splits_only_memory_bound_calls_without_a_config():
+    """packed_plan: split-K where a side's queue has fewer tiles than CTAs (memory-bound, no explicit config), the
+    workers then counting units; an explicit config's split_k is kept; compute-bound calls never split; every
+    resulting config passes the source checks (split-K with packed B is allowed, the tail split is not)."""
+    sides = [0] * 66 + [1] * 66
+    cfg, mode, ctas, workers = fp8_gemm.packed_plan(64, 2112, 7168, 64, (17, 16), sides, 132)
+    assert cfg.split_k == 3 and cfg.packed_b and mode == 0 and ctas == (66, 66) and workers == (51, 48)
+    fp8_gemm.gemm_source(2112, 7168, cfg)
+    for mode_name in ("ignore", "far", "parity"):
+        assert fp8_gemm.packed_plan(64, 2112, 7168, 64, (17, 16), sides, 132, mode_name)[0].split_k == 3
+    assert fp8_gemm.packed_plan(4096, 2112, 7168, 128, (9, 8), sides, 132)[0].split_k == 1
+    assert fp8_gemm.packed_plan(64, 24576, 1536, 64, (192, 192), sides, 132)[0].split_k == 1
+    explicit = fp8_gemm.GemmConfig(64, 64, 8, split_k=2)
+    cfg, _, _, workers = fp8_gemm.packed_plan(64, 2112, 7168, 64, (17, 16), sides, 132, config=explicit)
+    assert cfg.split_k == 2 and workers == (34, 32)
+    assert fp8_gemm.packed_plan(64, 2112, 7168, 64, (17, 16), sides, 132,
+                                config=fp8_gemm.GemmConfig(64, 64, 8))[0].split_k == 1
+    with pytest.raises(ValueError, match="tail_split"):
+        fp8_gemm.gemm_source(2112, 7168, dataclasses.replace(cfg, split_k=1, tail_split=2))
+
+
+@needs_module
 def test_invalid_split_k_is_rejected():
     base = fp8_gemm.GemmConfig(64, 128, 4)
     with pytest.raises(ValueError, match="split_k"):
@@ -390,6 +428,8 @@ def _compile_cases():
         cases[(7168, 16384, c)] = (128, 7168, 16384)
     for m, n, k, bn in ((64, 2112, 7168, 64), (128, 7168, 16384, 128)):  # packed B, double accumulators or not
         cases[(n, k, fp8_gemm.packed_config(m, n, k, bn))] = (m, n, k)
+    for m, n, k, bn, split in ((64, 2112, 7168, 64, 3), (128, 4096, 7168, 64, 2)):  # packed B with split-K
+        cases[(n, k, dataclasses.replace(fp8_gemm.packed_config(m, n, k, bn), split_k=split))] = (m, n, k)
     return list(cases)
 
 
@@ -447,9 +487,9 @@ def test_packed_math_loop_is_the_unpacked_one(tmp_path, monkeypatch):
     from gemm_sass_loop import k_loop
     monkeypatch.setenv("L2SIDE_CACHE_DIR", str(tmp_path))
     # (short K too: the tile loop of session 11 kept the K loop uniform only from 16 loop bodies on)
-    for m, n, k, block_n in ((4096, 7168, 16384, 128), (64, 7168, 16384, 64), (128, 7168, 2048, 64),
-                             (64, 2112, 7168, 32)):
-        packed = fp8_gemm.packed_config(m, n, k, block_n)
+    for m, n, k, block_n, split in ((4096, 7168, 16384, 128, 1), (64, 7168, 16384, 64, 1), (128, 7168, 2048, 64, 1),
+                                    (64, 2112, 7168, 32, 1), (64, 2112, 7168, 64, 3)):
+        packed = dataclasses.replace(fp8_gemm.packed_config(m, n, k, block_n), split_k=split)
         unpacked = dataclasses.replace(packed, packed_b=False)
         loops = [k_loop(_sass(fp8_gemm.build(n, k, c), tmp_path)) for c in (packed, unpacked)]
         assert not any("R2UR" in line for line in loops[0]), f"{m}x{n}x{k}: R2UR in the packed math loop"
@@ -920,7 +960,8 @@ def _split_66_66(rng):
 @pytest.mark.parametrize("mode", [0, 1, 2])
 @pytest.mark.parametrize("lengths,m_blocks,bound", [((28, 28), 32, True), ((9, 8), 1, False), ((17, 0), 3, False),
                                                     ((0, 5), 2, True), ((96, 96), 1, False), ((3, 2), 32, True)])
-def test_packed_schedule_covers_every_tile(table, mode, lengths, m_blocks, bound):
+@pytest.mark.parametrize("splits", [1, 3])
+def test_packed_schedule_covers_every_tile(table, mode, lengths, m_blocks, bound, splits):
     import random
     rng = random.Random(mode * 100 + m_blocks)
     sm_side = {"66/66": _split_66_66(rng),
@@ -930,7 +971,8 @@ def test_packed_schedule_covers_every_tile(table, mode, lengths, m_blocks, bound
                "short table": [0] * 60 + [1] * 60}[table]  # 132 SMs, the table knows 120
     num_sms = 126 if table == "gaps" else 132
     sm_ids = [i for i, s in enumerate(sm_side) if s != -1] if table == "gaps" else list(range(num_sms))
-    got_mode, ctas, workers = fp8_gemm.packed_schedule(sm_side, num_sms, mode, lengths, m_blocks, bound)
+    got_mode, ctas, workers = fp8_gemm.packed_schedule(sm_side, num_sms, mode, lengths, m_blocks, bound, splits)
+    m_blocks *= splits  # (with split-K the queues hand out units: `splits` K ranges of each tile)
     assert sum(ctas) == num_sms and all(w <= c for w, c in zip(workers, ctas))
     # near / far fall back to CTA parity only where the table cannot serve a queue that has tiles, ignore where
     # a side has no SMs or the sides differ by more than one SM (then its queues would have gaps in their ranks)
@@ -976,8 +1018,12 @@ def test_packed_b_gives_the_unpacked_kernels_bits_in_every_side_mode(m, n, k):
     a, sa, b, sb = _inputs(m, n, k, seed=11)
     packed = l2side.pack_b(b, sb, block_n=64)
     base = fp8_gemm.gemm_config(m, n, k)
+    # (with the packed call's split-K, e.g. 3 at 128 x 2112 x 7168 and 2 at 300 x 1000 x 4112: the same K ranges
+    # summed in the same order)
+    split = fp8_gemm.packed_call_config(m, packed).split_k
+    assert split == {(128, 2112, 7168): 3, (300, 1000, 4112): 2}.get((m, n, k), 1)
     cfg = fp8_gemm.GemmConfig(base.block_m, 64, fp8_gemm.max_stages(base.block_m, 64, n % 8 == 0),
-                              tma_store=n % 8 == 0)
+                              tma_store=n % 8 == 0, split_k=split)
     want = l2side.gemm(a, sa, b, sb, config=cfg)
     _check(want, gemm_reference(a, sa, b, sb), f"unpacked {m}x{n}x{k}")
     for mode in ("near", "ignore", "far", "parity"):
@@ -1058,15 +1104,17 @@ extern "C" __global__ void l2side_test_spin(unsigned long long cycles) {
 @pytest.mark.gpu
 @requires_hopper
 @needs_module
-def test_packed_b_with_ctas_sharing_sms():
+@pytest.mark.parametrize("split", [1, 3])
+def test_packed_b_with_ctas_sharing_sms(split):
     """CTAs not one per SM: a third of the SMs held by another kernel, so that CTAs of the GEMM queue behind their
     first wave and start on SMs whose rank is taken; they claim the free ranks (the producer tells the math warps
-    which), and every tile is computed: the unpacked kernel's bits in every side mode."""
+    which), and every tile is computed: the unpacked kernel's bits in every side mode. With split-K in 3 (16 K
+    blocks: ranges of 6, 6 and 4, so the claimed rank's pipeline position counts each unit's own stages)."""
     from l2side import jit
     m, n, k = 1024, 7168, 2048
     a, sa, b, sb = _inputs(m, n, k, seed=16)
     packed = l2side.pack_b(b, sb, block_n=128)
-    cfg = fp8_gemm.GemmConfig(128, 128, fp8_gemm.max_stages(128, 128, True), tma_store=True)
+    cfg = fp8_gemm.GemmConfig(128, 128, fp8_gemm.max_stages(128, 128, True), tma_store=True, split_k=split)
     want = l2side.gemm(a, sa, b, sb, config=cfg)
     spin = jit.load_kernel(SPIN_SOURCE, "l2side_test_spin", name="test_spin")
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count
