@@ -295,11 +295,13 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
             out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
             if packed_cfg is not None and packed_cfg.cluster_n > 1:
                 mode = "parity"  # (packed B in clusters takes tiles by cluster index whatever the column says)
-            l2side.gemm(a, sa, weight, out=out, side_mode=mode, config=packed_cfg)
+            # (plain: the sides pack's config, whose split-K its own one-queue schedule would choose differently)
+            use = packed_cfg or (fp8_gemm.packed_call_config(m, packed) if weight is plain else None)
+            l2side.gemm(a, sa, weight, out=out, side_mode=mode, config=use)
             same = torch.equal(out, ref_out)
             bad += not same
-            calls[name] = lambda out=out, weight=weight, mode=mode: l2side.gemm(a, sa, weight, out=out, side_mode=mode,
-                                                                                config=packed_cfg)
+            calls[name] = lambda out=out, weight=weight, mode=mode, use=use: l2side.gemm(a, sa, weight, out=out,
+                                                                                         side_mode=mode, config=use)
             t = clock(calls[name], flush)
             line += f" | {name} {t:7.1f} us {2 * m * n * k / t / 1e6:6.0f} TF{'' if same else ' MISMATCH'}"
         f = cublas_fn(a, sa, b, sb) if timed else None
