@@ -688,13 +688,15 @@ def _queues(packed):
     return cached
 
 
-def packed_split_for(queue_tiles: tuple, ctas: tuple, k_blocks: int, max_split: int = 4, min_k_blocks: int = 4,
+def packed_split_for(queue_tiles: tuple, ctas: tuple, k_blocks: int, max_split: int = 4, min_k_blocks: int = 16,
                      min_gain: float = 0.015) -> int:
     """Split-K of a packed-B call (1: none): queue q's tiles run on its ctas[q] CTAs, so a queue with fewer
     tiles than CTAs leaves SMs idle (64 x 2112 x 7168 with 64-wide tiles: 33 tiles for 132 SMs). In tile times
     the schedule takes max over q of ceil(tiles_q * S / ctas_q) rounds of ceil(K blocks / S) / K blocks of a
     tile, plus the S - 1 partials the summing unit reads (SPLIT_REDUCE_K); the best S <= max_split with
-    `min_k_blocks` K blocks per range and no empty range, if it saves `min_gain`."""
+    `min_k_blocks` K blocks per range and no empty range, if it saves `min_gain`. (H200, events µs, perf-notes
+    "packed B session 14": 56 K blocks split in 2-3 ranges of 19-28 gained 15-30%; 12 K blocks in 2 ranges of 6
+    lost ~45%, 64 / 128 x 24576 x 1536 with 128-wide tiles, hence the 16.)"""
     def rounds(s):
         return max((_ceil_div(t * s, c) for t, c in zip(queue_tiles, ctas) if t and c), default=0)
 

@@ -215,8 +215,9 @@ def test_packed_config_uses_the_packed_width(m, n, k, block_n):
     ((56, 56), (66, 66), 16, 1),    # 64 x 7168 x 2048: 112 units would take two rounds
     ((192, 192), (66, 66), 12, 1),  # 64 x 24576 x 1536: more tiles than CTAs
     ((1, 0), (132, 0), 1, 1),       # one K block: nothing to split
-    ((3, 3), (66, 66), 6, 1),       # ranges of at least 4 K blocks
-    ((3, 3), (66, 66), 8, 2),
+    ((96, 96), (66, 66), 12, 1),    # 64 x 24576 x 1536, 128-wide: two rounds, but ranges of 6 K blocks lost
+    ((3, 3), (66, 66), 24, 1),      # ranges of at least 16 K blocks
+    ((3, 3), (66, 66), 32, 2),
     ((5, 0), (132, 0), 64, 4),      # at most 4
 ])
 def test_packed_split_for(queue_tiles, ctas, k_blocks, want):
