@@ -509,13 +509,13 @@ def _split_k_args(m: int, n: int, config: GemmConfig, num_sms: int, index: int, 
     return _SPLIT_K_ARGS.pack(p.data_ptr(), c.data_ptr(), first, splits)
 
 
-def packed_b_args(base: int, side_mask: int, queue_blocks: int, queue_first: int, workspace: int, sm_side,
+def packed_b_args(base: int, side_mask: int, queue_blocks: int, block_first: int, workspace: int, sm_side,
                   queue_width: int, queue_len: tuple, n_blocks: int, mode: int, paired: int,
                   ctas: tuple = (0, 0), workers: tuple = (0, 0)) -> bytes:
     """The PackedBArgs struct the kernel takes by value (sm_side: side of each SM id, -1 for none; ctas and
     workers per queue from packed_schedule; paired: 0 plain, 1 side-aware, 2 side-aware with tile boxes)."""
     side0 = sm_side_bits([1 if side == 0 else 0 for side in sm_side])
-    return _PACKED_ARGS.pack(base, side_mask, queue_blocks, queue_first, workspace, *sm_side_bits(sm_side), *side0,
+    return _PACKED_ARGS.pack(base, side_mask, queue_blocks, block_first, workspace, *sm_side_bits(sm_side), *side0,
                              queue_width, queue_len[0], queue_len[1], n_blocks, mode, int(paired), *ctas, *workers)
 
 
@@ -671,10 +671,8 @@ def side_tile_boxes(side_mask: int, base: int, block_n: int, total_chunks: int):
 
 
 def _queues(packed):
-    """(blocks, width, lengths, firsts): blocks [2, width] int32 on the device, the N-blocks each side's queue
-    hands out; firsts [2, width], the side-q sequence index of each one's first chunk (PackedBArgs.queue_first).
-    An N-block stored on one side is in that side's queue; one stored on both (left over by the balance) goes to
-    the queue with fewer."""
+    """[2, width] int32 on the device: the N-blocks each side's queue hands out. An N-block stored on one side
+    is in that side's queue; one stored on both (left over by the balance) goes to the queue with fewer."""
     cached = getattr(packed, "_gemm_queues", None)
     if cached is None:
         stored = packed.layout.stored
@@ -682,13 +680,10 @@ def _queues(packed):
         for nb in sorted(set(stored[0]) & set(stored[1])):
             only[0 if len(only[0]) <= len(only[1]) else 1].append(nb)
         width = max(1, len(only[0]), len(only[1]))
-        first = packed.layout.block_first()
         table = torch.full((2, width), -1, dtype=torch.int32)
-        firsts = torch.full((2, width), -1, dtype=torch.int32)
         for s in (0, 1):
             table[s, :len(only[s])] = torch.tensor(only[s], dtype=torch.int32)
-            firsts[s, :len(only[s])] = torch.tensor([int(first[s, nb]) for nb in only[s]], dtype=torch.int32)
-        cached = (table.to(packed.device), width, (len(only[0]), len(only[1])), firsts.to(packed.device))
+        cached = (table.to(packed.device), width, (len(only[0]), len(only[1])))
         packed._gemm_queues = cached
     return cached
 
@@ -795,7 +790,7 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
 
     def prepare():
         dev = _device(index)
-        table, width, lengths, firsts = _queues(packed)
+        table, width, lengths = _queues(packed)
         lay = packed.layout
         from .topology import topology
         topo = topology(index)
@@ -819,7 +814,7 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
             except RuntimeError:
                 tile_maps = None
         args = packed_b_args(packed.base, lay.side_mask if lay.paired else 0, table.data_ptr(),
-                             firsts.data_ptr(), queues.data_ptr(), topo.sm_side, width, lengths,
+                             packed.block_first.data_ptr(), queues.data_ptr(), topo.sm_side, width, lengths,
                              lay.n_blocks, mode, 2 if tile_maps else int(lay.paired), ctas, workers)
         return _prepare(a, a_scales, None, packed.scales, out, m, n, k, cfg, index, stream, packed_args=args,
                         packed_map=packed_map, tile_maps=tile_maps)

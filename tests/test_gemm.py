@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
 import pytest
 import torch
 
@@ -894,30 +893,19 @@ def test_split_k_under_cuda_graph_replay(prebuilt):
 
 # ---------------------------------------------------------------------------------------- packed B (issue 4)
 class _FakePacked:
-    def __init__(self, stored, n_blocks):
-        def block_first():  # (PackedLayout.block_first with 10 chunks per N-block)
-            out = np.full((2, n_blocks), -1, dtype=np.int32)
-            for side in (0, 1):
-                for j, nb in enumerate(stored[side]):
-                    out[side, nb] = 10 * j
-            return out
-        self.layout = type("L", (), {"stored": stored, "block_first": staticmethod(block_first)})()
+    def __init__(self, stored):
+        self.layout = type("L", (), {"stored": stored})()
         self.device = torch.device("cpu")
 
 
 @needs_module
 def test_packed_queues_put_every_block_in_exactly_one_queue():
-    """Each N-block in one queue, from a side that stores it, and beside it (queue_first) the first chunk of its
-    tiles in that side's sequence."""
     stored = ((0, 2, 4, 6), (1, 3, 5, 6))   # 7 N-blocks on 66/66 SMs: block 6 stored on both sides
-    packed = _FakePacked(stored, 7)
-    table, width, lengths, firsts = fp8_gemm._queues(packed)
+    table, width, lengths = fp8_gemm._queues(_FakePacked(stored))
     queues = [table[s, :lengths[s]].tolist() for s in (0, 1)]
     assert sorted(queues[0] + queues[1]) == list(range(7))
     assert abs(lengths[0] - lengths[1]) <= 1 and width == max(lengths)
     assert all(nb in stored[s] for s in (0, 1) for nb in queues[s])  # each from a side that stores it
-    first = packed.layout.block_first()
-    assert all(firsts[s, p] == first[s, queues[s][p]] for s in (0, 1) for p in range(lengths[s]))
 
 
 @needs_module

@@ -103,8 +103,7 @@ struct PackedBArgs {
   const uint8_t* base;            // the side-aware buffer (8 KiB-aligned: chunk pairs 2i, 2i+1 in one 8 KiB)
   uint64_t side_mask;             // side(addr) = popc(addr & side_mask) & 1
   const int32_t* queue_blocks;    // [2][queue_width]: the N-blocks of each queue, in order
-  const int32_t* queue_first;     // [2][queue_width]: side-q sequence index of the first chunk of the N-block at
-                                  // each queue position (one load beside queue_blocks', not one after it)
+  const int32_t* block_first;     // [2][n_blocks]: side-s sequence index of each N-block's first chunk (-1: none)
   uint32_t* workspace;            // kPackedClaimWords claim masks, CTAs done (the last re-zeroes all)
   uint64_t sm_side_bits[4];       // bit i: side of SM i
   uint64_t sm_side0_bits[4];      // bit i: SM i exists and is on side 0 (the ranks count only present SMs)
@@ -171,11 +170,11 @@ __device__ __forceinline__ uint32_t packed_tile_count(const PackedBArgs& packed,
 // kGroupM M-blocks, M-block fastest, so that the tiles in flight share a few A and B panels in L2. In clusters the
 // raster walks units of kCluster consecutive M-blocks (num_m_blocks counts units), and CTA `cta` of the cluster
 // takes its M-block of the unit. With split-K a tile's `splits` units are consecutive (they run at the same time,
-// on consecutive ranks); `split` is the unit's K range. Its N-block is queue_blocks[queue][pos].
+// on consecutive ranks); `split` is the unit's K range.
 template <uint32_t kGroupM, uint32_t kCluster>
-__device__ __forceinline__ void packed_unit_coords(const PackedBArgs& packed, uint32_t queue, uint32_t rank,
-                                                   uint32_t round, uint32_t num_m_blocks, uint32_t cta,
-                                                   uint32_t splits, uint32_t& m, uint32_t& pos, uint32_t& split) {
+__device__ __forceinline__ void packed_tile(const PackedBArgs& packed, uint32_t queue, uint32_t rank, uint32_t round,
+                                            uint32_t num_m_blocks, uint32_t cta, uint32_t splits, uint32_t& m,
+                                            uint32_t& n, uint32_t& split) {
   const uint32_t len = queue == 0 ? packed.queue_len0 : packed.queue_len1;
   const uint32_t unit = rank + round * packed.workers[queue];
   const uint32_t t = unit / splits;
@@ -186,7 +185,7 @@ __device__ __forceinline__ void packed_unit_coords(const PackedBArgs& packed, ui
   const uint32_t width = min(group_m, num_m_blocks - first_m);
   const uint32_t in_group = t - group * group_m * len;
   m = (first_m + in_group % width) * kCluster + cta;
-  pos = in_group / width;
+  n = static_cast<uint32_t>(packed.queue_blocks[queue * packed.queue_width + in_group / width]);
 }
 
 // Split workspace (kMaxSplit > 1): for the split tiles (scheduler order from tail_first on; packed B: tile index
@@ -343,16 +342,12 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   [[maybe_unused]] const uint32_t packed_cta = blockIdx.x % kClusterN;
   // packed B with split-K: each tile is this many units (the host passes it as SplitKArgs.splits, tail_first 0)
   [[maybe_unused]] const uint32_t packed_splits = kMaxSplit > 1 ? split_k.splits : 1u;
-  // packed B: unit `round` of (queue, rank): its M-block, queue position and K range
-  auto packed_coords = [&](uint32_t queue, uint32_t rank, uint32_t round, uint32_t& m, uint32_t& pos, uint32_t& s) {
-    packed_unit_coords<kGroupM, kClusterN>(packed, queue, rank, round, packed_m_units, packed_cta, packed_splits, m,
-                                           pos, s);
-  };
-  // and the unit's K range and tile into the variables kb_begin / kb_end and the split epilogue read (the
+  // packed B: a unit's tile and K range into the variables kb_begin / kb_end and the split epilogue read (the
   // workspace slot of a split tile: its index M-block x N-blocks + N-block)
-  auto packed_set_unit = [&](uint32_t m, uint32_t n, uint32_t s) {
+  auto packed_unit = [&](uint32_t queue, uint32_t rank, uint32_t round, uint32_t& m, uint32_t& n) {
+    packed_tile<kGroupM, kClusterN>(packed, queue, rank, round, packed_m_units, packed_cta, packed_splits, m, n,
+                                    split);
     if constexpr (kMaxSplit > 1) {
-      split = s;
       n_splits = packed_splits;
       tile = m * packed.n_blocks + n;
     }
@@ -396,27 +391,13 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         uint32_t m_block, n_block;
         [[maybe_unused]] const uint32_t count =
             kPackedB ? packed_tile_count(packed, queue, rank, packed_m_units, packed_splits) : 0;
-        // packed B: the next unit's N-block and first chunk, loaded a unit ahead (two independent loads per unit,
-        // issued while the current one's stages go out, so that no table load waits at a unit's start)
-        [[maybe_unused]] int32_t ahead_n = 0, ahead_first = 0;
-        auto fetch_ahead = [&](uint32_t r) {
-          uint32_t m, pos, s;
-          packed_coords(queue, rank, r, m, pos, s);
-          ahead_n = packed.queue_blocks[queue * packed.queue_width + pos];
-          ahead_first = packed.queue_first[queue * packed.queue_width + pos];
-        };
-        if (kPackedB && count) fetch_ahead(0);
         auto next_tile = [&](uint32_t& m, uint32_t& n) -> bool {
           if constexpr (!kPackedB) {
             return scheduler.next(m, n, tile, split, n_splits);
           } else {
             if (round == count) return false;
-            uint32_t pos, s;
-            packed_coords(queue, rank, round, m, pos, s);
-            n = static_cast<uint32_t>(ahead_n);
-            first_chunk = static_cast<uint32_t>(ahead_first);
-            packed_set_unit(m, n, s);
-            if (++round < count) fetch_ahead(round);
+            packed_unit(queue, rank, round++, m, n);
+            first_chunk = static_cast<uint32_t>(packed.block_first[queue * packed.n_blocks + n]);
             return true;
           }
         };
@@ -858,10 +839,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
           total += packed_tile_count(packed, q, r, packed_m_units, packed_splits);
           if (t == total) break;
         }
-        uint32_t pos, s;
-        packed_coords(q, r, t - first, m_block, pos, s);
-        n_block = static_cast<uint32_t>(packed.queue_blocks[q * packed.queue_width + pos]);
-        packed_set_unit(m_block, n_block, s);
+        packed_unit(q, r, t - first, m_block, n_block);
         run_tile(m_block, n_block);
       }
     }
