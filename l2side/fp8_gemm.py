@@ -35,7 +35,8 @@ loaded by one 3-D TMA box (fewer TMA instructions; bitwise the same result): 2 f
 (with double accumulators: 0-5% faster with L2 flushed, 2-18% with fresh inputs; perf-notes sessions 5 and 6).
 
 `b` may also be a `PackedB` from `l2side.pack_b` (side-aware packed weight, docs/packed-b.md): then every SM
-computes the tiles of the N-blocks stored on its own L2 side (`side_mode` switches this for measurements).
+computes the tiles of the N-blocks stored on its own L2 side (`side_mode` switches this for measurements), and
+memory-bound calls whose sides have fewer tiles than SMs split K (`packed_plan`).
 """
 from __future__ import annotations
 

@@ -241,8 +241,9 @@ def packed_block_n(m: int) -> int:
 
 def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides=""):
     """Per shape (block_n 0: packed_block_n(M)): the unpacked kernel with the packed kernel's blocks (and split-K),
-    the unpacked kernel with its own (gemm_config: 'auto'), then the packed one in each side mode, then the same tiles packed contiguously ('plain': no side purity) (outputs
-    compared bitwise with the unpacked one's), then cuBLAS; times with CUDA events, L2 flushed.
+    the unpacked kernel with its own (gemm_config: 'auto'), then the packed one in each side mode, then the same
+    tiles packed contiguously ('plain': no side purity) (outputs compared bitwise with the first one's), then
+    cuBLAS; times with CUDA events, L2 flushed.
     energy_seconds > 0: also mJ per GEMM from NVML (steady power over back-to-back calls, without flushes,
     x time per back-to-back call), variants alternating over two rounds.
     overrides ('field=value,field*=factor,...', e.g. 'double_acc=1,group_m=16'; changed_config): changes to the
