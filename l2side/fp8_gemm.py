@@ -33,6 +33,7 @@ Stages: as many as fit in shared memory next to the output tile, at most 12 K bl
 `GemmConfig.kblocks_per_stage` (2 or 4; K a multiple of 128): a stage holds that many K blocks, each operand
 loaded by one 3-D TMA box (fewer TMA instructions; bitwise the same result): 2 for the memory-bound tiles above
 (with double accumulators: 0-5% faster with L2 flushed, 2-18% with fresh inputs; perf-notes sessions 5 and 6).
+It combines with split_k (opt-in by config; not measured yet) but not with the tail split.
 
 `b` may also be a `PackedB` from `l2side.pack_b` (side-aware packed weight, docs/packed-b.md): then every SM
 computes the tiles of the N-blocks stored on its own L2 side (`side_mode` switches this for measurements), and
@@ -317,10 +318,9 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
                                                                         else ""))
     if config.kblocks_per_stage not in (1, 2, 4):
         raise ValueError(f"kblocks_per_stage must be 1, 2 or 4, got {config.kblocks_per_stage}")
-    if config.kblocks_per_stage > 1 and (k % BLOCK_K or config.cluster_n != 1
-                                         or config.split_k > 1 or config.tail_split > 1):
+    if config.kblocks_per_stage > 1 and (k % BLOCK_K or config.cluster_n != 1 or config.tail_split > 1):
         raise ValueError("kblocks_per_stage > 1 needs K a multiple of 128, cluster_n == 1 and no "
-                         f"split (K={k}, {config})")
+                         f"tail split (K={k}, {config})")
     if config.split_k > 1 and config.tail_split > 1:
         raise ValueError("split_k and tail_split are exclusive (split_k already splits every tile)")
     if config.double_acc and config.stages < 2:  # (K block j + 1 waits for a stage that only j's release frees)

@@ -271,10 +271,8 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
         if overrides:
             cfg = changed_blocks(cfg, overrides)  # (stages refitted, e.g. to more K blocks per stage)
             packed_cfg = changed_config(fp8_gemm.packed_config(m, n, k, bn), overrides)[0]  # (its block_n stays bn)
-            # (an explicit config has no automatic split: the same K ranges on both sides where a split is allowed)
-            split = cfg.split_k if packed_cfg.kblocks_per_stage == 1 and cfg.kblocks_per_stage == 1 else 1
-            cfg = dataclasses.replace(cfg, split_k=split)
-            packed_cfg = dataclasses.replace(packed_cfg, split_k=split)
+            # (an explicit config has no automatic split: the same K ranges on both sides)
+            packed_cfg = dataclasses.replace(packed_cfg, split_k=cfg.split_k)
         ref_out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
         l2side.gemm(a, sa, b, sb, out=ref_out, config=cfg)
         d = diff(ref_out, reference(a, sa, b, sb))

@@ -244,6 +244,10 @@ def test_packed_plan_splits_only_memory_bound_calls_without_a_config():
                                 config=fp8_gemm.GemmConfig(64, 64, 8))[0].split_k == 1
     with pytest.raises(ValueError, match="tail_split"):
         fp8_gemm.gemm_source(2112, 7168, dataclasses.replace(cfg, split_k=1, tail_split=2))
+    # split-K with several K blocks per stage (an explicit config): allowed, the tail split with them is not
+    fp8_gemm.gemm_source(2112, 7168, dataclasses.replace(cfg, kblocks_per_stage=2, stages=4))
+    with pytest.raises(ValueError, match="tail split"):
+        fp8_gemm.gemm_source(2112, 7168, fp8_gemm.GemmConfig(128, 128, 3, tail_split=2, kblocks_per_stage=2))
 
 
 @needs_module
@@ -431,6 +435,10 @@ def _compile_cases():
         cases[(n, k, fp8_gemm.packed_config(m, n, k, bn))] = (m, n, k)
     for m, n, k, bn, split in ((64, 2112, 7168, 64, 3), (128, 4096, 7168, 64, 2)):  # packed B with split-K
         cases[(n, k, dataclasses.replace(fp8_gemm.packed_config(m, n, k, bn), split_k=split))] = (m, n, k)
+    for packed in (False, True):  # split-K with two K blocks per stage (unpacked, packed)
+        c = fp8_gemm.GemmConfig(64, 32, fp8_gemm.max_stages(64, 32, True, 2), double_acc=True, split_k=2,
+                                kblocks_per_stage=2, packed_b=packed)
+        cases[(2112, 7168, c)] = (64, 2112, 7168)
     return list(cases)
 
 
@@ -850,16 +858,22 @@ PACKED_KBLOCK_CASES = [  # (m, n, k, block_m, block_n, g): 10 K blocks (a partia
 @pytest.mark.gpu
 @requires_hopper
 @needs_module
-def test_packed_b_with_several_k_blocks_per_stage(m, n, k, bm, bn, g, layout):
+@pytest.mark.parametrize("split", [1, 2])
+def test_packed_b_with_several_k_blocks_per_stage(m, n, k, bm, bn, g, layout, split):
     """Packed B with g K blocks per stage (opt-in by config): the chunks of consecutive K tiles into one stage,
-    the loads past K counted and unread: the unpacked one-block kernel's bits in every side mode."""
+    the loads past K counted and unread: the unpacked one-block kernel's bits in every side mode. With split-K in
+    2 too (10 K blocks: ranges of 5, so with g = 2 / 4 each range ends in a stage that loads the next range's or
+    zero-filled K blocks), against the unpacked kernel with the same split, one and g K blocks per stage."""
     a, sa, b, sb = _inputs(m, n, k, seed=17 + g)
     tma_store = n % 8 == 0
-    one = fp8_gemm.GemmConfig(bm, bn, fp8_gemm.max_stages(bm, bn, tma_store), tma_store=tma_store, double_acc=True)
+    one = fp8_gemm.GemmConfig(bm, bn, fp8_gemm.max_stages(bm, bn, tma_store), tma_store=tma_store, double_acc=True,
+                              split_k=split)
     want = l2side.gemm(a, sa, b, sb, config=one)
     grouped = dataclasses.replace(one, kblocks_per_stage=g, stages=fp8_gemm.max_stages(bm, bn, tma_store, g))
+    assert torch.equal(l2side.gemm(a, sa, b, sb, config=grouped), want), "unpacked, g K blocks per stage"
     packed = l2side.pack_b(b, sb, block_n=bn, layout=layout)
-    assert fp8_gemm.packed_config(m, n, k, bn, grouped).kblocks_per_stage == g
+    cfg = fp8_gemm.packed_config(m, n, k, bn, grouped)
+    assert cfg.kblocks_per_stage == g and cfg.split_k == split
     for mode in ("near", "ignore", "far"):
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
         l2side.gemm(a, sa, packed, out=out, side_mode=mode, config=grouped)

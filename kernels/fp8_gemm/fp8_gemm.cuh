@@ -250,9 +250,10 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   static_assert(kMaxSplit == 1 || kClusterN == 1, "split-K: no clusters");
   // kStageKBlocks > 1: each stage is loaded by 3-D boxes over [rows][K / 128][128] views (whole K blocks only)
   static_assert(kStageKBlocks == 1 || kStageKBlocks == 2 || kStageKBlocks == 4, "1, 2 or 4 K blocks per stage");
-  static_assert(kStageKBlocks == 1 || (kClusterN == 1 && (!kPackedB || kPackedTma) && kMaxSplit == 1 &&
-                                       SHAPE_K % BLOCK_K == 0),
-                "several K blocks per stage: no clusters, packed B by TMA only, no split, K a multiple of 128");
+  // (with split-K a unit's stages start at its first K block; a range that is not a multiple of kStageKBlocks
+  // ends in a stage whose extra K blocks (the next range's, or zeros past K) are loaded, counted and unread)
+  static_assert(kStageKBlocks == 1 || (kClusterN == 1 && (!kPackedB || kPackedTma) && SHAPE_K % BLOCK_K == 0),
+                "several K blocks per stage: no clusters, packed B by TMA only, K a multiple of 128");
   constexpr uint32_t kNumAccum = BLOCK_N / 2;  // fp32 per thread for 64 x BLOCK_N per warpgroup
   // double accumulators: pairs of K blocks per unrolled loop body (the most, up to 4, that divide the K blocks)
 #ifdef L2SIDE_DACC_PAIRS  // (kernel work: A/B of the body length, e.g. 1 = a drain every two K blocks)
