@@ -323,14 +323,14 @@ def test_tail_split_is_chosen_where_the_last_wave_is_partial_and_long(monkeypatc
 
 @needs_module
 def test_kblocks_per_stage_rules():
-    """Several K blocks per stage: 1, 2 or 4, whole K blocks (K % 128 == 0), no cluster / split (packed B: only
-    when a config asks for it);
+    """Several K blocks per stage: 1, 2 or 4, whole K blocks (K % 128 == 0), no cluster or tail split (split-K is
+    allowed; packed B: only when a config asks for it);
     the stages then count groups of K blocks (at most MAX_STAGES K blocks in flight)."""
     cfg = fp8_gemm.GemmConfig(64, 16, 3, kblocks_per_stage=4)
     assert re.search(r"\b1, 4, Mma>", fp8_gemm.gemm_source(2112, 7168, cfg))
+    assert re.search(r"\b2, 4, Mma>", fp8_gemm.gemm_source(2112, 7168, dataclasses.replace(cfg, split_k=2)))
     for bad, k in ((dataclasses.replace(cfg, kblocks_per_stage=3), 7168), (cfg, 7168 + 16),
-                   (dataclasses.replace(cfg, cluster_n=2), 7168), (dataclasses.replace(cfg, split_k=2), 7168),
-                   (dataclasses.replace(cfg, tail_split=2), 7168)):
+                   (dataclasses.replace(cfg, cluster_n=2), 7168), (dataclasses.replace(cfg, tail_split=2), 7168)):
         with pytest.raises(ValueError, match="kblocks_per_stage"):
             fp8_gemm.gemm_source(2112, k, bad)
     assert fp8_gemm.max_stages(64, 16, True, 4) * 4 <= fp8_gemm.MAX_STAGES
