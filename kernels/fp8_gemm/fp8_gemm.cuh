@@ -354,10 +354,13 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
     }
   };
   // the K blocks of a unit: [kb_begin, kb_end) (the host checked that no range is empty)
-  auto kb_begin = [&]() { return kMaxSplit == 1 ? 0u : split * ceil_div(kNumKBlocks, n_splits); };
-  auto kb_end = [&]() {
-    return kMaxSplit == 1 ? kNumKBlocks : min(kb_begin() + ceil_div(kNumKBlocks, n_splits), kNumKBlocks);
+  // (range s of n: ceil(K blocks / n) each, the last one shorter)
+  auto range_begin = [](uint32_t s, uint32_t n) { return s * ceil_div(kNumKBlocks, n); };
+  auto range_end = [&](uint32_t s, uint32_t n) {
+    return min(range_begin(s, n) + ceil_div(kNumKBlocks, n), kNumKBlocks);
   };
+  auto kb_begin = [&]() { return kMaxSplit == 1 ? 0u : range_begin(split, n_splits); };
+  auto kb_end = [&]() { return kMaxSplit == 1 ? kNumKBlocks : range_end(split, n_splits); };
   // packed B: a math warp's home (queue, rank), from the SM id the producer thread read (a broadcast keeps it
   // warp-uniform to ptxas)
   auto packed_home_of_warp = [&](uint32_t& queue, uint32_t& rank) {
@@ -492,10 +495,9 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
         if (kMaxSplit == 1 || packed_splits == 1) {
           stages += units * ceil_div(kNumKBlocks, kStageKBlocks);
         } else {
-          const uint32_t per_split = ceil_div(kNumKBlocks, packed_splits);
           for (uint32_t i = 0; i < units; ++i) {
             const uint32_t s = (r + i * packed.workers[q]) % packed_splits;
-            stages += ceil_div(min(per_split, kNumKBlocks - s * per_split), kStageKBlocks);
+            stages += ceil_div(range_end(s, packed_splits) - range_begin(s, packed_splits), kStageKBlocks);
           }
         }
         return Position{stages % kStages, (stages / kStages) & 1u};
