@@ -264,9 +264,10 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
         a, sa, b, sb = make(m, n, k)
         packed = l2side.pack_b(b, sb, block_n=bn)
         base = fp8_gemm.gemm_config(m, n, k)
+        packed_call = fp8_gemm.packed_call_config(m, packed)
         # (the packed call's split-K too: the unpacked kernel gives its bits only with the same K ranges)
         cfg = fp8_gemm.GemmConfig(base.block_m, bn, fp8_gemm.max_stages(base.block_m, bn, n % 8 == 0),
-                                  tma_store=n % 8 == 0, split_k=fp8_gemm.packed_call_config(m, packed).split_k)
+                                  tma_store=n % 8 == 0, split_k=packed_call.split_k)
         packed_cfg = None
         if overrides:
             cfg = changed_blocks(cfg, overrides)  # (stages refitted, e.g. to more K blocks per stage)
@@ -295,7 +296,7 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
             if packed_cfg is not None and packed_cfg.cluster_n > 1:
                 mode = "parity"  # (packed B in clusters takes tiles by cluster index whatever the column says)
             # (plain: the sides pack's config, whose split-K its own one-queue schedule would choose differently)
-            use = packed_cfg or (fp8_gemm.packed_call_config(m, packed) if weight is plain else None)
+            use = packed_cfg or (packed_call if weight is plain else None)
             l2side.gemm(a, sa, weight, out=out, side_mode=mode, config=use)
             same = torch.equal(out, ref_out)
             bad += not same
