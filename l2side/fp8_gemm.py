@@ -653,12 +653,13 @@ SIDE_MODES = {"near": 0, "ignore": 1, "far": 2, "parity": 3}  # (parity: PACKED_
 PACKED_BY_PARITY = 3  # PackedBArgs.mode: queue and rank by CTA parity (side-ignored where the table cannot split)
 
 
-def side_tile_boxes(side_mask: int, base: int, block_n: int, total_chunks: int):
+def side_tile_boxes(side_mask: int, base: int, block_n: int, total_chunks: int, cluster_n: int = 1):
     """The two 4-D TMA maps (as tensor_map arguments: ptr, dtype, dims, strides, box) that load a side-pure tile
     of the pair layout as one box (fp8_gemm.cuh, "Tile boxes"), for chunk offsets c0 = 0 and 1; None where its
     tiles are not such boxes: odd chunk counts, tiles of a number of 16 KiB units that is not a power of two or
     whose side mask bits between 14 and the tile's alignment vary the chunk offset from unit to unit, a base not
-    aligned to the tile, or no side mask (plain)."""
+    aligned to the tile, or no side mask (plain). In clusters of 2 each CTA multicasts half a tile: the box is
+    half the units, or one pair of a one-unit tile."""
     chunks = block_n // 32
     units = chunks // 2
     if not side_mask or chunks % 2 or units & (units - 1) or not (side_mask >> 12) & 1:
@@ -667,8 +668,13 @@ def side_tile_boxes(side_mask: int, base: int, block_n: int, total_chunks: int):
     if side_mask & (span - 1) & ~0x3FFF or base % span or total_chunks % 4:
         return None
     bit13 = (side_mask >> 13) & 1
+    box = (BLOCK_K, 32, 2, units)
+    if cluster_n == 2:
+        box = (BLOCK_K, 32, 2, units // 2) if units >= 2 else (BLOCK_K, 32, 1, 1)
+    elif cluster_n != 1:
+        return None
     return tuple((base + c0 * 4096, "u8", (BLOCK_K, 32, 2, total_chunks // 4),
-                  (BLOCK_K, 8192 + ((c0 ^ bit13) - c0) * 4096, 16384), (BLOCK_K, 32, 2, units)) for c0 in (0, 1))
+                  (BLOCK_K, 8192 + ((c0 ^ bit13) - c0) * 4096, 16384), box) for c0 in (0, 1))
 
 
 def _queues(packed):
@@ -808,8 +814,9 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
                                     (BLOCK_K, 32 if lay.paired or cfg.cluster_n > 1 or chunk_loads else cfg.block_n),
                                     swizzle=0)
         tile_maps = None
-        if cfg.cluster_n == 1 and not chunk_loads:
-            boxes = side_tile_boxes(lay.side_mask, packed.base, cfg.block_n, lay.total_chunks)  # (plain: mask 0)
+        if not chunk_loads:
+            boxes = side_tile_boxes(lay.side_mask, packed.base, cfg.block_n, lay.total_chunks,  # (plain: mask 0)
+                                    cfg.cluster_n)
             try:  # (a driver that refuses the maps' interleaved strides leaves the chunk loads)
                 tile_maps = tuple(jit.tensor_map(*box, swizzle=0) for box in boxes) if boxes else None
             except RuntimeError:

@@ -53,7 +53,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="7168,16384", help="N,K")
     p.add_argument("--configs", default="128,128;128,128,ts5",
-                   help="BM,BN[,tsS|skS|da|kbG];... (da: double accumulators, pk: packed B, kbG: G K blocks per stage)")
+                   help="BM,BN[,tsS|skS|da|kbG];... (da: double accumulators, pk: packed B, kbG: G K blocks per stage, clC: clusters of C)")
     args = p.parse_args()
     from l2side import fp8_gemm
     n, k = (int(v) for v in args.shape.split(","))
@@ -66,7 +66,8 @@ def main() -> int:
             elif r == "pk":
                 extra["packed_b"] = True
             else:
-                extra[{"ts": "tail_split", "sk": "split_k", "kb": "kblocks_per_stage"}[r[:2]]] = int(r[2:])
+                extra[{"ts": "tail_split", "sk": "split_k", "kb": "kblocks_per_stage", "cl": "cluster_n"}[r[:2]]] = \
+                    int(r[2:])
         stages = fp8_gemm.max_stages(int(bm), int(bn), True, extra.get("kblocks_per_stage", 1))
         cfg = fp8_gemm.GemmConfig(int(bm), int(bn), stages, **extra)
         with tempfile.TemporaryDirectory() as tmp:

@@ -235,6 +235,37 @@ def test_tile_boxes_load_exactly_the_sides_chunks(block_n, mask, base):
                 assert max(got) < lay.total_chunks
 
 
+@pytest.mark.parametrize("block_n", [64, 128, 256])
+def test_cluster_tile_boxes_load_the_tile_in_two_halves(block_n):
+    """Clusters of 2 (fp8_gemm.cuh, the box branch): CTA c multicasts half of each side-pure tile, units
+    [c U/2, (c+1) U/2) at shared offset c U/2 x 8 KiB, or with one unit its pair c at c x 4 KiB. The two halves, in
+    shared-memory order, are the tile's chunks (tile_chunks), as the one box of a CTA without cluster."""
+    from l2side import fp8_gemm
+    mask, base = MASKS[0], 1 << 22
+    lay = PackedLayout.create(13 * block_n, 700, block_n, (66, 66), mask, True)
+    boxes = fp8_gemm.side_tile_boxes(lay.side_mask, base, block_n, lay.total_chunks, cluster_n=2)
+    units = block_n // 64
+    first = lay.block_first()
+    for s in (0, 1):
+        for nb in lay.stored[s]:
+            for kb in range(lay.k_tiles):
+                i = int(first[s, nb]) + kb * lay.chunks_per_tile
+                c0 = sides.side_of_address(base + 2 * i * 4096, mask) ^ s
+                ptr, _, dims, strides, box = boxes[c0]
+                image = {}  # shared-memory offset / 4 KiB -> chunk
+                for cta in (0, 1):
+                    if units >= 2:
+                        c2, c3, at = 0, i // 2 + cta * (units // 2), cta * (units // 2) * 2
+                    else:
+                        c2, c3, at = cta, i // 2, cta
+                    for u in range(box[3]):
+                        for b in range(box[2]):
+                            image[at + u * box[2] + b] = (ptr - base + (c2 + b) * strides[1] + (c3 + u) * strides[2]) // 4096
+                assert sorted(image) == list(range(2 * units))
+                assert [image[x] for x in range(2 * units)] == lay.tile_chunks(nb, kb, base, s).tolist()
+    assert fp8_gemm.side_tile_boxes(lay.side_mask, base, block_n, lay.total_chunks, cluster_n=4) is None
+
+
 def test_tile_boxes_only_where_a_tile_is_one_box():
     from l2side import fp8_gemm
     mask = MASKS[1]

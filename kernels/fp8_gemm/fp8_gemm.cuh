@@ -445,15 +445,27 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
                 for (uint32_t g = 0; g < kStageKBlocks; ++g)
                   ptx::tma_load_2d(smem + Smem::kB + stage * Smem::kBStage + g * BLOCK_N * BLOCK_K, &tmap_b, bar, 0,
                                    static_cast<int32_t>((first_chunk + (kb + g) * kChunksPerTile) * 32));
-              } else if (kPackedTma && kChunksPerTile % 2 == 0 && kClusterN == 1 && !kChunkLoadsOnly &&
-                         packed.paired == 2) {
+              } else if (kPackedTma && kChunksPerTile % 2 == 0 && !kChunkLoadsOnly && packed.paired == 2) {
 #pragma unroll
                 for (uint32_t g = 0; g < kStageKBlocks; ++g) {  // (tile boxes, above)
                   const uint64_t i = first_chunk + (kb + g) * kChunksPerTile;
                   const uint64_t addr = reinterpret_cast<uint64_t>(packed.base) + 2 * i * 4096;
                   const uint32_t c0 = (__popcll(addr & packed.side_mask) & 1u) ^ queue;
-                  ptx::tma_load_4d(smem + Smem::kB + stage * Smem::kBStage + g * BLOCK_N * BLOCK_K,
-                                   c0 ? &tmap_b_tiles1 : &tmap_b_tiles0, bar, 0, 0, 0, static_cast<int32_t>(i / 2));
+                  uint8_t* dst = smem + Smem::kB + stage * Smem::kBStage + g * BLOCK_N * BLOCK_K;
+                  const CUtensorMap* map = c0 ? &tmap_b_tiles1 : &tmap_b_tiles0;
+                  if constexpr (kClusterN == 2) {
+                    // each CTA loads half of the box into both CTAs: half of its units, or with one unit its pair
+                    // packed_cta (the host's maps have that box)
+                    constexpr uint32_t kUnits = kChunksPerTile / 2;
+                    if constexpr (kUnits >= 2)
+                      ptx::tma_load_4d_multicast(dst + packed_cta * (kUnits / 2) * 8192, map, bar, 0, 0, 0,
+                                                 static_cast<int32_t>(i / 2 + packed_cta * (kUnits / 2)), 0b11);
+                    else
+                      ptx::tma_load_4d_multicast(dst + packed_cta * 4096, map, bar, 0, 0,
+                                                 static_cast<int32_t>(packed_cta), static_cast<int32_t>(i / 2), 0b11);
+                  } else {
+                    ptx::tma_load_4d(dst, map, bar, 0, 0, 0, static_cast<int32_t>(i / 2));
+                  }
                 }
               } else {
 #pragma unroll
