@@ -521,7 +521,7 @@ def packed_b_args(base: int, side_mask: int, queue_blocks: int, block_first: int
 
 
 def packed_schedule(sm_side, num_sms: int, mode: int, queue_len: tuple, m_blocks: int,
-                    compute_bound: bool, splits: int = 1) -> tuple[int, tuple, tuple]:
+                    compute_bound: bool, splits: int = 1, cluster: int = 1) -> tuple[int, tuple, tuple]:
     """(mode, ctas, workers) of the packed-B kernel's static schedule (PackedBArgs), for a grid of one CTA per SM.
     ctas[q]: the CTAs side_mode sends to queue q (near: the SMs of side q, far: of the other side, ignore: the
     even-ranked SMs of side q and the odd-ranked of the other, PACKED_BY_PARITY: CTA parity); an empty queue's
@@ -529,9 +529,16 @@ def packed_schedule(sm_side, num_sms: int, mode: int, queue_len: tuple, m_blocks
     give every queue with tiles its CTAs (a GPU without a split, fewer SMs than the table; for ignore, sides that
     differ by more than one SM). workers[q]: how many of them take units (tiles, or `splits` K ranges of each
     tile) — all, or when compute-bound the fewest that need the same rounds (as grid_size does for the unpacked
-    kernel)."""
+    kernel). With clusters (`cluster` CTAs, num_sms counts clusters) near / far count the clusters of each side
+    as its SMs // cluster, the rest on the other (a cluster's rank is a ticket of its first SM's side's queue, or
+    of the other when that one is full: fp8_gemm.cuh); ignore runs as PACKED_BY_PARITY."""
     side1 = sum(1 for smid, s in enumerate(sm_side) if s == 1 and smid < 256)
     per_side = (num_sms - side1, side1)
+    if cluster > 1:
+        side0 = sum(1 for smid, s in enumerate(sm_side) if s == 0 and smid < 256) // cluster
+        per_side = (min(side0, num_sms), num_sms - min(side0, num_sms))
+        if mode == SIDE_MODES["ignore"]:
+            mode = PACKED_BY_PARITY
     ctas = ((num_sms + 1) // 2, num_sms // 2)
     if mode in (SIDE_MODES["near"], SIDE_MODES["far"]):
         by_side = per_side if mode == SIDE_MODES["near"] else (per_side[1], per_side[0])
@@ -751,17 +758,14 @@ def packed_plan(m: int, n: int, k: int, block_n: int, lengths: tuple, sm_side, n
     cfg = packed_config(m, n, k, block_n, config, num_sms)
     m_blocks, units = _ceil_div(m, cfg.block_m), num_sms
     if cfg.cluster_n > 1:
-        # (an experiment: the clusters, on consecutive M-blocks sharing each B tile, are the schedule's units,
-        # taken by cluster index)
-        if side_mode != "parity":
-            _fail(f"packed B in clusters takes its tiles by cluster index: side_mode must be 'parity', got "
-                  f"{side_mode!r}")
+        # (an experiment: the clusters, on consecutive M-blocks sharing each B tile, are the schedule's units: by
+        # their first SM's side (near / far) or by cluster index (parity; ignore runs so))
         if m_blocks % cfg.cluster_n or num_sms % cfg.cluster_n:
             _fail(f"packed B in clusters of {cfg.cluster_n} needs the M-blocks ({m_blocks}) and SMs "
                   f"({num_sms}) to be multiples of it")
         m_blocks, units = m_blocks // cfg.cluster_n, num_sms // cfg.cluster_n
     mode, ctas, workers = packed_schedule(sm_side, units, SIDE_MODES[side_mode], lengths, m_blocks,
-                                          m >= COMPUTE_BOUND_M)
+                                          m >= COMPUTE_BOUND_M, cluster=cfg.cluster_n)
     if config is None and m < COMPUTE_BOUND_M and cfg.cluster_n == 1 and cfg.kblocks_per_stage == 1:
         cfg = dataclasses.replace(cfg, split_k=packed_split_for(tuple(q * m_blocks for q in lengths), ctas,
                                                                 _ceil_div(k, BLOCK_K)))

@@ -293,8 +293,6 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
         for name, weight, mode in (("near", packed, "near"), ("ignore", packed, "ignore"), ("far", packed, "far"),
                                    ("parity", packed, "parity"), ("plain", plain, "ignore")):
             out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-            if packed_cfg is not None and packed_cfg.cluster_n > 1:
-                mode = "parity"  # (packed B in clusters takes tiles by cluster index whatever the column says)
             # (plain: the sides pack's config, whose split-K its own one-queue schedule would choose differently)
             use = packed_cfg or (packed_call if weight is plain else None)
             l2side.gemm(a, sa, weight, out=out, side_mode=mode, config=use)

@@ -971,6 +971,22 @@ def _split_66_66(rng):
     return sides
 
 
+@pytest.mark.parametrize("per_side,mode", [((66, 66), 0), ((66, 66), 2), ((67, 65), 0), ((67, 65), 2), ((66, 66), 1),
+                                           ((132, 0), 0)])
+def test_packed_schedule_in_clusters(per_side, mode):
+    """Clusters of 2 (num_sms counts the 66 clusters): near / far give each queue its side's SMs // 2 clusters
+    (the other queue the rest: every cluster takes a ticket of its side's queue or of the other), ignore runs by
+    cluster parity; a side without SMs falls back to parity where its queue has tiles."""
+    sm_side = [0] * per_side[0] + [1] * per_side[1]
+    got_mode, ctas, workers = fp8_gemm.packed_schedule(sm_side, 66, mode, (28, 28), 16, True, cluster=2)
+    assert sum(ctas) == 66
+    if mode == 1 or 0 in per_side:
+        assert got_mode == fp8_gemm.PACKED_BY_PARITY
+    else:
+        near = (per_side[0] // 2, 66 - per_side[0] // 2)
+        assert got_mode == mode and ctas == (near if mode == 0 else near[::-1])
+
+
 @pytest.mark.parametrize("table", ["66/66", "gaps", "no split", "67/65", "short table"])
 @pytest.mark.parametrize("mode", [0, 1, 2])
 @pytest.mark.parametrize("lengths,m_blocks,bound", [((28, 28), 32, True), ((9, 8), 1, False), ((17, 0), 3, False),
@@ -1087,22 +1103,22 @@ CLUSTER_CASES = [(512, 1024, 1280, 128, 128, "sides"), (512, 1024, 1280, 128, 12
 @needs_module
 def test_packed_b_in_clusters_of_two_gives_the_same_bits(m, n, k, block_m, block_n, layout):
     """The cluster experiment (two CTAs on consecutive M-blocks, each multicasting half of every B tile): the
-    unpacked kernel's bits, with one tile per cluster and (4096 x 2048: 256 units on 66 clusters) several in a row;
-    M-blocks that do not pair up and side modes other than parity are refused."""
+    unpacked kernel's bits in every side mode (near / far: ranks by ticket of the first SM's side; ignore runs as
+    parity), twice in a row (the tickets are re-zeroed), with one tile per cluster and (4096 x 2048: 256 units on
+    66 clusters) several in a row; M-blocks that do not pair up are refused."""
     a, sa, b, sb = _inputs(m, n, k, seed=14)
     packed = l2side.pack_b(b, sb, block_n=block_n, layout=layout)
     cfg = fp8_gemm.GemmConfig(block_m, block_n, fp8_gemm.max_stages(block_m, block_n, True), tma_store=True)
     want = l2side.gemm(a, sa, b, sb, config=cfg)
     clustered = dataclasses.replace(cfg, cluster_n=2)
-    for _ in range(2):
-        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-        l2side.gemm(a, sa, packed, out=out, config=clustered, side_mode="parity")
-        assert torch.equal(out, want)
+    for mode in ("near", "far", "ignore", "parity"):
+        for _ in range(2):
+            out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            l2side.gemm(a, sa, packed, out=out, config=clustered, side_mode=mode)
+            assert torch.equal(out, want), mode
     with pytest.raises(ValueError, match="multiples of it"):
         rows = 3 * block_m  # 3 M-blocks
         l2side.gemm(a[:rows], sa[:rows], packed, config=clustered, side_mode="parity")
-    with pytest.raises(ValueError, match="side_mode must be 'parity'"):
-        l2side.gemm(a, sa, packed, config=clustered)
 
 
 SPIN_SOURCE = r'''

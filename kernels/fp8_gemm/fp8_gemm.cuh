@@ -142,9 +142,16 @@ __device__ __forceinline__ bool claim_rank(uint32_t* workspace, uint32_t q, uint
 // entry (%smid may change under preemption; two reads could give two homes). Returns whether the rank has to be
 // claimed. In clusters (kCluster CTAs on consecutive M-blocks sharing each B tile by multicast) the cluster is the
 // unit, by its index (mode 3; the host passes it).
+// Clusters near / far (mode 0 / 2): no home rank (rank 0xFFFFFFFF runs nothing); the producer of CTA 0 claims the
+// cluster's rank in its SM's queue (or the other side's) and tells both CTAs (fp8_gemm.cuh, "clusters").
 template <uint32_t kCluster>
 __device__ __forceinline__ bool packed_home(const PackedBArgs& packed, uint32_t sm, uint32_t& queue, uint32_t& rank) {
   const bool one_queue = packed.ctas[0] == 0 || packed.ctas[1] == 0;
+  if (kCluster > 1 && !one_queue && (packed.mode == 0 || packed.mode == 2)) {
+    queue = 0;
+    rank = 0xFFFFFFFFu;
+    return true;
+  }
   if (one_queue || packed.mode == 3 || kCluster > 1) {
     const uint32_t unit = blockIdx.x / kCluster;
     queue = one_queue ? (packed.ctas[0] == 0 ? 1u : 0u) : (unit & 1u);
@@ -373,15 +380,47 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
 #ifndef L2SIDE_NO_SETMAXNREG
     ptx::setmaxnreg_dec<kProducerRegisters<BLOCK_M / 64, kPackedB>>();
 #endif
+    if constexpr (kPackedB && kClusterN > 1) {
+      // Clusters near / far: one thread of CTA 0's second producer warp takes the next rank of its SM's side's
+      // queue (far: the other's), or of the other queue when that one is full (the cluster's SMs straddle the
+      // sides, or the CTAs are not one per SM), and stores it into both CTAs' slots; both CTAs run it, each
+      // loading its half of every B tile for both. (A ticket, not a search of the claim masks: after a loop whose
+      // exit depends on the claims, ptxas put the producer's whole tile loop on the vector datapath.)
+      uint32_t q, r;
+      if (threadIdx.x == kMathThreads + 32 && packed_cta == 0 && packed_home<kClusterN>(packed, entry_sm, q, r)) {
+        const uint32_t my_side = sm_side(packed.sm_side_bits, entry_sm);
+        q = packed.mode == 2 ? my_side ^ 1u : my_side;
+        r = atomicAdd(packed.workspace + q * 8, 1u);  // (a ticket: clusters use the first mask word as a counter)
+        if (r >= packed.ctas[q]) {
+          q ^= 1u;
+          r = atomicAdd(packed.workspace + q * 8, 1u);
+        }
+#pragma unroll
+        for (uint32_t c = 0; c < kClusterN; ++c) ptx::st_cluster_pair_then_arrive(tile_slots, q, r, tile_full, c);
+      }
+    }
     if (threadIdx.x == kMathThreads) {
       // packed B: this CTA's queue and rank in it (PackedBArgs), from this thread's own entry read of %smid: the
       // value the math warps read back from shared memory, and uniform to ptxas (a value loaded or broadcast made
       // the chunk address math per-thread here)
       uint32_t queue = 0, rank = 0;
       bool ranked = true;  // false: the rank must be claimed (the SM's own rank was taken)
+      [[maybe_unused]] bool told = false;  // the math warps' slots hold their (queue, rank) already
       if constexpr (kPackedB) {
-        if (packed_home<kClusterN>(packed, entry_sm, queue, rank))
-          ranked = rank < packed.ctas[queue] && claim_rank(packed.workspace, queue, rank);
+        if (packed_home<kClusterN>(packed, entry_sm, queue, rank)) {
+          if constexpr (kClusterN > 1) {
+            // clusters near / far: the rank CTA 0's second producer warp claimed (above), read back through
+            // redux.sync, whose result is warp-uniform to ptxas (a plain load made the whole tile loop per-thread,
+            // an R2UR before every TMA)
+            ptx::mbar_wait(tile_full, 0);
+            ptx::fence_acquire_cluster();
+            queue = __reduce_or_sync(__activemask(), tile_slots[0]);
+            rank = __reduce_or_sync(__activemask(), tile_slots[1]);
+            told = true;
+          } else {
+            ranked = rank < packed.ctas[queue] && claim_rank(packed.workspace, queue, rank);
+          }
+        }
       }
       // The producer's tile loop for (queue, rank) from pipeline position `at`. queue and rank by value: with the
       // SM's own rank they are warp-uniform to ptxas, which keeps the loop on the uniform datapath; a claimed
@@ -524,7 +563,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       // per-thread to ptxas).
       produce(std::false_type{}, queue, rank, Position{0, 0});
       [[maybe_unused]] const Position at = after(Position{0, 0}, queue, rank);
-      if (kPackedB && ranked) tell_second(0, 0xFFFFFFFFu);
+      if (kPackedB && ranked && !told) tell_second(0, 0xFFFFFFFFu);
       if (!ranked) {
         // another CTA ran on this SM already (CTAs not one per SM): the rank above ran twice (the same values
         // stored twice), and this CTA also runs the first free rank of either queue, so that every rank runs
@@ -847,6 +886,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       for (uint32_t t = 0; t < total || !second; ++t) {
         if (t == total) {
           ptx::mbar_wait(tile_full, 0);
+          if constexpr (kClusterN > 1) ptx::fence_acquire_cluster();  // (clusters: CTA 0 wrote the slots)
           q = __shfl_sync(0xffffffffu, tile_slots[0], 0);
           r = __shfl_sync(0xffffffffu, tile_slots[1], 0);
           second = true;

@@ -70,6 +70,22 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank
       : "memory");
 }
 
+// Stores (v0, v1) at the shared-memory offset of `p` (8-byte aligned) in CTA `rank` of the cluster, then arrives
+// on the mbarrier at `bar`'s offset there with a cluster-scope release, so that a waiter on that barrier (then
+// fence_acquire_cluster) reads them. (Once per kernel: the cluster-scope release is the expensive kind.)
+__device__ __forceinline__ void st_cluster_pair_then_arrive(uint32_t* p, uint32_t v0, uint32_t v1, uint64_t* bar,
+                                                            uint32_t rank) {
+  asm volatile(
+      "{\n.reg .b32 rp, rb;\n"
+      "mapa.shared::cluster.u32 rp, %0, %2;\n"
+      "mapa.shared::cluster.u32 rb, %1, %2;\n"
+      "st.shared::cluster.v2.u32 [rp], {%3, %4};\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [rb];\n}" ::"r"(smem_addr(p)),
+      "r"(smem_addr(bar)), "r"(rank), "r"(v0), "r"(v1)
+      : "memory");
+}
+__device__ __forceinline__ void fence_acquire_cluster() { asm volatile("fence.acq_rel.cluster;" ::: "memory"); }
+
 // ---- TMA
 __device__ __forceinline__ void prefetch_tensor_map(const void* tmap) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(tmap)) : "memory");
