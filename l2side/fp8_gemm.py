@@ -475,6 +475,15 @@ def _device(index: int) -> _Device:
     return dev
 
 
+def _resident_clusters(dev: _Device, n: int, k: int, config: GemmConfig) -> int:
+    """How many clusters of the kernel of `config` fit on the GPU at once (at least 1)."""
+    if config.tma_store and n % 8:
+        config = dataclasses.replace(config, tma_store=False)  # (as _prepare builds it)
+    kernel = _kernel(dev, n, k, config)
+    return max(1, _native.max_active_clusters(kernel.device, kernel.function, config.threads, config.smem_bytes,
+                                              config.cluster_n))
+
+
 def _kernel(dev: _Device, n: int, k: int, config: GemmConfig) -> jit.Kernel:
     key = (n, k, config)
     kernel = dev.kernels.get(key)
@@ -605,14 +614,11 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
               .tensor_map(tile_maps[0] if tile_maps else tmap_b).tensor_map(tile_maps[1] if tile_maps else tmap_b)
               .raw(packed_args or NO_PACKED_B, 8).raw(_split_k_args(m, n, cfg, dev.num_sms, index, stream), 8))
     kernel.check_params(params)
-    # (packed B: one CTA per SM, the static per-side schedule of PackedBArgs decides which of them work)
+    # (packed B: one CTA per SM, the static per-side schedule of PackedBArgs decides which of them work; in
+    # clusters as many as are resident, which _gemm_packed planned for)
     grid = dev.num_sms if cfg.packed_b else grid_size(m, n, cfg, dev.num_sms)
     if cfg.cluster_n > 1:  # only as many clusters as can be resident at once (persistent grid)
-        resident = _native.max_active_clusters(kernel.device, kernel.function, cfg.threads, cfg.smem_bytes,
-                                               cfg.cluster_n)
-        grid = min(grid, max(1, resident) * cfg.cluster_n)
-        if cfg.packed_b and grid != dev.num_sms:  # (the static schedule counted on every SM's cluster)
-            _fail(f"packed B in clusters of {cfg.cluster_n} needs all {dev.num_sms} CTAs resident, got {grid}")
+        grid = min(grid, _resident_clusters(dev, n, k, cfg) * cfg.cluster_n)
     # what _native.launch takes, prepared once: (device, function, grid, block, smem, params, cluster, offsets)
     launch_args = (kernel.device, kernel.function, grid, cfg.threads, cfg.smem_bytes,
                    params.buffer, cfg.cluster_n, list(params.offsets))
@@ -808,6 +814,11 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
         queues = jit.stream_scratch("fp8_gemm.rank_claims", index, stream, 32, torch.int32)  # (17 used)
         cfg, mode, ctas, workers = packed_plan(m, n, k, packed.block_n, lengths, topo.sm_side, dev.num_sms,
                                                side_mode, config)
+        if cfg.cluster_n > 1:  # (the schedule of the clusters that fit at once: its units are the grid's clusters)
+            fit = min(dev.num_sms, _resident_clusters(dev, n, k, cfg) * cfg.cluster_n)
+            if fit < dev.num_sms:
+                cfg, mode, ctas, workers = packed_plan(m, n, k, packed.block_n, lengths, topo.sm_side, fit,
+                                                       side_mode, config)
         # the packed buffer as rows of 128 bytes, boxes of one chunk (paired) or one tile (plain: contiguous); the
         # kernel's row coordinates are int32. (Kernels built with -DL2SIDE_PACKED_CHUNK_LOADS load every tile by
         # chunks, for A/Bs.)
