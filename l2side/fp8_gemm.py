@@ -476,12 +476,16 @@ def _device(index: int) -> _Device:
 
 
 def _resident_clusters(dev: _Device, n: int, k: int, config: GemmConfig) -> int:
-    """How many clusters of the kernel of `config` fit on the GPU at once (at least 1)."""
+    """How many clusters of the kernel of `config` fit on the GPU at once (a clear error when none does)."""
     if config.tma_store and n % 8:
         config = dataclasses.replace(config, tma_store=False)  # (as _prepare builds it)
     kernel = _kernel(dev, n, k, config)
-    return max(1, _native.max_active_clusters(kernel.device, kernel.function, config.threads, config.smem_bytes,
-                                              config.cluster_n))
+    fit = _native.max_active_clusters(kernel.device, kernel.function, config.threads, config.smem_bytes,
+                                      config.cluster_n)
+    if fit < 1:
+        _fail(f"no cluster of {config.cluster_n} CTAs of this kernel ({config.smem_bytes} bytes of shared memory "
+              f"each) fits on device {dev.index}")
+    return fit
 
 
 def _kernel(dev: _Device, n: int, k: int, config: GemmConfig) -> jit.Kernel:
@@ -539,13 +543,15 @@ def packed_schedule(sm_side, num_sms: int, mode: int, queue_len: tuple, m_blocks
     differ by more than one SM). workers[q]: how many of them take units (tiles, or `splits` K ranges of each
     tile) — all, or when compute-bound the fewest that need the same rounds (as grid_size does for the unpacked
     kernel). With clusters (`cluster` CTAs, num_sms counts clusters) near / far count the clusters of each side
-    as its SMs // cluster, the rest on the other (a cluster's rank is a ticket of its first SM's side's queue, or
-    of the other when that one is full: fp8_gemm.cuh); ignore runs as PACKED_BY_PARITY."""
+    as its SMs // cluster (or its share of fewer clusters), the rest on the other (a cluster's rank is a ticket of
+    its first SM's side's queue, or of the other when that one is full: fp8_gemm.cuh); ignore runs as
+    PACKED_BY_PARITY."""
     side1 = sum(1 for smid, s in enumerate(sm_side) if s == 1 and smid < 256)
     per_side = (num_sms - side1, side1)
-    if cluster > 1:
-        side0 = sum(1 for smid, s in enumerate(sm_side) if s == 0 and smid < 256) // cluster
-        per_side = (min(side0, num_sms), num_sms - min(side0, num_sms))
+    if cluster > 1:  # (each side's share of the clusters that run: all of them, or fewer when fewer fit)
+        counts = (sum(1 for smid, s in enumerate(sm_side) if s == 0 and smid < 256), side1)
+        side0 = min(counts[0] // cluster, round(num_sms * counts[0] / max(1, sum(counts))))
+        per_side = (side0, num_sms - side0)
         if mode == SIDE_MODES["ignore"]:
             mode = PACKED_BY_PARITY
     ctas = ((num_sms + 1) // 2, num_sms // 2)
@@ -588,8 +594,10 @@ def _kmajor_map(t, rows: int, k: int, box_rows: int, kblocks: int) -> bytes:
 
 
 def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: GemmConfig | None, index: int,
-             stream: int, packed_args: bytes | None = None, packed_map: bytes | None = None, tile_maps=None):
-    """Everything a launch needs: the kernel, grid, block, shared memory and the parameter buffer."""
+             stream: int, packed_args: bytes | None = None, packed_map: bytes | None = None, tile_maps=None,
+             packed_grid: int = 0):
+    """Everything a launch needs: the kernel, grid, block, shared memory and the parameter buffer (packed B: the
+    grid its schedule was planned for, `packed_grid`)."""
     dev = _device(index)
     cfg = config or gemm_config(m, n, k, dev.num_sms)
     if cfg.tma_store and n % 8:
@@ -614,10 +622,10 @@ def _prepare(a, a_scales, b, b_scales, out, m: int, n: int, k: int, config: Gemm
               .tensor_map(tile_maps[0] if tile_maps else tmap_b).tensor_map(tile_maps[1] if tile_maps else tmap_b)
               .raw(packed_args or NO_PACKED_B, 8).raw(_split_k_args(m, n, cfg, dev.num_sms, index, stream), 8))
     kernel.check_params(params)
-    # (packed B: one CTA per SM, the static per-side schedule of PackedBArgs decides which of them work; in
-    # clusters as many as are resident, which _gemm_packed planned for)
-    grid = dev.num_sms if cfg.packed_b else grid_size(m, n, cfg, dev.num_sms)
-    if cfg.cluster_n > 1:  # only as many clusters as can be resident at once (persistent grid)
+    # (packed B: one CTA per SM, or in clusters as many as fit; the static per-side schedule of PackedBArgs decides
+    # which of them work)
+    grid = packed_grid if cfg.packed_b else grid_size(m, n, cfg, dev.num_sms)
+    if cfg.cluster_n > 1 and not cfg.packed_b:  # only as many clusters as can be resident at once (persistent grid)
         grid = min(grid, _resident_clusters(dev, n, k, cfg) * cfg.cluster_n)
     # what _native.launch takes, prepared once: (device, function, grid, block, smem, params, cluster, offsets)
     launch_args = (kernel.device, kernel.function, grid, cfg.threads, cfg.smem_bytes,
@@ -770,6 +778,9 @@ def packed_plan(m: int, n: int, k: int, block_n: int, lengths: tuple, sm_side, n
             _fail(f"packed B in clusters of {cfg.cluster_n} needs the M-blocks ({m_blocks}) and SMs "
                   f"({num_sms}) to be multiples of it")
         m_blocks, units = m_blocks // cfg.cluster_n, num_sms // cfg.cluster_n
+    if units < 2 and all(lengths):  # (the kernel runs a queue per CTA: one CTA cannot take both)
+        _fail(f"packed B with N-blocks on both sides needs at least 2 CTAs{' (clusters)' if cfg.cluster_n > 1 else ''}"
+              f", got {units}")
     mode, ctas, workers = packed_schedule(sm_side, units, SIDE_MODES[side_mode], lengths, m_blocks,
                                           m >= COMPUTE_BOUND_M, cluster=cfg.cluster_n)
     if config is None and m < COMPUTE_BOUND_M and cfg.cluster_n == 1 and cfg.kblocks_per_stage == 1:
@@ -814,10 +825,11 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
         queues = jit.stream_scratch("fp8_gemm.rank_claims", index, stream, 32, torch.int32)  # (17 used)
         cfg, mode, ctas, workers = packed_plan(m, n, k, packed.block_n, lengths, topo.sm_side, dev.num_sms,
                                                side_mode, config)
-        if cfg.cluster_n > 1:  # (the schedule of the clusters that fit at once: its units are the grid's clusters)
-            fit = min(dev.num_sms, _resident_clusters(dev, n, k, cfg) * cfg.cluster_n)
-            if fit < dev.num_sms:
-                cfg, mode, ctas, workers = packed_plan(m, n, k, packed.block_n, lengths, topo.sm_side, fit,
+        grid = dev.num_sms  # (one CTA per SM; in clusters the clusters that fit at once, the schedule's units)
+        if cfg.cluster_n > 1:
+            grid = min(dev.num_sms, _resident_clusters(dev, n, k, cfg) * cfg.cluster_n)
+            if grid < dev.num_sms:
+                cfg, mode, ctas, workers = packed_plan(m, n, k, packed.block_n, lengths, topo.sm_side, grid,
                                                        side_mode, config)
         # the packed buffer as rows of 128 bytes, boxes of one chunk (paired) or one tile (plain: contiguous); the
         # kernel's row coordinates are int32. (Kernels built with -DL2SIDE_PACKED_CHUNK_LOADS load every tile by
@@ -839,8 +851,10 @@ def _gemm_packed(a, a_scales, packed, out, config, side_mode: str):
         args = packed_b_args(packed.base, lay.side_mask if lay.paired else 0, table.data_ptr(),
                              packed.block_first.data_ptr(), queues.data_ptr(), topo.sm_side, width, lengths,
                              lay.n_blocks, mode, 2 if tile_maps else int(lay.paired), ctas, workers)
+        if sum(ctas) * cfg.cluster_n != grid:  # (every rank of the schedule needs its CTA or cluster)
+            _fail(f"internal: packed B schedule of {sum(ctas)} units for a grid of {grid} CTAs")
         return _prepare(a, a_scales, None, packed.scales, out, m, n, k, cfg, index, stream, packed_args=args,
-                        packed_map=packed_map, tile_maps=tile_maps)
+                        packed_map=packed_map, tile_maps=tile_maps, packed_grid=grid)
 
     _launch_cached(key, prepare, stream)
     return out

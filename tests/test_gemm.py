@@ -980,13 +980,23 @@ def test_packed_schedule_in_clusters(per_side, mode):
     (the other queue the rest: every cluster takes a ticket of its side's queue or of the other), ignore runs by
     cluster parity; a side without SMs falls back to parity where its queue has tiles."""
     sm_side = [0] * per_side[0] + [1] * per_side[1]
-    got_mode, ctas, workers = fp8_gemm.packed_schedule(sm_side, 66, mode, (28, 28), 16, True, cluster=2)
-    assert sum(ctas) == 66
-    if mode == 1 or 0 in per_side:
-        assert got_mode == fp8_gemm.PACKED_BY_PARITY
-    else:
-        near = (per_side[0] // 2, 66 - per_side[0] // 2)
-        assert got_mode == mode and ctas == (near if mode == 0 else near[::-1])
+    for units in (66, 33):  # (33: when only half the clusters fit at once, each side gets its share)
+        got_mode, ctas, workers = fp8_gemm.packed_schedule(sm_side, units, mode, (28, 28), 16, True, cluster=2)
+        assert sum(ctas) == units
+        if mode == 1 or 0 in per_side:
+            assert got_mode == fp8_gemm.PACKED_BY_PARITY
+        else:
+            side0 = per_side[0] // 2 if units == 66 else round(units * per_side[0] / 132)
+            near = (side0, units - side0)
+            assert got_mode == mode and ctas == (near if mode == 0 else near[::-1])
+
+
+def test_packed_plan_needs_a_cta_per_queue():
+    """One CTA (or cluster) cannot run both sides' queues: a clear error, not a dropped queue."""
+    cfg = fp8_gemm.GemmConfig(128, 128, 4, packed_b=True, cluster_n=2)
+    with pytest.raises(ValueError, match="at least 2 CTAs"):
+        fp8_gemm.packed_plan(4096, 7168, 16384, 128, (28, 28), [0] * 66 + [1] * 66, 2, "near", cfg)
+    assert fp8_gemm.packed_plan(4096, 7168, 16384, 128, (56, 0), [0] * 66 + [1] * 66, 2, "near", cfg)[2] == (1, 0)
 
 
 @pytest.mark.parametrize("table", ["66/66", "gaps", "no split", "67/65", "short table"])
