@@ -43,12 +43,13 @@ constexpr uint32_t BLOCK_K = 128;              // = the scale granularity along 
 constexpr uint32_t kWarpgroupThreads = 128;
 // Registers per thread after setmaxnreg: the warpgroups' sum x 128 threads must fit the 64K register file.
 // 1-2 math warpgroups: 240 each + 24 for the producer (= 504; the three 64 x 128 fp32 arrays of double
-// accumulators spilled at 232), or 232 + 40 with packed B (its producer computes chunk addresses: it spilled
-// at 24); 3 math warpgroups (BLOCK_M 192): 160 each + 24 (= 504).
-template <uint32_t kMathWarpgroups, bool kPackedB>
-constexpr uint32_t kMathRegisters = kMathWarpgroups == 3 ? 160 : kPackedB ? 232 : 240;
-template <uint32_t kMathWarpgroups, bool kPackedB>
-constexpr uint32_t kProducerRegisters = kMathWarpgroups == 3 ? 24 : kPackedB ? 40 : 24;
+// accumulators spilled at 232), or 232 + 40 with packed B outside clusters (kWideProducer: its producer has the
+// claimed-rank copy of the tile loop; it spilled at 24, and the math warps' double accumulators spill 28 bytes at
+// 232); packed B in clusters has no such copy and fits 24; 3 math warpgroups (BLOCK_M 192): 160 each + 24 (= 504).
+template <uint32_t kMathWarpgroups, bool kWideProducer>
+constexpr uint32_t kMathRegisters = kMathWarpgroups == 3 ? 160 : kWideProducer ? 232 : 240;
+template <uint32_t kMathWarpgroups, bool kWideProducer>
+constexpr uint32_t kProducerRegisters = kMathWarpgroups == 3 ? 24 : kWideProducer ? 40 : 24;
 
 __host__ __device__ constexpr uint32_t align_up(uint32_t x, uint32_t a) { return (x + a - 1) / a * a; }
 
@@ -378,7 +379,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   if (threadIdx.x >= kMathThreads) {
     // ---------------- producer warpgroup: one thread issues every TMA load
 #ifndef L2SIDE_NO_SETMAXNREG
-    ptx::setmaxnreg_dec<kProducerRegisters<BLOCK_M / 64, kPackedB>>();
+    ptx::setmaxnreg_dec<kProducerRegisters<BLOCK_M / 64, kPackedB && kClusterN == 1>>();
 #endif
     if constexpr (kPackedB && kClusterN > 1) {
       // Clusters near / far: one thread of CTA 0's second producer warp takes the next rank of its SM's side's
@@ -601,7 +602,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   } else {
     // ---------------- math warpgroups
 #ifndef L2SIDE_NO_SETMAXNREG
-    ptx::setmaxnreg_inc<kMathRegisters<BLOCK_M / 64, kPackedB>>();
+    ptx::setmaxnreg_inc<kMathRegisters<BLOCK_M / 64, kPackedB && kClusterN == 1>>();
 #endif
     const uint32_t wg = __shfl_sync(0xffffffffu, threadIdx.x / kWarpgroupThreads, 0);
     const uint32_t row = wg * 64 + (threadIdx.x / 32 % 4) * 16 + lane / 4;  // this thread's rows: row, row + 8
