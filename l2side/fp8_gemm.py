@@ -544,15 +544,20 @@ def packed_schedule(sm_side, num_sms: int, mode: int, queue_len: tuple, m_blocks
     tile) — all, or when compute-bound the fewest that need the same rounds (as grid_size does for the unpacked
     kernel). With clusters (`cluster` CTAs, num_sms counts clusters) near / far count the clusters of each side
     as its SMs // cluster (or its share of fewer clusters), the rest on the other (a cluster's rank is a ticket of
-    its first SM's side's queue, or of the other when that one is full: fp8_gemm.cuh); ignore runs as
-    PACKED_BY_PARITY."""
+    its first SM's side's queue, or of the other when that one is full: fp8_gemm.cuh); ignore sends every second
+    cluster of each side to the other side's queue (ctas as without clusters), PACKED_BY_PARITY where a side has
+    none."""
     side1 = sum(1 for smid, s in enumerate(sm_side) if s == 1 and smid < 256)
     per_side = (num_sms - side1, side1)
     if cluster > 1:  # (each side's share of the clusters that run: all of them, or fewer when fewer fit)
         counts = (sum(1 for smid, s in enumerate(sm_side) if s == 0 and smid < 256), side1)
         side0 = min(counts[0] // cluster, round(num_sms * counts[0] / max(1, sum(counts))))
         per_side = (side0, num_sms - side0)
-        if mode == SIDE_MODES["ignore"]:
+        if mode == SIDE_MODES["ignore"]:  # (by ticket: half of each side's clusters, the even ones, in its queue)
+            if min(per_side) > 0:
+                ctas = tuple((per_side[q] + 1) // 2 + per_side[q ^ 1] // 2 for q in (0, 1))
+                if all(ctas[q] > 0 or not queue_len[q] for q in (0, 1)):
+                    return mode, ctas, _packed_workers(ctas, queue_len, m_blocks, compute_bound, splits)
             mode = PACKED_BY_PARITY
     ctas = ((num_sms + 1) // 2, num_sms // 2)
     if mode in (SIDE_MODES["near"], SIDE_MODES["far"]):
@@ -572,6 +577,11 @@ def packed_schedule(sm_side, num_sms: int, mode: int, queue_len: tuple, m_blocks
         ctas = (num_sms, 0)
     elif not queue_len[0]:
         ctas = (0, num_sms)
+    return mode, ctas, _packed_workers(ctas, queue_len, m_blocks, compute_bound, splits)
+
+
+def _packed_workers(ctas: tuple, queue_len: tuple, m_blocks: int, compute_bound: bool, splits: int) -> tuple:
+    """How many of each queue's CTAs take units (packed_schedule's `workers`)."""
     workers = []
     for q in (0, 1):
         tiles = queue_len[q] * m_blocks * splits
@@ -579,7 +589,7 @@ def packed_schedule(sm_side, num_sms: int, mode: int, queue_len: tuple, m_blocks
         if compute_bound and w:
             w = _ceil_div(tiles, _ceil_div(tiles, w))
         workers.append(w)
-    return mode, ctas, tuple(workers)
+    return tuple(workers)
 
 
 def _kmajor_map(t, rows: int, k: int, box_rows: int, kblocks: int) -> bytes:

@@ -977,17 +977,19 @@ def _split_66_66(rng):
                                            ((132, 0), 0)])
 def test_packed_schedule_in_clusters(per_side, mode):
     """Clusters of 2 (num_sms counts the 66 clusters): near / far give each queue its side's SMs // 2 clusters
-    (the other queue the rest: every cluster takes a ticket of its side's queue or of the other), ignore runs by
-    cluster parity; a side without SMs falls back to parity where its queue has tiles."""
+    (the other queue the rest: every cluster takes a ticket of its side's queue or of the other), ignore half of
+    each side's; a side without SMs falls back to parity where its queue has tiles."""
     sm_side = [0] * per_side[0] + [1] * per_side[1]
     for units in (66, 33):  # (33: when only half the clusters fit at once, each side gets its share)
         got_mode, ctas, workers = fp8_gemm.packed_schedule(sm_side, units, mode, (28, 28), 16, True, cluster=2)
         assert sum(ctas) == units
-        if mode == 1 or 0 in per_side:
+        side0 = per_side[0] // 2 if units == 66 else round(units * per_side[0] / 132)
+        near = (side0, units - side0)
+        if 0 in per_side:
             assert got_mode == fp8_gemm.PACKED_BY_PARITY
+        elif mode == 1:
+            assert got_mode == 1 and ctas == tuple((near[q] + 1) // 2 + near[q ^ 1] // 2 for q in (0, 1))
         else:
-            side0 = per_side[0] // 2 if units == 66 else round(units * per_side[0] / 132)
-            near = (side0, units - side0)
             assert got_mode == mode and ctas == (near if mode == 0 else near[::-1])
 
 
@@ -1115,9 +1117,9 @@ CLUSTER_CASES = [(512, 1024, 1280, 128, 128, "sides"), (512, 1024, 1280, 128, 12
 @needs_module
 def test_packed_b_in_clusters_of_two_gives_the_same_bits(m, n, k, block_m, block_n, layout):
     """The cluster experiment (two CTAs on consecutive M-blocks, each multicasting half of every B tile): the
-    unpacked kernel's bits in every side mode (near / far: ranks by ticket of the first SM's side; ignore runs as
-    parity), twice in a row (the tickets are re-zeroed), with one tile per cluster and (4096 x 2048: 256 units on
-    66 clusters) several in a row; M-blocks that do not pair up are refused."""
+    unpacked kernel's bits in every side mode (near / ignore / far: ranks by ticket of CTA 0's SM's side; parity:
+    by cluster index), twice in a row (the tickets are re-zeroed), with one tile per cluster and (4096 x 2048: 256
+    units on 66 clusters) several in a row; M-blocks that do not pair up are refused."""
     a, sa, b, sb = _inputs(m, n, k, seed=14)
     packed = l2side.pack_b(b, sb, block_n=block_n, layout=layout)
     cfg = fp8_gemm.GemmConfig(block_m, block_n, fp8_gemm.max_stages(block_m, block_n, True), tma_store=True)

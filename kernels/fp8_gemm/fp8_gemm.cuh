@@ -143,12 +143,12 @@ __device__ __forceinline__ bool claim_rank(uint32_t* workspace, uint32_t q, uint
 // entry (%smid may change under preemption; two reads could give two homes). Returns whether the rank has to be
 // claimed. In clusters (kCluster CTAs on consecutive M-blocks sharing each B tile by multicast) the cluster is the
 // unit, by its index (mode 3; the host passes it).
-// Clusters near / far (mode 0 / 2): no home rank (rank 0xFFFFFFFF runs nothing); the producer of CTA 0 claims the
-// cluster's rank in its SM's queue (or the other side's) and tells both CTAs (fp8_gemm.cuh, "clusters").
+// Clusters near / ignore / far (mode 0 / 1 / 2): no home rank (rank 0xFFFFFFFF runs nothing); a thread of CTA 0
+// takes the cluster's rank by ticket and tells both CTAs (the producer warpgroup's "clusters" below).
 template <uint32_t kCluster>
 __device__ __forceinline__ bool packed_home(const PackedBArgs& packed, uint32_t sm, uint32_t& queue, uint32_t& rank) {
   const bool one_queue = packed.ctas[0] == 0 || packed.ctas[1] == 0;
-  if (kCluster > 1 && !one_queue && (packed.mode == 0 || packed.mode == 2)) {
+  if (kCluster > 1 && !one_queue && packed.mode <= 2) {
     queue = 0;
     rank = 0xFFFFFFFFu;
     return true;
@@ -382,16 +382,19 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
     ptx::setmaxnreg_dec<kProducerRegisters<BLOCK_M / 64, kPackedB && kClusterN == 1>>();
 #endif
     if constexpr (kPackedB && kClusterN > 1) {
-      // Clusters near / far: one thread of CTA 0's second producer warp takes the next rank of its SM's side's
-      // queue (far: the other's), or of the other queue when that one is full (the cluster's SMs straddle the
-      // sides, or the CTAs are not one per SM), and stores it into both CTAs' slots; both CTAs run it, each
-      // loading its half of every B tile for both. (A ticket, not a search of the claim masks: after a loop whose
-      // exit depends on the claims, ptxas put the producer's whole tile loop on the vector datapath.)
+      // Clusters near / ignore / far: one thread of CTA 0's second producer warp takes the next rank (a ticket:
+      // clusters use the first claim-mask word of each queue as its counter) of its SM's side's queue (far: the
+      // other's; ignore: every second cluster of each side, by a second ticket counted per side, takes the other's),
+      // or of the other queue when that one is full (the cluster's SMs straddle the sides, or the CTAs are not one
+      // per SM), and stores it into both CTAs' slots; both CTAs run it, each loading its half of every B tile for
+      // both. (Tickets, not a search of the claim masks: after a loop whose exit depends on the claims, ptxas put
+      // the producer's whole tile loop on the vector datapath.)
       uint32_t q, r;
       if (threadIdx.x == kMathThreads + 32 && packed_cta == 0 && packed_home<kClusterN>(packed, entry_sm, q, r)) {
         const uint32_t my_side = sm_side(packed.sm_side_bits, entry_sm);
         q = packed.mode == 2 ? my_side ^ 1u : my_side;
-        r = atomicAdd(packed.workspace + q * 8, 1u);  // (a ticket: clusters use the first mask word as a counter)
+        if (packed.mode == 1) q ^= atomicAdd(packed.workspace + my_side * 8 + 1, 1u) & 1u;
+        r = atomicAdd(packed.workspace + q * 8, 1u);
         if (r >= packed.ctas[q]) {
           q ^= 1u;
           r = atomicAdd(packed.workspace + q * 8, 1u);
