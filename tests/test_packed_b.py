@@ -206,6 +206,24 @@ def test_tables():
     assert plain.total_chunks == 7 * cpb
 
 
+def _side_tiles(lay, base):
+    """(side, its chunk offset c0, first sequence index i) of every side-pure tile of a pair layout at `base`."""
+    first = lay.block_first()
+    for s in (0, 1):
+        for nb in lay.stored[s]:
+            for kb in range(lay.k_tiles):
+                i = int(first[s, nb]) + kb * lay.chunks_per_tile
+                yield s, nb, kb, i, sides.side_of_address(base + 2 * i * 4096, lay.side_mask) ^ s
+
+
+def _box_chunks(box_args, base, c2, c3):
+    """The 4 KiB chunks (from `base`) a 4-D box of side_tile_boxes reads at coordinates (0, 0, c2, c3), in the
+    order it lands them in shared memory."""
+    ptr, _, _, strides, box = box_args
+    return [(ptr - base + (c2 + b) * strides[1] + (c3 + u) * strides[2]) // 4096
+            for u in range(box[3]) for b in range(box[2])]
+
+
 @pytest.mark.parametrize("block_n", [64, 128, 256])
 @pytest.mark.parametrize("mask", MASKS + [sides.side_mask(0x9000)])  # (the last: bit 13 not in the mask)
 @pytest.mark.parametrize("base", [0, 1 << 22])
@@ -221,18 +239,12 @@ def test_tile_boxes_load_exactly_the_sides_chunks(block_n, mask, base):
         assert boxes is None
         return
     assert boxes is not None
-    first = lay.block_first()
-    for s in (0, 1):
-        for nb in lay.stored[s]:
-            for kb in range(lay.k_tiles):
-                i = int(first[s, nb]) + kb * lay.chunks_per_tile
-                c0 = sides.side_of_address(base + 2 * i * 4096, mask) ^ s
-                ptr, _, dims, strides, box = boxes[c0]
-                assert box == (128, 32, 2, units) and dims[3] * 4 == lay.total_chunks
-                got = [(ptr - base + b * strides[1] + (i // 2 + u) * strides[2]) // 4096
-                       for u in range(units) for b in range(2)]
-                assert got == lay.tile_chunks(nb, kb, base, s).tolist()
-                assert max(got) < lay.total_chunks
+    for s, nb, kb, i, c0 in _side_tiles(lay, base):
+        _, _, dims, _, box = boxes[c0]
+        assert box == (128, 32, 2, units) and dims[3] * 4 == lay.total_chunks
+        got = _box_chunks(boxes[c0], base, 0, i // 2)
+        assert got == lay.tile_chunks(nb, kb, base, s).tolist()
+        assert max(got) < lay.total_chunks
 
 
 @pytest.mark.parametrize("block_n", [64, 128, 256])
@@ -241,28 +253,16 @@ def test_cluster_tile_boxes_load_the_tile_in_two_halves(block_n):
     [c U/2, (c+1) U/2) at shared offset c U/2 x 8 KiB, or with one unit its pair c at c x 4 KiB. The two halves, in
     shared-memory order, are the tile's chunks (tile_chunks), as the one box of a CTA without cluster."""
     from l2side import fp8_gemm
-    mask, base = MASKS[0], 1 << 22
-    lay = PackedLayout.create(13 * block_n, 700, block_n, (66, 66), mask, True)
+    base = 1 << 22
+    lay = PackedLayout.create(13 * block_n, 700, block_n, (66, 66), MASKS[0], True)
     boxes = fp8_gemm.side_tile_boxes(lay.side_mask, base, block_n, lay.total_chunks, cluster_n=2)
     units = block_n // 64
-    first = lay.block_first()
-    for s in (0, 1):
-        for nb in lay.stored[s]:
-            for kb in range(lay.k_tiles):
-                i = int(first[s, nb]) + kb * lay.chunks_per_tile
-                c0 = sides.side_of_address(base + 2 * i * 4096, mask) ^ s
-                ptr, _, dims, strides, box = boxes[c0]
-                image = {}  # shared-memory offset / 4 KiB -> chunk
-                for cta in (0, 1):
-                    if units >= 2:
-                        c2, c3, at = 0, i // 2 + cta * (units // 2), cta * (units // 2) * 2
-                    else:
-                        c2, c3, at = cta, i // 2, cta
-                    for u in range(box[3]):
-                        for b in range(box[2]):
-                            image[at + u * box[2] + b] = (ptr - base + (c2 + b) * strides[1] + (c3 + u) * strides[2]) // 4096
-                assert sorted(image) == list(range(2 * units))
-                assert [image[x] for x in range(2 * units)] == lay.tile_chunks(nb, kb, base, s).tolist()
+    for s, nb, kb, i, c0 in _side_tiles(lay, base):
+        if units >= 2:  # CTA c: units i / 2 + c U/2 ... into the c-th half
+            got = [x for c in (0, 1) for x in _box_chunks(boxes[c0], base, 0, i // 2 + c * (units // 2))]
+        else:  # CTA c: pair c of the one unit, at c x 4 KiB
+            got = [x for c in (0, 1) for x in _box_chunks(boxes[c0], base, c, i // 2)]
+        assert got == lay.tile_chunks(nb, kb, base, s).tolist()
     assert fp8_gemm.side_tile_boxes(lay.side_mask, base, block_n, lay.total_chunks, cluster_n=4) is None
 
 
