@@ -77,6 +77,7 @@ class GemmConfig:
     split_k: int = 1           # > 1: each tile's K blocks in this many ranges on different CTAs, partials summed
     tail_split: int = 1        # > 1: only the tiles of the last, partial wave are split so (see split_schedule)
     kblocks_per_stage: int = 1  # 2 or 4: a stage holds that many K blocks, loaded by one 3-D TMA box per operand
+    packed_tickets: bool = False  # packed B: ranks by ticket (one atomic per CTA) instead of the SM's rank + claims
 
     @property
     def num_math_warpgroups(self) -> int:
@@ -305,6 +306,8 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
                          f" got {config.cluster_n}")
     if config.packed_b and (config.cluster_n not in (1, 2) or config.block_n % 32):
         raise ValueError("packed B needs cluster_n 1 or 2 and block_n a multiple of 32")
+    if config.packed_tickets and not config.packed_b:
+        raise ValueError("packed_tickets is a packed-B schedule: it needs packed_b")
     for name in ("split_k", "tail_split"):
         splits = getattr(config, name)
         if splits < 1:
@@ -344,7 +347,8 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
         f"  l2side::fp8_gemm::gemm_body<{n}, {k}, {config.block_m}, {config.block_n}, {config.stages}, "
         f"{config.group_m}, {'true' if config.tma_store else 'false'}, {config.cluster_n}, "
         f"{'true' if config.double_acc else 'false'}, {'true' if config.packed_b else 'false'}, "
-        f"{max(config.split_k, config.tail_split)}, {config.kblocks_per_stage}, Mma>(\n"
+        f"{max(config.split_k, config.tail_split)}, {config.kblocks_per_stage}, "
+        f"{'true' if config.packed_tickets else 'false'}, Mma>(\n"
         "      d, scales_b, sb_stride_n, sb_stride_k, shape_m, tmap_a, tmap_b, tmap_sa, tmap_d, tmap_b_tiles0,\n"
         "      tmap_b_tiles1, packed, split_k);\n"
         "}\n")
@@ -783,7 +787,7 @@ def packed_plan(m: int, n: int, k: int, block_n: int, lengths: tuple, sm_side, n
     m_blocks, units = _ceil_div(m, cfg.block_m), num_sms
     if cfg.cluster_n > 1:
         # (an experiment: the clusters, on consecutive M-blocks sharing each B tile, are the schedule's units: by
-        # their first SM's side (near / far) or by cluster index (parity; ignore runs so))
+        # ticket of their first SM's side (near / ignore / far) or by cluster index (parity))
         if m_blocks % cfg.cluster_n or num_sms % cfg.cluster_n:
             _fail(f"packed B in clusters of {cfg.cluster_n} needs the M-blocks ({m_blocks}) and SMs "
                   f"({num_sms}) to be multiples of it")

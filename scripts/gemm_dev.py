@@ -271,6 +271,7 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
         packed_cfg = None
         if overrides:
             cfg = changed_blocks(cfg, overrides)  # (stages refitted, e.g. to more K blocks per stage)
+            cfg = dataclasses.replace(cfg, packed_tickets=False)  # (a packed-only field)
             packed_cfg = changed_config(fp8_gemm.packed_config(m, n, k, bn), overrides)[0]  # (its block_n stays bn)
             # (an explicit config has no automatic split: the same K ranges on both sides)
             packed_cfg = dataclasses.replace(packed_cfg, split_k=cfg.split_k)

@@ -260,7 +260,7 @@ def test_invalid_split_k_is_rejected():
     with pytest.raises(ValueError, match="split_k"):
         fp8_gemm.gemm_source(2048, 7168, fp8_gemm.GemmConfig(64, 128, 4, split_k=2, cluster_n=2))
     src = fp8_gemm.gemm_source(2112, 7168, fp8_gemm.GemmConfig(64, 128, 4, split_k=14))
-    assert "SplitKArgs split_k" in src and re.search(r"\b14, 1, Mma>", src)
+    assert "SplitKArgs split_k" in src and re.search(r"\b14, 1, false, Mma>", src)
     assert base.split_k == 1
 
 
@@ -327,8 +327,8 @@ def test_kblocks_per_stage_rules():
     allowed; packed B: only when a config asks for it);
     the stages then count groups of K blocks (at most MAX_STAGES K blocks in flight)."""
     cfg = fp8_gemm.GemmConfig(64, 16, 3, kblocks_per_stage=4)
-    assert re.search(r"\b1, 4, Mma>", fp8_gemm.gemm_source(2112, 7168, cfg))
-    assert re.search(r"\b2, 4, Mma>", fp8_gemm.gemm_source(2112, 7168, dataclasses.replace(cfg, split_k=2)))
+    assert re.search(r"\b1, 4, false, Mma>", fp8_gemm.gemm_source(2112, 7168, cfg))
+    assert re.search(r"\b2, 4, false, Mma>", fp8_gemm.gemm_source(2112, 7168, dataclasses.replace(cfg, split_k=2)))
     for bad, k in ((dataclasses.replace(cfg, kblocks_per_stage=3), 7168), (cfg, 7168 + 16),
                    (dataclasses.replace(cfg, cluster_n=2), 7168), (dataclasses.replace(cfg, tail_split=2), 7168)):
         with pytest.raises(ValueError, match="kblocks_per_stage"):
@@ -338,7 +338,7 @@ def test_kblocks_per_stage_rules():
     assert (fp8_gemm.smem_layout_bytes(64, 16, 3, True, 4) - fp8_gemm.smem_layout_bytes(64, 16, 3, True, 1)
             == 3 * 3 * (64 * 128 + 16 * 128 + 64 * 4))
     packed = dataclasses.replace(cfg, packed_b=True, block_n=32)
-    assert re.search(r"\b1, 4, Mma>", fp8_gemm.gemm_source(2112, 7168, packed))
+    assert re.search(r"\b1, 4, false, Mma>", fp8_gemm.gemm_source(2112, 7168, packed))
     assert fp8_gemm.packed_config(64, 2112, 7168, 32, packed).kblocks_per_stage == 4
     assert fp8_gemm.packed_config(64, 2112, 7168, 32).kblocks_per_stage == 1  # (not by default: not measured)
     assert fp8_gemm.packed_config(64, 2112, 7168 + 16, 32, packed).kblocks_per_stage == 1  # (partial K block)
@@ -390,6 +390,9 @@ def test_packed_clusters_are_checked():
         fp8_gemm.gemm_source(2048, 7168, dataclasses.replace(cfg, cluster_n=4))
     with pytest.raises(ValueError, match="divide the N-block count"):
         fp8_gemm.gemm_source(2112, 7168, base)
+    with pytest.raises(ValueError, match="packed_tickets is a packed-B schedule"):
+        fp8_gemm.gemm_source(2048, 7168, fp8_gemm.GemmConfig(128, 128, 4, packed_tickets=True))
+    assert "true, Mma>" in fp8_gemm.gemm_source(2112, 7168, dataclasses.replace(cfg, packed_tickets=True))
 
 
 @needs_module
@@ -402,7 +405,7 @@ def test_invalid_tail_split_is_rejected():
         fp8_gemm.gemm_source(2048, 7168, fp8_gemm.GemmConfig(128, 128, 4, tail_split=3, cluster_n=2))
     with pytest.raises(ValueError, match="tail_split must be >= 1"):
         fp8_gemm.gemm_source(2048, 7168, fp8_gemm.GemmConfig(128, 128, 4, tail_split=0))
-    assert re.search(r"\b5, 1, Mma>", fp8_gemm.gemm_source(7168, 16384, fp8_gemm.GemmConfig(128, 128, 5, tail_split=5)))
+    assert re.search(r"\b5, 1, false, Mma>", fp8_gemm.gemm_source(7168, 16384, fp8_gemm.GemmConfig(128, 128, 5, tail_split=5)))
 
 
 @needs_module
@@ -481,6 +484,10 @@ def test_producer_loops_stay_on_the_uniform_datapath(tmp_path, monkeypatch):
     # (17 R2UR with the multicast tile boxes and the cluster's ticket, none in a waterfall loop around a TMA)
     assert "UPOPC" in sass and sass.count("R2UR") <= 20 and sass.count("BRA.U.ANY") <= 8, \
         "the clustered packed producer left the uniform datapath"
+    # ranks by ticket: no claimed-rank copy, so 240 + 24 registers and no spill with double accumulators
+    sass = _sass(fp8_gemm.build(7168, 16384, dataclasses.replace(packed, double_acc=True, packed_tickets=True)),
+                 tmp_path)
+    assert "UPOPC" in sass and sass.count("R2UR") <= 24 and sass.count("BRA.U.ANY") <= 8 and "STL" not in sass
     clustered = dataclasses.replace(fp8_gemm.gemm_config(4096, 7168, 16384), cluster_n=2, kblocks_per_stage=1)
     assert _sass(fp8_gemm.build(7168, 16384, clustered), tmp_path).count("R2UR") <= 8
     for m, n, k in ((64, 2112, 7168), (4096, 7168, 16384)):
@@ -1149,18 +1156,20 @@ extern "C" __global__ void l2side_test_spin(unsigned long long cycles) {
 @pytest.mark.gpu
 @requires_hopper
 @needs_module
-@pytest.mark.parametrize("split", [1, 3])
-def test_packed_b_with_ctas_sharing_sms(split):
+@pytest.mark.parametrize("split,tickets", [(1, False), (3, False), (1, True), (3, True)])
+def test_packed_b_with_ctas_sharing_sms(split, tickets):
     """CTAs not one per SM: a third of the SMs held by another kernel, so that CTAs of the GEMM queue behind their
     first wave and start on SMs whose rank is taken; they claim the free ranks (the producer tells the math warps
-    which), and every tile is computed: the unpacked kernel's bits in every side mode. With split-K in 3 (16 K
-    blocks: ranges of 6, 6 and 4, so the claimed rank's pipeline position counts each unit's own stages)."""
+    which), or with ranks by ticket (packed_tickets) take the next ones, and every tile is computed: the unpacked
+    kernel's bits in every side mode. With split-K in 3 (16 K blocks: ranges of 6, 6 and 4, so the claimed rank's
+    pipeline position counts each unit's own stages)."""
     from l2side import jit
     m, n, k = 1024, 7168, 2048
     a, sa, b, sb = _inputs(m, n, k, seed=16)
     packed = l2side.pack_b(b, sb, block_n=128)
     cfg = fp8_gemm.GemmConfig(128, 128, fp8_gemm.max_stages(128, 128, True), tma_store=True, split_k=split)
     want = l2side.gemm(a, sa, b, sb, config=cfg)
+    cfg = dataclasses.replace(cfg, packed_tickets=tickets)  # (the packed calls')
     spin = jit.load_kernel(SPIN_SOURCE, "l2side_test_spin", name="test_spin")
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count
     side, main = torch.cuda.Stream(), torch.cuda.Stream()  # (two created streams: they run concurrently)

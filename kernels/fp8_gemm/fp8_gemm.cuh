@@ -143,12 +143,13 @@ __device__ __forceinline__ bool claim_rank(uint32_t* workspace, uint32_t q, uint
 // entry (%smid may change under preemption; two reads could give two homes). Returns whether the rank has to be
 // claimed. In clusters (kCluster CTAs on consecutive M-blocks sharing each B tile by multicast) the cluster is the
 // unit, by its index (mode 3; the host passes it).
-// Clusters near / ignore / far (mode 0 / 1 / 2): no home rank (rank 0xFFFFFFFF runs nothing); a thread of CTA 0
-// takes the cluster's rank by ticket and tells both CTAs (the producer warpgroup's "clusters" below).
-template <uint32_t kCluster>
+// Ranks by ticket (kTickets: clusters, or GemmConfig.packed_tickets), near / ignore / far (mode 0 / 1 / 2): no home
+// rank (rank 0xFFFFFFFF runs nothing); a thread of the (cluster's first) CTA takes the rank by ticket and tells the
+// CTA(s) (the producer warpgroup's "ticket" below).
+template <uint32_t kCluster, bool kTickets>
 __device__ __forceinline__ bool packed_home(const PackedBArgs& packed, uint32_t sm, uint32_t& queue, uint32_t& rank) {
   const bool one_queue = packed.ctas[0] == 0 || packed.ctas[1] == 0;
-  if (kCluster > 1 && !one_queue && packed.mode <= 2) {
+  if (kTickets && !one_queue && packed.mode <= 2) {
     queue = 0;
     rank = 0xFFFFFFFFu;
     return true;
@@ -216,7 +217,7 @@ __host__ __device__ constexpr uint32_t d_chunk_cols() {
 
 template <uint32_t SHAPE_N, uint32_t SHAPE_K, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t kStages,
           uint32_t kGroupM, bool kTmaStore, uint32_t kClusterN, bool kDoubleAcc, bool kPackedB, uint32_t kMaxSplit,
-          uint32_t kStageKBlocks, class Mma>
+          uint32_t kStageKBlocks, bool kPackedTickets, class Mma>
 __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const float* __restrict__ scales_b,
                                           uint32_t sb_stride_n, uint32_t sb_stride_k, uint32_t shape_m,
                                           const CUtensorMap& tmap_a, const CUtensorMap& tmap_b,
@@ -252,6 +253,10 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
 #endif
   constexpr uint32_t kMathWarpgroups = BLOCK_M / 64;
   constexpr uint32_t kMathThreads = kMathWarpgroups * kWarpgroupThreads;
+  // packed B: ranks by ticket (clusters always; GemmConfig.packed_tickets) instead of the SM's rank and claims, which
+  // need a second, claimed-rank copy of the producer loop for CTAs that share an SM
+  constexpr bool kTicketRanks = kPackedB && (kClusterN > 1 || kPackedTickets);
+  static_assert(!kPackedTickets || kPackedB, "ranks by ticket are a packed-B schedule");
   constexpr uint32_t kNumKBlocks = ceil_div(SHAPE_K, BLOCK_K);
   static_assert(kMaxSplit >= 1 && (kMaxSplit - 1) * ceil_div(kNumKBlocks, kMaxSplit) < kNumKBlocks,
                 "every split has K blocks");
@@ -373,24 +378,26 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   // warp-uniform to ptxas)
   auto packed_home_of_warp = [&](uint32_t& queue, uint32_t& rank) {
     const uint32_t sm = __shfl_sync(0xffffffffu, *reinterpret_cast<const uint32_t*>(smem + Smem::kEntrySm), 0);
-    return packed_home<kClusterN>(packed, sm, queue, rank);
+    return packed_home<kClusterN, kTicketRanks>(packed, sm, queue, rank);
   };
 
   if (threadIdx.x >= kMathThreads) {
     // ---------------- producer warpgroup: one thread issues every TMA load
 #ifndef L2SIDE_NO_SETMAXNREG
-    ptx::setmaxnreg_dec<kProducerRegisters<BLOCK_M / 64, kPackedB && kClusterN == 1>>();
+    ptx::setmaxnreg_dec<kProducerRegisters<BLOCK_M / 64, kPackedB && !kTicketRanks>>();
 #endif
-    if constexpr (kPackedB && kClusterN > 1) {
-      // Clusters near / ignore / far: one thread of CTA 0's second producer warp takes the next rank (a ticket:
-      // clusters use the first claim-mask word of each queue as its counter) of its SM's side's queue (far: the
-      // other's; ignore: every second cluster of each side, by a second ticket counted per side, takes the other's),
-      // or of the other queue when that one is full (the cluster's SMs straddle the sides, or the CTAs are not one
-      // per SM), and stores it into both CTAs' slots; both CTAs run it, each loading its half of every B tile for
-      // both. (Tickets, not a search of the claim masks: after a loop whose exit depends on the claims, ptxas put
-      // the producer's whole tile loop on the vector datapath.)
+    if constexpr (kTicketRanks) {
+      // Ranks by ticket, near / ignore / far: one thread of the (cluster's first) CTA's second producer warp takes
+      // the next rank (a ticket: the first claim-mask word of each queue is its counter) of its SM's side's queue
+      // (far: the other's; ignore: every second CTA or cluster of each side, by a second ticket counted per side,
+      // takes the other's), or of the other queue when that one is full (a cluster's SMs straddle the sides, the
+      // CTAs are not one per SM, fewer clusters than the table's ranks), and stores it into the slots of every CTA
+      // of the cluster; in clusters both CTAs run it, each loading its half of every B tile for both. (Tickets, not
+      // a search of the claim masks: after a loop whose exit depends on the claims, anywhere before it, ptxas put
+      // the producer's whole tile loop on the vector datapath, also with the search in a called function.)
       uint32_t q, r;
-      if (threadIdx.x == kMathThreads + 32 && packed_cta == 0 && packed_home<kClusterN>(packed, entry_sm, q, r)) {
+      if (threadIdx.x == kMathThreads + 32 && packed_cta == 0 &&
+          packed_home<kClusterN, kTicketRanks>(packed, entry_sm, q, r)) {
         const uint32_t my_side = sm_side(packed.sm_side_bits, entry_sm);
         q = packed.mode == 2 ? my_side ^ 1u : my_side;
         if (packed.mode == 1) q ^= atomicAdd(packed.workspace + my_side * 8 + 1, 1u) & 1u;
@@ -411,11 +418,10 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       bool ranked = true;  // false: the rank must be claimed (the SM's own rank was taken)
       [[maybe_unused]] bool told = false;  // the math warps' slots hold their (queue, rank) already
       if constexpr (kPackedB) {
-        if (packed_home<kClusterN>(packed, entry_sm, queue, rank)) {
-          if constexpr (kClusterN > 1) {
-            // clusters near / far: the rank CTA 0's second producer warp claimed (above), read back through
-            // redux.sync, whose result is warp-uniform to ptxas (a plain load made the whole tile loop per-thread,
-            // an R2UR before every TMA)
+        if (packed_home<kClusterN, kTicketRanks>(packed, entry_sm, queue, rank)) {
+          if constexpr (kTicketRanks) {
+            // the ticket of the second producer warp (above), read back through redux.sync, whose result is
+            // warp-uniform to ptxas (a plain load made the whole tile loop per-thread, an R2UR before every TMA)
             ptx::mbar_wait(tile_full, 0);
             ptx::fence_acquire_cluster();
             queue = __reduce_or_sync(__activemask(), tile_slots[0]);
@@ -605,7 +611,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   } else {
     // ---------------- math warpgroups
 #ifndef L2SIDE_NO_SETMAXNREG
-    ptx::setmaxnreg_inc<kMathRegisters<BLOCK_M / 64, kPackedB && kClusterN == 1>>();
+    ptx::setmaxnreg_inc<kMathRegisters<BLOCK_M / 64, kPackedB && !kTicketRanks>>();
 #endif
     const uint32_t wg = __shfl_sync(0xffffffffu, threadIdx.x / kWarpgroupThreads, 0);
     const uint32_t row = wg * 64 + (threadIdx.x / 32 % 4) * 16 + lane / 4;  // this thread's rows: row, row + 8
@@ -890,7 +896,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
       for (uint32_t t = 0; t < total || !second; ++t) {
         if (t == total) {
           ptx::mbar_wait(tile_full, 0);
-          if constexpr (kClusterN > 1) ptx::fence_acquire_cluster();  // (clusters: CTA 0 wrote the slots)
+          if constexpr (kTicketRanks) ptx::fence_acquire_cluster();  // (the ticket thread, maybe of CTA 0, wrote them)
           q = __shfl_sync(0xffffffffu, tile_slots[0], 0);
           r = __shfl_sync(0xffffffffu, tile_slots[1], 0);
           second = true;
