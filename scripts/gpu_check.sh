@@ -19,7 +19,7 @@
 #   shapes, NVML seconds and gemm_dev --packed-set changes), BENCHES (default "allocator,gemm,packed,elementwise";
 #   also "sanitize", "sweep": gemm_dev.py --sweep "$SWEEP_SPEC" --clean --fresh on $SWEEP_SHAPES, and "clusters":
 #   scripts/cluster_sides.py, then the packed ablation on $CLUSTER_SHAPES once per --packed-set of $CLUSTER_SETS
-#   (space-separated; default: double accumulators / clusters of 2 / both)), DEADLINE_S (every part is killed once this many seconds have passed since the start, so
+#   (space-separated; default: double accumulators, with ranks by ticket, clusters of 2, both)), DEADLINE_S (every part is killed once this many seconds have passed since the start, so
 #   the parts after it still report; default none), L2SIDE_CACHE_DIR (default .jit_cache), JIT_CACHE_EXPORT_MIB
 #   (at most this many MiB of kernels are exported, the newest; default 48).
 # Every part runs even when an earlier one failed; the exit code is non-zero when any part failed.
@@ -151,7 +151,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   fi
   if [[ ",$BENCHES," == *,clusters,* ]]; then  # packed B in clusters of 2 (issue 4, perf-notes session 15)
     run_part cluster_sides "$OUT/bench.log" "$PYTHON" scripts/cluster_sides.py --rounds 3
-    for set in ${CLUSTER_SETS:-double_acc=1 cluster_n=2 cluster_n=2,double_acc=1}; do
+    for set in ${CLUSTER_SETS:-double_acc=1 double_acc=1,packed_tickets=1 cluster_n=2 cluster_n=2,double_acc=1}; do
       run_part "gemm_packed_ablation $set" "$OUT/bench.log" "$PYTHON" scripts/gemm_dev.py --packed 128 --energy 0 \
         --packed-set "$set" --shapes "${CLUSTER_SHAPES:-4096,7168,16384}"
     done
