@@ -11,10 +11,13 @@ import argparse
 import collections
 
 SOURCE = r"""
-extern "C" __global__ void __cluster_dims__(2, 1, 1) where_am_i(unsigned* out) {
-  extern __shared__ unsigned char smem[];
+extern "C" __global__ void where_am_i(unsigned* out) {
+  extern __shared__ unsigned char smem[];  // (asked large: one CTA per SM)
   unsigned sm;
   asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  const long long start = clock64();
+  while (clock64() - start < 200000) {  // (~0.1 ms: every cluster of the grid is resident at once)
+  }
   if (threadIdx.x == 0) { smem[0] = 1; out[blockIdx.x] = sm; }
 }
 """
@@ -29,13 +32,17 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("cluster_sides: no CUDA GPU")
         return 0
+    from l2side import _native
     topo = topology()
     kernel = jit.load_kernel(SOURCE, "where_am_i", name="cluster_sides")
     smem = 200 * 1024  # one CTA per SM, as the GEMM
-    grid = topo.num_sms - topo.num_sms % 2
+    kernel.set_max_dynamic_smem(smem)
+    fit = _native.max_active_clusters(kernel.device, kernel.function, 128, smem, 2)
+    grid = min(topo.num_sms - topo.num_sms % 2, 2 * fit)  # (as the packed GEMM in clusters launches)
+    print(f"{topo}\nclusters of 2 that fit at once: {fit}; grid {grid} CTAs")
     for r in range(args.rounds):
         out = torch.full((grid,), -1, dtype=torch.int32, device="cuda")
-        kernel.launch((grid, 1, 1), (128, 1, 1), jit.Params().ptr(out.data_ptr()), smem=smem)
+        kernel.launch(grid, 128, jit.Params().ptr(out.data_ptr()), smem=smem, cluster=2)
         torch.cuda.synchronize()
         sms = [v & 0xFFFFFFFF for v in out.tolist()]
         same = parity = 0

@@ -142,7 +142,7 @@ __device__ __forceinline__ bool claim_rank(uint32_t* workspace, uint32_t q, uint
 // warp-uniform, so that both tile loops stay on the uniform datapath, from `sm`: the %smid one thread read at
 // entry (%smid may change under preemption; two reads could give two homes). Returns whether the rank has to be
 // claimed. In clusters (kCluster CTAs on consecutive M-blocks sharing each B tile by multicast) the cluster is the
-// unit, by its index (mode 3; the host passes it).
+// unit: by its index in mode 3, else by ticket.
 // Ranks by ticket (kTickets: clusters, or GemmConfig.packed_tickets), near / ignore / far (mode 0 / 1 / 2): no home
 // rank (rank 0xFFFFFFFF runs nothing); a thread of the (cluster's first) CTA takes the rank by ticket and tells the
 // CTA(s) (the producer warpgroup's "ticket" below).
