@@ -29,11 +29,19 @@ class NvmlEnergy:
     def read(self) -> float:
         return float(self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle))  # mJ
 
+    def sm_clock_mhz(self) -> float:
+        """The SM clock now (NaN where NVML does not say): under a power cap it shows what the watts cost."""
+        try:
+            return float(self.nvml.nvmlDeviceGetClockInfo(self.handle, self.nvml.NVML_CLOCK_SM))
+        except Exception:  # noqa: BLE001
+            return float("nan")
 
-def steady_power(energy: NvmlEnergy, launch, launch_ms: float, seconds: float) -> float:
+
+def steady_power(energy: NvmlEnergy, launch, launch_ms: float, seconds: float, clocks: list | None = None) -> float:
     """Watts while `launch()` (one call, or a graph replay, taking about `launch_ms` on the GPU) runs back to
     back: ~20 ms of launches stay queued, the counter is read at two of its updates `seconds` apart, both
-    inside the stretch, so neither idle edges nor the counter's granularity enter."""
+    inside the stretch, so neither idle edges nor the counter's granularity enter. `clocks`: the SM clock (MHz)
+    is sampled into it every ~5 ms of that window."""
     import torch
     depth = max(2, math.ceil(20.0 / max(launch_ms, 1e-3)))
     pending = deque()
@@ -57,8 +65,12 @@ def steady_power(energy: NvmlEnergy, launch, launch_ms: float, seconds: float) -
     while time.perf_counter() - t < 0.05:     # reach steady state (clocks, queue) first
         enqueue()
     e0, t0 = next_tick(energy.read())
+    sampled = t0
     while time.perf_counter() - t0 < seconds:
         enqueue()
+        if clocks is not None and time.perf_counter() - sampled > 0.005:
+            clocks.append(energy.sm_clock_mhz())
+            sampled = time.perf_counter()
     e1, t1 = next_tick(energy.read())
     torch.cuda.synchronize()
     return (e1 - e0) / 1e3 / (t1 - t0)

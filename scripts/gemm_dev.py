@@ -317,20 +317,23 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
 
 
 def energy_per_call(calls, energy, seconds, rounds=2):
-    """'name mJ (W, us)' per call in `calls`: steady NVML power over back-to-back calls x events time per call."""
+    """'name mJ (W, MHz, us)' per call in `calls`: steady NVML power over back-to-back calls x events time per
+    call, and the median SM clock NVML saw meanwhile (under the power cap, what the watts cost in clock)."""
     import statistics
     from l2side._energy import steady_power
     from l2side._timing import back_to_back_ms
 
     ms = {name: back_to_back_ms(fn, 20, warmup=1) for name, fn in calls.items()}
     watts = {name: [] for name in calls}
+    clocks = {name: [] for name in calls}
     for _ in range(rounds):
         for name, fn in calls.items():
-            watts[name].append(steady_power(energy, fn, ms[name], seconds))
+            watts[name].append(steady_power(energy, fn, ms[name], seconds, clocks[name]))
     parts = []
     for name in calls:
         w = statistics.median(watts[name])
-        parts.append(f"{name} {w * ms[name]:.3f} ({w:.0f} W, {ms[name] * 1e3:.1f} us)")
+        mhz = statistics.median(clocks[name]) if clocks[name] else float("nan")
+        parts.append(f"{name} {w * ms[name]:.3f} ({w:.0f} W, {mhz:.0f} MHz, {ms[name] * 1e3:.1f} us)")
     return " | ".join(parts)
 
 
