@@ -152,7 +152,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   if [[ ",$BENCHES," == *,clusters,* ]]; then  # packed B in clusters of 2 (issue 4, perf-notes session 15)
     run_part cluster_sides "$OUT/bench.log" "$PYTHON" scripts/cluster_sides.py --rounds 3
     for set in ${CLUSTER_SETS:-double_acc=1 double_acc=1,packed_tickets=1 cluster_n=2 cluster_n=2,double_acc=1}; do
-      run_part "gemm_packed_ablation $set" "$OUT/bench.log" "$PYTHON" scripts/gemm_dev.py --packed 128 --energy 0 \
+      run_part "gemm_packed_ablation $set" "$OUT/bench.log" "$PYTHON" scripts/gemm_dev.py --packed 128 --energy 0.3 \
         --packed-set "$set" --shapes "${CLUSTER_SHAPES:-4096,7168,16384}"
     done
   fi
