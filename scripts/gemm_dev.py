@@ -239,7 +239,7 @@ def packed_block_n(m: int) -> int:
     return 64 if m < fp8_gemm.COMPUTE_BOUND_M else 128
 
 
-def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides=""):
+def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="", extra=""):
     """Per shape (block_n 0: packed_block_n(M)): the unpacked kernel with the packed kernel's blocks (and split-K),
     the unpacked kernel with its own (gemm_config: 'auto'), then the packed one in each side mode, then the same
     tiles packed contiguously ('plain': no side purity) (outputs compared bitwise with the first one's), then
@@ -247,7 +247,10 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
     energy_seconds > 0: also mJ per GEMM from NVML (steady power over back-to-back calls, without flushes,
     x time per back-to-back call), variants alternating over two rounds.
     overrides ('field=value,field*=factor,...', e.g. 'double_acc=1,group_m=16'; changed_config): changes to the
-    blocks of both the packed calls (packed_config's choice) and the unpacked one."""
+    blocks of both the packed calls (packed_config's choice) and the unpacked one.
+    extra ('name:field=value,...;name2:...'): more near columns, each the packed call's config with those fields
+    changed (e.g. 'cl2da:cluster_n=2,double_acc=1'): variants A/B'd on the same inputs in one process; their bits
+    are compared with the first column's (a '!=' mark where they differ, not counted as a mismatch)."""
     import l2side
     from l2side import fp8_gemm
     flush = torch.empty(256 << 20 if timed else 1, dtype=torch.int32, device="cuda")
@@ -303,6 +306,15 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
                                                                                          side_mode=mode, config=use)
             t = clock(calls[name], flush)
             line += f" | {name} {t:7.1f} us {2 * m * n * k / t / 1e6:6.0f} TF{'' if same else ' MISMATCH'}"
+        for item in filter(None, extra.split(";")):  # (more near columns: other configs of the packed call)
+            name, _, fields = item.partition(":")
+            use = changed_config(packed_cfg or packed_call, fields)[0]
+            out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            l2side.gemm(a, sa, packed, out=out, config=use)
+            same = torch.equal(out, ref_out)
+            calls[name] = lambda out=out, use=use: l2side.gemm(a, sa, packed, out=out, config=use)
+            t = clock(calls[name], flush)
+            line += f" | {name} {t:7.1f} us {2 * m * n * k / t / 1e6:6.0f} TF{'' if same else ' !='}"
         f = cublas_fn(a, sa, b, sb) if timed else None
         if f is not None:
             calls["cuBLAS"] = f
@@ -385,6 +397,9 @@ def main():
                         "BLOCK_N a multiple of 32, or 'auto' (64 at M < 512, else 128)")
     p.add_argument("--packed-set", default="", metavar="FIELD=V,...",
                    help="with --packed: config fields changed for the packed calls and the unpacked one (e.g. double_acc=1)")
+    p.add_argument("--packed-extra", default="", metavar="NAME:FIELD=V,...;...",
+                   help="with --packed: more near columns with the packed call's config changed so (same inputs, "
+                        "same process), e.g. 'tkda:packed_tickets=1,double_acc=1;cl2da:cluster_n=2,double_acc=1'")
     p.add_argument("--energy", type=float, default=0.0, metavar="SECONDS",
                    help="with --packed: also NVML energy per GEMM, this many seconds of counter window per variant")
     p.add_argument("--sweep", default="", help="BM,BN[,CLUSTER[,DOUBLE_ACC[,GROUP_M[,STAGES[,SPLIT_K[,TAIL_SPLIT]]]]]];... : time each config on each "
@@ -408,7 +423,7 @@ def main():
         return host_parts()
     if args.packed:
         return packed_ablation(shapes, 0 if args.packed == "auto" else int(args.packed), timed=not args.no_time,
-                               energy_seconds=args.energy, overrides=args.packed_set)
+                               energy_seconds=args.energy, overrides=args.packed_set, extra=args.packed_extra)
     flush = torch.empty(256 << 20, dtype=torch.int32, device="cuda")
     # compile every kernel in parallel first (nvcc takes seconds per kernel)
     from concurrent.futures import ThreadPoolExecutor

@@ -18,8 +18,9 @@
 #   SKIP_INSTALL=1, SKIP_GEMM=1 (no bench_gemm.py), PACKED_SHAPES / PACKED_ENERGY_S / PACKED_SET (the packed ablation's
 #   shapes, NVML seconds and gemm_dev --packed-set changes), BENCHES (default "allocator,gemm,packed,elementwise";
 #   also "sanitize", "sweep": gemm_dev.py --sweep "$SWEEP_SPEC" --clean --fresh on $SWEEP_SHAPES, and "clusters":
-#   scripts/cluster_sides.py, then the packed ablation on $CLUSTER_SHAPES once per --packed-set of $CLUSTER_SETS
-#   (space-separated; default: double accumulators, with ranks by ticket, clusters of 2, both)), DEADLINE_S (every part is killed once this many seconds have passed since the start, so
+#   scripts/cluster_sides.py, the packed ablation on $CLUSTER_SHAPES with the --packed-extra columns $CLUSTER_EXTRA
+#   (default: double accumulators, with ranks by ticket, clusters of 2, both), then once per --packed-set of
+#   $CLUSTER_SETS (space-separated; default: clusters of 2 with double accumulators)), DEADLINE_S (every part is killed once this many seconds have passed since the start, so
 #   the parts after it still report; default none), L2SIDE_CACHE_DIR (default .jit_cache), JIT_CACHE_EXPORT_MIB
 #   (at most this many MiB of kernels are exported, the newest; default 48).
 # Every part runs even when an earlier one failed; the exit code is non-zero when any part failed.
@@ -149,9 +150,13 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
       --energy "${PACKED_ENERGY_S:-0.3}" ${PACKED_SET:+--packed-set "$PACKED_SET"} \
       --shapes "${PACKED_SHAPES:-64,24576,1536;64,7168,16384;128,7168,16384;128,7168,2048;4096,2112,7168;4096,7168,16384;4096,24576,1536}"
   fi
-  if [[ ",$BENCHES," == *,clusters,* ]]; then  # packed B in clusters of 2 (issue 4, perf-notes session 15)
+  if [[ ",$BENCHES," == *,clusters,* ]]; then  # packed B in clusters of 2, ranks by ticket (issue 4, perf-notes s. 15)
     run_part cluster_sides "$OUT/bench.log" "$PYTHON" scripts/cluster_sides.py --rounds 3
-    for set in ${CLUSTER_SETS:-double_acc=1 double_acc=1,packed_tickets=1 cluster_n=2 cluster_n=2,double_acc=1}; do
+    # the variants as extra near columns of one process (same inputs), then each set's own side-mode ablation
+    run_part gemm_packed_variants "$OUT/bench.log" "$PYTHON" scripts/gemm_dev.py --packed 128 --energy 0.3 \
+      --shapes "${CLUSTER_SHAPES:-4096,7168,16384}" \
+      --packed-extra "${CLUSTER_EXTRA:-da:double_acc=1;tkda:packed_tickets=1,double_acc=1;cl2:cluster_n=2;cl2da:cluster_n=2,double_acc=1}"
+    for set in ${CLUSTER_SETS:-cluster_n=2,double_acc=1}; do
       run_part "gemm_packed_ablation $set" "$OUT/bench.log" "$PYTHON" scripts/gemm_dev.py --packed 128 --energy 0.3 \
         --packed-set "$set" --shapes "${CLUSTER_SHAPES:-4096,7168,16384}"
     done
