@@ -1001,6 +1001,48 @@ def test_packed_schedule_in_clusters(per_side, mode):
             assert got_mode == mode and ctas == (near if mode == 0 else near[::-1])
 
 
+def _take_tickets(mode, unit_sides, ctas):
+    """The kernel's ticket rule (fp8_gemm.cuh, ranks by ticket), units arriving in the given order with the side of
+    their (first) SM: the queue of that side (far: the other; ignore: every second unit of a side the other), or
+    the other queue when that one is full; (queue, rank) of each."""
+    counter, per_side, taken = [0, 0], [0, 0], []
+    for side in unit_sides:
+        q = side ^ 1 if mode == 2 else side
+        if mode == 1:
+            q ^= per_side[side] & 1
+            per_side[side] += 1
+        r = counter[q]
+        counter[q] += 1
+        if r >= ctas[q]:
+            q ^= 1
+            r = counter[q]
+            counter[q] += 1
+        taken.append((q, r))
+    return taken
+
+
+@pytest.mark.parametrize("cluster", [1, 2])
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("sides,units", [((66, 66), None), ((67, 65), None), ((66, 66), 40), ((70, 62), None)])
+def test_tickets_give_every_rank_one_unit(cluster, mode, sides, units):
+    """Whatever order the CTAs or clusters arrive in, whichever side each one's SMs are on (clusters straddling the
+    sides included) and however many fit at once, the tickets hand out every rank of packed_schedule's ctas exactly
+    once, so every tile runs once."""
+    import random
+    rng = random.Random(cluster * 10 + mode)
+    sm_side = [0] * sides[0] + [1] * sides[1]
+    units = units or (sides[0] + sides[1]) // cluster
+    got_mode, ctas, _ = fp8_gemm.packed_schedule(sm_side, units, mode, (28, 28), 16, True, cluster=cluster)
+    if got_mode == fp8_gemm.PACKED_BY_PARITY:
+        return  # (ranks by CTA or cluster index)
+    for _ in range(20):
+        order = sm_side[:]
+        rng.shuffle(order)
+        unit_sides = order[:units]  # (a unit's side: its first SM's; the others may differ)
+        taken = _take_tickets(got_mode, unit_sides, ctas)
+        assert sorted(taken) == [(q, r) for q in (0, 1) for r in range(ctas[q])]
+
+
 def test_packed_plan_needs_a_cta_per_queue():
     """One CTA (or cluster) cannot run both sides' queues: a clear error, not a dropped queue."""
     cfg = fp8_gemm.GemmConfig(128, 128, 4, packed_b=True, cluster_n=2)
