@@ -480,9 +480,8 @@ def _device(index: int) -> _Device:
 
 
 def _resident_clusters(dev: _Device, n: int, k: int, config: GemmConfig) -> int:
-    """How many clusters of the kernel of `config` fit on the GPU at once (a clear error when none does)."""
-    if config.tma_store and n % 8:
-        config = dataclasses.replace(config, tma_store=False)  # (as _prepare builds it)
+    """How many clusters of the kernel of `config` (as launched: tma_store already settled for N) fit on the GPU
+    at once (a clear error when none does)."""
     kernel = _kernel(dev, n, k, config)
     fit = _native.max_active_clusters(kernel.device, kernel.function, config.threads, config.smem_bytes,
                                       config.cluster_n)
@@ -557,12 +556,6 @@ def packed_schedule(sm_side, num_sms: int, mode: int, queue_len: tuple, m_blocks
         counts = (sum(1 for smid, s in enumerate(sm_side) if s == 0 and smid < 256), side1)
         side0 = min(counts[0] // cluster, round(num_sms * counts[0] / max(1, sum(counts))))
         per_side = (side0, num_sms - side0)
-        if mode == SIDE_MODES["ignore"]:  # (by ticket: half of each side's clusters, the even ones, in its queue)
-            if min(per_side) > 0:
-                ctas = tuple((per_side[q] + 1) // 2 + per_side[q ^ 1] // 2 for q in (0, 1))
-                if all(ctas[q] > 0 or not queue_len[q] for q in (0, 1)):
-                    return mode, ctas, _packed_workers(ctas, queue_len, m_blocks, compute_bound, splits)
-            mode = PACKED_BY_PARITY
     ctas = ((num_sms + 1) // 2, num_sms // 2)
     if mode in (SIDE_MODES["near"], SIDE_MODES["far"]):
         by_side = per_side if mode == SIDE_MODES["near"] else (per_side[1], per_side[0])
@@ -572,8 +565,8 @@ def packed_schedule(sm_side, num_sms: int, mode: int, queue_len: tuple, m_blocks
             mode = PACKED_BY_PARITY
     elif mode == SIDE_MODES["ignore"]:
         # ranks 0, 2, ... of side q and 1, 3, ... of the other: contiguous in each queue when the sides differ by
-        # at most one SM
-        if min(per_side) > 0 and abs(per_side[0] - per_side[1]) <= 1:
+        # at most one SM (clusters: every second cluster of each side by ticket, whatever the sides)
+        if min(per_side) > 0 and (cluster > 1 or abs(per_side[0] - per_side[1]) <= 1):
             ctas = tuple((per_side[q] + 1) // 2 + per_side[q ^ 1] // 2 for q in (0, 1))
         else:
             mode = PACKED_BY_PARITY
@@ -581,11 +574,6 @@ def packed_schedule(sm_side, num_sms: int, mode: int, queue_len: tuple, m_blocks
         ctas = (num_sms, 0)
     elif not queue_len[0]:
         ctas = (0, num_sms)
-    return mode, ctas, _packed_workers(ctas, queue_len, m_blocks, compute_bound, splits)
-
-
-def _packed_workers(ctas: tuple, queue_len: tuple, m_blocks: int, compute_bound: bool, splits: int) -> tuple:
-    """How many of each queue's CTAs take units (packed_schedule's `workers`)."""
     workers = []
     for q in (0, 1):
         tiles = queue_len[q] * m_blocks * splits
@@ -593,7 +581,7 @@ def _packed_workers(ctas: tuple, queue_len: tuple, m_blocks: int, compute_bound:
         if compute_bound and w:
             w = _ceil_div(tiles, _ceil_div(tiles, w))
         workers.append(w)
-    return tuple(workers)
+    return mode, ctas, tuple(workers)
 
 
 def _kmajor_map(t, rows: int, k: int, box_rows: int, kblocks: int) -> bytes:
