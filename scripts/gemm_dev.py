@@ -294,27 +294,24 @@ def packed_ablation(shapes, block_n, timed=True, energy_seconds=0.0, overrides="
         # "plain": the same tiles packed contiguously (chunk i = i, both sides): the chunk pattern without side purity
         plain = l2side.pack_b(b, sb, block_n=bn, layout="plain")
         # parity: queue and rank by CTA index (blockIdx ranks instead of the SM's rank in its side)
-        for name, weight, mode in (("near", packed, "near"), ("ignore", packed, "ignore"), ("far", packed, "far"),
-                                   ("parity", packed, "parity"), ("plain", plain, "ignore")):
+        # (plain: the sides pack's config, whose split-K its own one-queue schedule would choose differently)
+        columns = [(name, weight, mode, packed_cfg or (packed_call if weight is plain else None), True)
+                   for name, weight, mode in (("near", packed, "near"), ("ignore", packed, "ignore"),
+                                              ("far", packed, "far"), ("parity", packed, "parity"),
+                                              ("plain", plain, "ignore"))]
+        # more near columns: other configs of the packed call (bits that differ marked '!=', not counted)
+        columns += [(name, packed, "near", changed_config(packed_cfg or packed_call, fields)[0], False)
+                    for name, _, fields in (item.partition(":") for item in filter(None, extra.split(";")))]
+        for name, weight, mode, use, counted in columns:
             out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-            # (plain: the sides pack's config, whose split-K its own one-queue schedule would choose differently)
-            use = packed_cfg or (packed_call if weight is plain else None)
             l2side.gemm(a, sa, weight, out=out, side_mode=mode, config=use)
             same = torch.equal(out, ref_out)
-            bad += not same
+            bad += counted and not same
             calls[name] = lambda out=out, weight=weight, mode=mode, use=use: l2side.gemm(a, sa, weight, out=out,
                                                                                          side_mode=mode, config=use)
             t = clock(calls[name], flush)
-            line += f" | {name} {t:7.1f} us {2 * m * n * k / t / 1e6:6.0f} TF{'' if same else ' MISMATCH'}"
-        for item in filter(None, extra.split(";")):  # (more near columns: other configs of the packed call)
-            name, _, fields = item.partition(":")
-            use = changed_config(packed_cfg or packed_call, fields)[0]
-            out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-            l2side.gemm(a, sa, packed, out=out, config=use)
-            same = torch.equal(out, ref_out)
-            calls[name] = lambda out=out, use=use: l2side.gemm(a, sa, packed, out=out, config=use)
-            t = clock(calls[name], flush)
-            line += f" | {name} {t:7.1f} us {2 * m * n * k / t / 1e6:6.0f} TF{'' if same else ' !='}"
+            mark = "" if same else " MISMATCH" if counted else " !="
+            line += f" | {name} {t:7.1f} us {2 * m * n * k / t / 1e6:6.0f} TF{mark}"
         f = cublas_fn(a, sa, b, sb) if timed else None
         if f is not None:
             calls["cuBLAS"] = f
