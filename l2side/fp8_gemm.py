@@ -553,8 +553,8 @@ def packed_schedule(sm_side, num_sms: int, mode: int, queue_len: tuple, m_blocks
     side1 = sum(1 for smid, s in enumerate(sm_side) if s == 1 and smid < 256)
     per_side = (num_sms - side1, side1)
     if cluster > 1:  # (each side's share of the clusters that run: all of them, or fewer when fewer fit)
-        counts = (sum(1 for smid, s in enumerate(sm_side) if s == 0 and smid < 256), side1)
-        side0 = min(counts[0] // cluster, round(num_sms * counts[0] / max(1, sum(counts))))
+        side0_sms = sum(1 for smid, s in enumerate(sm_side) if s == 0 and smid < 256)
+        side0 = min(side0_sms // cluster, round(num_sms * side0_sms / max(1, side0_sms + side1)))
         per_side = (side0, num_sms - side0)
     ctas = ((num_sms + 1) // 2, num_sms // 2)
     if mode in (SIDE_MODES["near"], SIDE_MODES["far"]):
