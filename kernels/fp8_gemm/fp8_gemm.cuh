@@ -256,6 +256,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   // packed B: ranks by ticket (clusters always; GemmConfig.packed_tickets) instead of the SM's rank and claims, which
   // need a second, claimed-rank copy of the producer loop for CTAs that share an SM
   constexpr bool kTicketRanks = kPackedB && (kClusterN > 1 || kPackedTickets);
+  constexpr bool kWideProducer = kPackedB && !kTicketRanks;  // (the claimed-rank copy needs the producer's registers)
   static_assert(!kPackedTickets || kPackedB, "ranks by ticket are a packed-B schedule");
   constexpr uint32_t kNumKBlocks = ceil_div(SHAPE_K, BLOCK_K);
   static_assert(kMaxSplit >= 1 && (kMaxSplit - 1) * ceil_div(kNumKBlocks, kMaxSplit) < kNumKBlocks,
@@ -384,7 +385,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   if (threadIdx.x >= kMathThreads) {
     // ---------------- producer warpgroup: one thread issues every TMA load
 #ifndef L2SIDE_NO_SETMAXNREG
-    ptx::setmaxnreg_dec<kProducerRegisters<BLOCK_M / 64, kPackedB && !kTicketRanks>>();
+    ptx::setmaxnreg_dec<kProducerRegisters<BLOCK_M / 64, kWideProducer>>();
 #endif
     if constexpr (kTicketRanks) {
       // Ranks by ticket, near / ignore / far: one thread of the (cluster's first) CTA's second producer warp takes
@@ -611,7 +612,7 @@ __device__ __forceinline__ void gemm_body(__nv_bfloat16* __restrict__ d, const f
   } else {
     // ---------------- math warpgroups
 #ifndef L2SIDE_NO_SETMAXNREG
-    ptx::setmaxnreg_inc<kMathRegisters<BLOCK_M / 64, kPackedB && !kTicketRanks>>();
+    ptx::setmaxnreg_inc<kMathRegisters<BLOCK_M / 64, kWideProducer>>();
 #endif
     const uint32_t wg = __shfl_sync(0xffffffffu, threadIdx.x / kWarpgroupThreads, 0);
     const uint32_t row = wg * 64 + (threadIdx.x / 32 % 4) * 16 + lane / 4;  // this thread's rows: row, row + 8
