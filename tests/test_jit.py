@@ -47,9 +47,17 @@ def test_probe_kernels_compile_to_ptx():
 
 
 @requires_nvcc
-def test_side_read_compiles_for_sm90a():
-    cubin = jit.compile((jit.KERNELS_DIR / "side_read.cu").read_text(), name="side_read", arch="sm_90a")
+@pytest.mark.parametrize("name", ["side_read", "read_stream"])
+def test_streaming_kernels_compile_for_sm90a(name):
+    cubin = jit.compile((jit.KERNELS_DIR / f"{name}.cu").read_text(), name=name, arch="sm_90a")
     assert cubin[:4] == b"\x7fELF"
+
+
+@requires_nvcc
+def test_read_stream_keeps_its_loads_uncached_in_l1():
+    ptx = jit.compile((jit.KERNELS_DIR / "read_stream.cu").read_text(), name="read_stream", arch="sm_90a",
+                      output="ptx").decode()
+    assert "ld.global.cg.v4.u32" in ptx   # every byte reaches L2 / DRAM, as a GEMM's TMA loads do
 
 
 @requires_nvcc
