@@ -52,6 +52,7 @@ if str(REPO) not in sys.path:                     # run from a checkout without 
 DEEPSEEK_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 SHAPE_SETS = {
     "small": [(64, n, k) for n, k in DEEPSEEK_NK],
+    "memory-bound": [(m, n, k) for m in (64, 128) for n, k in DEEPSEEK_NK],   # the rows of the 1.25x-cuBLAS target
     "all": [(m, n, k) for m in (64, 128, 4096) for n, k in DEEPSEEK_NK],
 }
 # ../shared/ANCHORS.md, H100 80GB HBM3, TFLOPS: (DeepGEMM kernel-only, DeepGEMM events, cuBLAS events)
