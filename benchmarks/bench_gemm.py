@@ -1,6 +1,6 @@
 """FP8 GEMM benchmark (issue 3): l2side.gemm vs cuBLAS's blockwise torch._scaled_mm on the DeepSeek-V3 shapes.
 
-    python benchmarks/bench_gemm.py [--shapes small|all] [--quick] [--csv FILE] [--allocator torch|l2side]
+    python benchmarks/bench_gemm.py [--shapes small|memory-bound|all] [--quick] [--csv FILE] [--allocator torch|l2side]
 
 Per shape, both implementations, the same process and inputs (torch.randn, quantised with l2side.quantize:
 A 1x128 scales, B 128x128 scales, bf16 out):
