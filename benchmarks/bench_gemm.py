@@ -191,7 +191,7 @@ def read_floor(torch, bench, nbytes: int, copy_gbs: float) -> dict:
     words = max(1, nbytes // 16)
     src = torch.empty(words * 4, dtype=torch.int32, device="cuda").random_(0, 1 << 30)
     sink = torch.zeros(1, dtype=torch.int32, device="cuda")
-    grid = torch.cuda.get_device_properties(0).multi_processor_count * 4   # 4 x 512 threads: a full SM
+    grid = torch.cuda.get_device_properties(src.device).multi_processor_count * 4   # 4 x 512 threads: a full SM
     params = jit.Params().ptr(src).u64(words).ptr(sink)
 
     def read():
