@@ -1,6 +1,7 @@
 """The JIT runtime on the CPU: parameter packing, nvcc compiles of the shipped kernels, the disk cache."""
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -47,7 +48,7 @@ def test_probe_kernels_compile_to_ptx():
 
 
 @requires_nvcc
-@pytest.mark.parametrize("name", ["side_read", "read_stream"])
+@pytest.mark.parametrize("name", ["side_read", "read_stream", "read_bulk"])
 def test_streaming_kernels_compile_for_sm90a(name):
     cubin = jit.compile((jit.KERNELS_DIR / f"{name}.cu").read_text(), name=name, arch="sm_90a")
     assert cubin[:4] == b"\x7fELF"
@@ -58,6 +59,23 @@ def test_read_stream_keeps_its_loads_uncached_in_l1():
     ptx = jit.compile((jit.KERNELS_DIR / "read_stream.cu").read_text(), name="read_stream", arch="sm_90a",
                       output="ptx").decode()
     assert "ld.global.cg.v4.u32" in ptx   # every byte reaches L2 / DRAM, as a GEMM's TMA loads do
+
+
+@requires_nvcc
+def test_floor_check_readers_compile_with_their_constants():
+    """scripts/floor_check.py rewrites each reader's constants; every variant must still compile."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "scripts" / "floor_check.py"
+    spec = importlib.util.spec_from_file_location("floor_check", path)
+    floor_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor_check)
+    sources = {floor_check.reader_source(file, constants) for _, file, constants, *_ in floor_check.READERS}
+    assert len(sources) == 5   # the two 8-deep streams differ only in their grid
+    assert any("constexpr int kUnroll = 8;" in s for s in sources)
+    assert any(s.startswith("#define L2SIDE_READ_BULK_STAGES 16\n#define L2SIDE_READ_BULK_CHUNK 4096") for s in sources)
+    for source in sources:
+        ptx = jit.compile(source, name="floor_reader", arch="sm_90a", output="ptx").decode()
+        assert "ld.global.cg.v4.u32" in ptx or "cp.async.bulk.shared::cluster.global" in ptx
 
 
 @requires_nvcc
