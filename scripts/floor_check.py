@@ -6,7 +6,7 @@ kernel-only with a clean L2 (benchmarks/bench_gemm.py's timer), next to l2side.g
 
 Readers: kernels/read_stream.cu (bench_gemm's floor: ld.global.cg, 512 threads) with 4 or 8 loads in flight per
 thread and 2 or 4 CTAs per SM, and kernels/read_bulk.cu (TMA bulk copies into shared memory, the GEMM's own load
-path) with 16 KiB x 8 / 8 KiB x 12 / 4 KiB x 16 in flight per CTA. If the fastest reader is within a few % of
+path) with 32 KiB x 6 / 16 KiB x 12 / 16 KiB x 8 / 8 KiB x 12 / 4 KiB x 16 in flight per CTA. If the fastest reader is within a few % of
 read_stream, "1.25x cuBLAS needs more than 100% of the read floor" holds for any reader we know of.
 """
 import argparse
@@ -21,6 +21,8 @@ READERS = [
     ("stream u4 x4", "read_stream.cu", {"kUnroll": 4}, 4, 512, 0),   # bench_gemm's floor
     ("stream u8 x4", "read_stream.cu", {"kUnroll": 8}, 4, 512, 0),
     ("stream u8 x2", "read_stream.cu", {"kUnroll": 8}, 2, 512, 0),
+    ("bulk 32K x6", "read_bulk.cu", {"L2SIDE_READ_BULK_CHUNK": 32768, "L2SIDE_READ_BULK_STAGES": 6}, 1, 32, 196608),
+    ("bulk 16K x12", "read_bulk.cu", {"L2SIDE_READ_BULK_CHUNK": 16384, "L2SIDE_READ_BULK_STAGES": 12}, 1, 32, 196608),
     ("bulk 16K x8", "read_bulk.cu", {"L2SIDE_READ_BULK_CHUNK": 16384, "L2SIDE_READ_BULK_STAGES": 8}, 1, 32, 131072),
     ("bulk 8K x12", "read_bulk.cu", {"L2SIDE_READ_BULK_CHUNK": 8192, "L2SIDE_READ_BULK_STAGES": 12}, 2, 32, 98304),
     ("bulk 4K x16", "read_bulk.cu", {"L2SIDE_READ_BULK_CHUNK": 4096, "L2SIDE_READ_BULK_STAGES": 16}, 3, 32, 65536),
