@@ -15,8 +15,10 @@ A 1x128 scales, B 128x128 scales, bf16 out):
     does not pay for); "x peer" columns: l2side over the best peer figure of the row (kernel-only:
     DeepGEMM from ../shared/ANCHORS.md (H100) or cuBLAS measured now; events: the same with the anchors' and
     this run's cuBLAS event figures).
-  - the floor, for M <= 128 ("read floor" columns): a read-only stream of the row's bytes (kernels/read_stream.cu:
-    each byte read once, nothing written), timed kernel-only the same two ways (write flush / clean L2): what a
+  - the floor, for M <= 128 ("read floor" columns): a read-only stream of the row's bytes (kernels/read_bulk.cu:
+    TMA bulk copies of 16 KiB, 8 in flight per SM, each byte read once, nothing written; the fastest of the
+    readers scripts/floor_check.py compares, 2-11% faster than an ld.global.cg stream on the H100), timed
+    kernel-only the same two ways (write flush / clean L2): what a
     memory-bound kernel that must read its operands reaches, its fixed costs (first DRAM latency, drain)
     included. Its % of the 1 GiB copy (clean) says what the "% copy BW" target can reach; "l2side vs read floor"
     = the floor's time / l2side's, clean L2 (1.0: as fast as reading its bytes); cuBLAS is timed with a clean L2
@@ -180,22 +182,24 @@ class Bench:
         return median([s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)])
 
 
+# kernels/read_bulk.cu's defaults: 8 copies of 16 KiB in flight, one thread issuing them
+READ_BULK_THREADS, READ_BULK_SMEM = 32, 8 * 16384
+
+
 def read_floor(torch, bench, nbytes: int, copy_gbs: float) -> dict:
-    """The floor of a memory-bound row: kernel-only µs of a read-only stream of `nbytes` (kernels/read_stream.cu:
-    every byte read once from DRAM, nothing written), with L2 flushed by a write and by a read, and the clean
-    one's GB/s as % of the 1 GiB copy's. A GEMM at small M must at least read its operands once; its output
-    (2MN bytes, counted in `nbytes` as if read) stays in L2 within the timed call."""
+    """The floor of a memory-bound row: kernel-only µs of a read-only stream of `nbytes` (kernels/read_bulk.cu:
+    every byte read once from DRAM by TMA bulk copies, nothing written), with L2 flushed by a write and by a
+    read, and the clean one's GB/s as % of the 1 GiB copy's. A GEMM at small M must at least read its operands
+    once; its output (2MN bytes, counted in `nbytes` as if read) stays in L2 within the timed call."""
     from l2side import jit
-    kernel = jit.load_kernel((jit.KERNELS_DIR / "read_stream.cu").read_text(), "l2side_read_stream",
-                             name="read_stream")
+    kernel = jit.load_kernel((jit.KERNELS_DIR / "read_bulk.cu").read_text(), "l2side_read_bulk", name="read_bulk")
     words = max(1, nbytes // 16)
     src = torch.empty(words * 4, dtype=torch.int32, device="cuda").random_(0, 1 << 30)
-    sink = torch.zeros(1, dtype=torch.int32, device="cuda")
-    grid = torch.cuda.get_device_properties(src.device).multi_processor_count * 4   # 4 x 512 threads: a full SM
-    params = jit.Params().ptr(src).u64(words).ptr(sink)
+    grid = torch.cuda.get_device_properties(src.device).multi_processor_count   # one CTA (128 KiB in flight) per SM
+    params = jit.Params().ptr(src).u64(16 * words)
 
     def read():
-        kernel.launch(grid, 512, params)
+        kernel.launch(grid, READ_BULK_THREADS, params, smem=READ_BULK_SMEM)
 
     row = {}
     try:
