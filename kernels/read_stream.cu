@@ -1,6 +1,6 @@
-// The read-only floor of a memory-bound benchmark row (benchmarks/bench_gemm.py): reads `n` 16-byte words once
-// with ld.global.cg (no L1 allocation, so L2 and DRAM see every byte), the way a GEMM at small M reads its
-// operands, and writes nothing unless a practically impossible fold appears (the loads must not be dead).
+// A read-only stream with ld.global.cg (no L1 allocation, so L2 and DRAM see every byte): bench_gemm's floor until
+// session 19, now one of the readers scripts/floor_check.py compares (kernels/read_bulk.cu's TMA bulk copies read
+// faster). It writes nothing unless a practically impossible fold appears (the loads must not be dead).
 // Grid-stride with kUnroll loads in flight per thread: 4 x 16 B x 2048 threads = 128 KiB per SM in flight.
 #include <cstdint>
 
