@@ -81,6 +81,32 @@ def test_markdown_and_csv(tmp_path):
     assert got[0]["l2side_kernel_us"] == "10.0" and got[1]["l2side_kernel_us"] == ""
 
 
+def test_targets_say_where_each_is_met_and_what_the_floor_allows():
+    rows = [{"M": 64, "N": 2112, "K": 7168, "x_peer_kernel": 0.87, "x_deepgemm_fresh": 1.16, "x_peer_ev": 1.23,
+             "speedup_kernel": 1.97, "speedup_clean": 2.54, "floor_pct_for_125": 49.0, "floor_pct_for_125_clean": 37.0,
+             "l2side_pct_copy_bw": 49.0, "l2side_pct_copy_bw_clean": 63.0, "floor_pct_copy": 61.0,
+             "floor_pct_copy_clean": 85.0},
+            {"M": 128, "N": 32768, "K": 512, "x_peer_kernel": 0.96, "x_deepgemm_fresh": 1.31, "x_peer_ev": 0.99,
+             "speedup_kernel": 1.04, "speedup_clean": 1.05, "floor_pct_for_125": 125.0,
+             "floor_pct_for_125_clean": 115.0},
+            {"M": 4096, "N": 7168, "K": 16384, "l2side_kernel_tflops": 1391.0, "x_peer_kernel": 1.04,
+             "x_deepgemm_fresh": 1.05, "x_peer_ev": 1.01},
+            {"M": 64, "N": 4096, "K": 7168, "l2side_error": "skipped: past --deadline 225 s"}]
+    host = [{"what": "l2side.gemm", "cpu_us_per_call": 13.1}, {"what": "cuBLAS", "error": "refused"}]
+    text = "\n".join(bench.targets(rows, host))
+    assert "(x peer kernel; " in text and "met on 1 of 3; not on 64x2112x7168 (0.87), 128x32768x512 (0.96)" in text
+    assert "as the DeepGEMM anchors were timed): met on 3 of 3" in text
+    assert "events: met on 2 of 3; not on 128x32768x512 (0.99)" in text
+    assert ("at M <= 128, kernel-only, clean L2: met on 1 of 2; not on 128x32768x512 (1.05, needs 115% of the read "
+            "floor: beyond it)") in text
+    assert "at 4096x7168x16384, kernel-only: 1391 (not met)" in text
+    # the bandwidth target against the floor of the same flush: 85 / 85% = 100% of the clean floor, 85 / 61 of the other
+    assert "clean L2: met on 0 of 1; not on 64x2112x7168 (63%, needs 100% of the read floor: beyond it)" in text
+    assert "write: met on 0 of 1; not on 64x2112x7168 (49%, needs 139% of the read floor: beyond it)" in text
+    assert "host overhead <= 15 µs per call: 13.1 (met)" in text
+    assert "64x4096x7168" not in text   # a row that did not run counts for no target
+
+
 def test_shape_sets_and_traffic():
     assert len(bench.SHAPE_SETS["all"]) == 18 and set(bench.SHAPE_SETS["small"]) <= set(bench.SHAPE_SETS["all"])
     assert set(bench.ANCHORS) == set(bench.SHAPE_SETS["all"])
