@@ -78,6 +78,9 @@ class GemmConfig:
     tail_split: int = 1        # > 1: only the tiles of the last, partial wave are split so (see split_schedule)
     kblocks_per_stage: int = 1  # 2 or 4: a stage holds that many K blocks, loaded by one 3-D TMA box per operand
     packed_tickets: bool = False  # packed B: ranks by ticket (one atomic per CTA) instead of the SM's rank + claims
+    # % of each promotion's FFMA made yield points in the compiled cubin (l2side/sass_yield.py; opt-in, for the
+    # A/B). Not in the repr: the kernel source (whose first line prints the config) and its disk cache stay the same.
+    ffma_yield: int = dataclasses.field(default=0, repr=False)
 
     @property
     def num_math_warpgroups(self) -> int:
@@ -319,6 +322,8 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
             if config.cluster_n != 1 or (config.packed_b and name == "tail_split"):
                 raise ValueError(f"{name} > 1 needs cluster_n == 1" + (" and an unpacked B" if name == "tail_split"
                                                                         else ""))
+    if not 0 <= config.ffma_yield <= 100:
+        raise ValueError(f"ffma_yield is a percentage (0..100), got {config.ffma_yield}")
     if config.kblocks_per_stage not in (1, 2, 4):
         raise ValueError(f"kblocks_per_stage must be 1, 2 or 4, got {config.kblocks_per_stage}")
     if config.kblocks_per_stage > 1 and (k % BLOCK_K or config.cluster_n != 1 or config.tail_split > 1):
@@ -495,8 +500,13 @@ def _kernel(dev: _Device, n: int, k: int, config: GemmConfig) -> jit.Kernel:
     key = (n, k, config)
     kernel = dev.kernels.get(key)
     if kernel is None:
+        transform = None
+        if config.ffma_yield:
+            from .sass_yield import add_yield_points
+            transform = (f"ffma_yield={config.ffma_yield}",
+                         lambda cubin: add_yield_points(cubin, KERNEL_NAME, config.ffma_yield)[0])
         kernel = jit.load_kernel(gemm_source(n, k, config), KERNEL_NAME, name=f"fp8_gemm_n{n}_k{k}",
-                                 options=EXTRA_OPTIONS, device=dev.index)
+                                 options=EXTRA_OPTIONS, device=dev.index, transform=transform)
         kernel.set_max_dynamic_smem(config.smem_bytes)
         dev.kernels[key] = kernel
     return kernel

@@ -270,14 +270,19 @@ def _device_index(device) -> int:
 
 
 def load_kernel(source: str, kernel_name: str, *, name: str, options: Sequence[str] = (), device=None,
-                output: str = "cubin") -> Kernel:
-    """Compiles (cached), loads and looks up `kernel_name`; memoised per (source, options, device)."""
+                output: str = "cubin", transform=None) -> Kernel:
+    """Compiles (cached), loads and looks up `kernel_name`; memoised per (source, options, device, transform).
+    transform: None, or (label, function of the compiled image returning the image to load): a post-pass
+    applied at every load (not cached on disk), e.g. l2side/sass_yield.py's."""
     index = _device_index(device)
-    key = (hashlib.sha256(source.encode()).hexdigest(), tuple(options), kernel_name, index, output)
+    key = (hashlib.sha256(source.encode()).hexdigest(), tuple(options), kernel_name, index, output,
+           transform[0] if transform else None)
     kernel = _kernels.get(key)
     if kernel is None:
         image = compile(source, name=name, options=options,
                         arch=arch_for(index), output=output)
+        if transform is not None:
+            image = transform[1](image)
         with _kernels_lock:
             kernel = _kernels.get(key)
             if kernel is None:

@@ -165,7 +165,7 @@ def sweep(shapes, spec, fresh=False, clean=False):
             mark = "*" if c == auto[(m, n, k)] else " "
             print(f"{m:5d} {n:6d} {k:6d} {mark} bm={c.block_m} bn={c.block_n} st={c.stages} cl={c.cluster_n} "
                   f"dacc={int(c.double_acc)} kb={c.kblocks_per_stage} gm={c.group_m} sk={c.split_k} "
-                  f"ts={c.tail_split} diff={d:.1e} ev {t:7.1f} us {2 * m * n * k / t / 1e6:6.1f} TF"
+                  f"ts={c.tail_split}{f' fy={c.ffma_yield}' if c.ffma_yield else ''} diff={d:.1e} ev {t:7.1f} us {2 * m * n * k / t / 1e6:6.1f} TF"
                   f"{extra}", flush=True)
     return 0
 

@@ -613,7 +613,8 @@ def prebuilt():
     if fp8_gemm is None or not hopper_available():
         return
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    jobs = {(n, k, fp8_gemm.gemm_config(m, n, k, num_sms)) for m, n, k in DEEPSEEK + UNALIGNED + [(256, 512, 1024)]}
+    jobs = {(n, k, fp8_gemm.gemm_config(m, n, k, num_sms))
+            for m, n, k in DEEPSEEK + UNALIGNED + YIELD_CASES + [(256, 512, 1024)]}
     jobs |= {(c[1], c[2], _split_config(*c)) for c in SPLIT_CASES}
     jobs |= {(n, k, _tail_config(m, n, k, bm, bn, t)) for m, n, k, bm, bn, t in TAIL_CASES}
     jobs |= {(c[1], c[2], cfg) for c in KBLOCK_CASES for cfg in _kblock_configs(*c)}
@@ -1311,3 +1312,22 @@ def test_sass_loop_finder_takes_the_loop_around_the_first_mma():
         "        /*0060*/              @P1  BRA 0x50 ;"])
     loop = mod.k_loop(sass2)
     assert len(loop) == 4 and loop[-1].endswith("BRA 0x10")
+
+
+YIELD_CASES = [(4096, 7168, 1024), (128, 2112, 7168), (64, 7168, 2048), (200, 2111, 4112)]
+
+
+@pytest.mark.parametrize("m,n,k", YIELD_CASES, ids=[f"{m}x{n}x{k}" for m, n, k in YIELD_CASES])
+@pytest.mark.parametrize("percent", [50, 100])
+@pytest.mark.gpu
+@requires_hopper
+@needs_module
+def test_ffma_yield_changes_no_bit_of_the_result(m, n, k, percent, prebuilt):
+    """GemmConfig.ffma_yield only edits scheduling hints of the compiled kernel (l2side/sass_yield.py): the
+    output equals the unedited kernel's bit for bit, and the reference."""
+    import dataclasses
+    cfg = fp8_gemm.gemm_config(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+    a, sa, b, sb = _inputs(m, n, k, seed=percent + m)
+    plain = _checked_then_repeated_bitwise(a, sa, b, sb, cfg)
+    edited = _checked_then_repeated_bitwise(a, sa, b, sb, dataclasses.replace(cfg, ffma_yield=percent))
+    assert torch.equal(edited, plain)
