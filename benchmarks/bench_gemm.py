@@ -524,12 +524,14 @@ def _shape(r) -> str:
 
 
 def _tally(rows, key, ok, why_not=None) -> str:
-    """'met on a of b' and the rows that miss, each with `why_not(row)` when given."""
+    """'met on a of b' and the rows that miss, each with `why_not(row)` when given, and those without a figure."""
     have = [r for r in rows if r.get(key) is not None]
     missed = [r for r in have if not ok(r[key])]
     text = f"met on {len(have) - len(missed)} of {len(have)}"
     if missed:
         text += "; not on " + ", ".join(_shape(r) + (f" ({why_not(r)})" if why_not else "") for r in missed)
+    if len(have) < len(rows):
+        text += "; no figure for " + ", ".join(_shape(r) for r in rows if r.get(key) is None)
     return text
 
 
@@ -543,6 +545,7 @@ def targets(rows, host=()):
     """Markdown lines: each of issue 3's speed targets, where it is met and, where not, how fast it would have
     to read its bytes (as % of the row's read floor, clean L2: >= 100 no kernel that reads its operands once can)."""
     ok_rows = [r for r in rows if not r.get("l2side_error")]
+    lines_skipped = [_shape(r) for r in rows if r.get("l2side_error")]
     small = [r for r in ok_rows if r["M"] <= SMALL_M]
     lines = ["- >= 1.0x the best peer, kernel-only (x peer kernel; at small M the anchors' DeepGEMM figure had a warm "
              "L2, so the next line is the like-for-like one): " + _tally(
@@ -576,6 +579,8 @@ def targets(rows, host=()):
         if h.get("what") == "l2side.gemm" and h.get("cpu_us_per_call") is not None:
             verdict = "met" if h["cpu_us_per_call"] <= HOST_US else "not met"
             lines.append(f"- host overhead <= {HOST_US} µs per call: {h['cpu_us_per_call']:.1f} ({verdict})")
+    if lines_skipped:
+        lines.append("- not measured (l2side failed or was skipped): " + ", ".join(lines_skipped))
     return lines
 
 
