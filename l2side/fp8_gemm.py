@@ -360,7 +360,8 @@ def gemm_source(n: int, k: int, config: GemmConfig) -> str:
 
 
 def build(n: int, k: int, config: GemmConfig, arch: str = "sm_90a", options=()) -> bytes:
-    """Compiles (cached on disk) the kernel for (N, K, config); needs nvcc, not a GPU."""
+    """Compiles (cached on disk) the kernel for (N, K, config); needs nvcc, not a GPU. The cubin before
+    `config.ffma_yield`'s edit (applied at load: l2side/sass_yield.add_yield_points)."""
     return jit.compile(gemm_source(n, k, config), name=f"fp8_gemm_n{n}_k{k}", options=EXTRA_OPTIONS + tuple(options),
                        arch=arch)
 
@@ -500,13 +501,19 @@ def _kernel(dev: _Device, n: int, k: int, config: GemmConfig) -> jit.Kernel:
     key = (n, k, config)
     kernel = dev.kernels.get(key)
     if kernel is None:
-        transform = None
+        transform, edits = None, []
         if config.ffma_yield:
             from .sass_yield import add_yield_points
-            transform = (f"ffma_yield={config.ffma_yield}",
-                         lambda cubin: add_yield_points(cubin, KERNEL_NAME, config.ffma_yield)[0])
+
+            def transform_image(cubin):
+                image, count = add_yield_points(cubin, KERNEL_NAME, config.ffma_yield)
+                edits.append(count)
+                return image
+            transform = (f"ffma_yield={config.ffma_yield}", transform_image)
         kernel = jit.load_kernel(gemm_source(n, k, config), KERNEL_NAME, name=f"fp8_gemm_n{n}_k{k}",
                                  options=EXTRA_OPTIONS, device=dev.index, transform=transform)
+        # how many FFMA the yield pass changed (0 with ptxas output it does not recognise: the A/B says so)
+        kernel.ffma_yield_edits = edits[-1] if edits else getattr(kernel, "ffma_yield_edits", 0)
         kernel.set_max_dynamic_smem(config.smem_bytes)
         dev.kernels[key] = kernel
     return kernel

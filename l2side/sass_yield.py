@@ -90,7 +90,9 @@ def parse_sass(text: str) -> dict[str, list[Instruction]]:
     while i < len(lines):
         m = _FUNCTION.match(lines[i])
         if m:
-            current = functions.setdefault(m.group(1), [])
+            if m.group(1) in functions:
+                raise SassError(f"function {m.group(1)} appears twice in the disassembly (a multi-arch binary?)")
+            current = functions[m.group(1)] = []
         else:
             m = _LINE.search(lines[i])
             high = _HIGH.match(lines[i + 1]) if m and i + 1 < len(lines) else None
@@ -133,8 +135,8 @@ def yield_edits(instructions: list[Instruction], percent: int) -> dict[int, int]
     return edits
 
 
-def text_section_offset(cubin: bytes, function: str) -> int:
-    """File offset of the ELF section `.text.<function>` of a cubin (ELF64, little-endian)."""
+def text_section(cubin: bytes, function: str) -> tuple[int, int]:
+    """(file offset, size) of the ELF section `.text.<function>` of a cubin (ELF64, little-endian)."""
     if cubin[:4] != b"\x7fELF" or cubin[4] != 2 or cubin[5] != 1:
         raise SassError("not a 64-bit little-endian ELF cubin")
     shoff, = struct.unpack_from("<Q", cubin, 0x28)
@@ -148,11 +150,15 @@ def text_section_offset(cubin: bytes, function: str) -> int:
     names = cubin[names_at:names_at + names_size]
     wanted = f".text.{function}".encode()
     for i in range(shnum):
-        name, offset, _ = section(i)
+        name, offset, size = section(i)
         end = names.index(b"\0", name)
         if names[name:end] == wanted:
-            return offset
+            return offset, size
     raise SassError(f"no section .text.{function} in the cubin")
+
+
+def text_section_offset(cubin: bytes, function: str) -> int:
+    return text_section(cubin, function)[0]
 
 
 def add_yield_points(cubin: bytes, function: str, percent: int) -> tuple[bytes, int]:
@@ -162,8 +168,10 @@ def add_yield_points(cubin: bytes, function: str, percent: int) -> tuple[bytes, 
     if function not in functions:
         raise SassError(f"function {function} not in the cubin (has: {', '.join(functions)})")
     instructions = {ins.address: ins for ins in functions[function]}
+    base, size = text_section(cubin, function)
+    if len(instructions) * 16 != size:   # every instruction parsed, or the blocks could be wrong
+        raise SassError(f"parsed {len(instructions)} instructions of {function}, its section holds {size // 16}")
     edits = yield_edits(functions[function], percent)
-    base = text_section_offset(cubin, function)
     out = bytearray(cubin)
     for address, high in edits.items():
         ins = instructions[address]

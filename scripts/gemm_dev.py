@@ -124,6 +124,15 @@ def configs_for(m, n, k, spec):
     return out
 
 
+def _yield_note(n, k, c) -> str:
+    """' fy=P (E FFMA edited)' for a config with ffma_yield (its kernel is loaded by then), else ''."""
+    if not c.ffma_yield:
+        return ""
+    from l2side import fp8_gemm
+    kernel = fp8_gemm._kernel(fp8_gemm._device(torch.cuda.current_device()), n, k, c)
+    return f" fy={c.ffma_yield} ({getattr(kernel, 'ffma_yield_edits', '?')} FFMA edited)"
+
+
 def clean_l2_us(fn):
     """Kernel-only µs with L2 flushed by a read before each call (clean L2: the call's own DRAM traffic), with
     benchmarks/bench_gemm.py's profiler timer."""
@@ -165,7 +174,7 @@ def sweep(shapes, spec, fresh=False, clean=False):
             mark = "*" if c == auto[(m, n, k)] else " "
             print(f"{m:5d} {n:6d} {k:6d} {mark} bm={c.block_m} bn={c.block_n} st={c.stages} cl={c.cluster_n} "
                   f"dacc={int(c.double_acc)} kb={c.kblocks_per_stage} gm={c.group_m} sk={c.split_k} "
-                  f"ts={c.tail_split}{f' fy={c.ffma_yield}' if c.ffma_yield else ''} diff={d:.1e} ev {t:7.1f} us {2 * m * n * k / t / 1e6:6.1f} TF"
+                  f"ts={c.tail_split}{_yield_note(n, k, c)} diff={d:.1e} ev {t:7.1f} us {2 * m * n * k / t / 1e6:6.1f} TF"
                   f"{extra}", flush=True)
     return 0
 
