@@ -16,14 +16,11 @@ import tempfile
 
 
 def cuobjdump() -> str:
+    from l2side.sass_yield import SassError, cuobjdump_path
     try:
-        import triton
-        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        if os.path.exists(path):
-            return path
-    except ImportError:
-        pass
-    return os.environ.get("CUOBJDUMP", "cuobjdump")
+        return cuobjdump_path()
+    except SassError:
+        return "cuobjdump"
 
 
 def k_loop(sass: str) -> list[str]:
