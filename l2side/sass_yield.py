@@ -2,8 +2,8 @@
 
 After each wgmma wait, a math warp promotes its accumulators with a run of ~64 FFMA per K block. ptxas marks
 about half of them with an operand-reuse flag, and an instruction that keeps a register in the reuse cache
-must not let the scheduler switch warps, so those FFMA carry the "stay" control bit: long stretches in which
-the warp scheduler keeps issuing this warp's FFMA while the other math warpgroup's warp on the same scheduler
+must not let the scheduler switch warps, so those FFMA carry the "stay" control bit: through the whole run
+the scheduler keeps this warp for pairs of FFMA while the other math warpgroup's warp on the same scheduler
 waits to issue its wgmma. DeepGEMM found (README, "FFMA SASS interleaving") that clearing the reuse flags and
 the stay bit on part of each run lets the warps interleave, and measured gains on its FP8 GEMM; this module is
 our own pass for the A/B (docs/perf-notes.md): it only changes scheduling hints, never what an instruction
