@@ -399,7 +399,7 @@ def run_shape(torch, bench, m, n, k, copy_gbs):
         for flush, suffix in (("kernel", ""), ("clean", "_clean")):   # > 100: 1.25x cuBLAS beats the floor
             floor, peer = row.get(f"floor_{flush}_us"), row.get(f"cublas_{flush}_us")
             if floor and peer:
-                row[f"floor_pct_for_125{suffix}"] = 100 * 1.25 * floor / peer
+                row[f"floor_pct_for_125{suffix}"] = 100 * SMALL_M_X_CUBLAS * floor / peer
     anchor = ANCHORS.get((m, n, k))
     if anchor:
         peers_k = [anchor[0]] + ([row["cublas_kernel_tflops"]] if "cublas_kernel_tflops" in row else [])

@@ -157,10 +157,6 @@ def text_section(cubin: bytes, function: str) -> tuple[int, int]:
     raise SassError(f"no section .text.{function} in the cubin")
 
 
-def text_section_offset(cubin: bytes, function: str) -> int:
-    return text_section(cubin, function)[0]
-
-
 def add_yield_points(cubin: bytes, function: str, percent: int) -> tuple[bytes, int]:
     """(the cubin with the yield edits of `function` applied, how many instructions changed). Checks every
     instruction's bytes against the disassembly before changing it."""

@@ -81,9 +81,9 @@ def test_config_field_keeps_the_source_and_is_validated():
         fp8_gemm.gemm_source(7168, 16384, dataclasses.replace(cfg, ffma_yield=120))
 
 
-def test_text_section_offset_rejects_what_is_not_a_cubin():
+def test_text_section_rejects_what_is_not_a_cubin():
     with pytest.raises(sass_yield.SassError, match="ELF"):
-        sass_yield.text_section_offset(b"not an elf at all" * 8, "k")
+        sass_yield.text_section(b"not an elf at all" * 8, "k")
 
 
 @requires_nvcc
@@ -106,7 +106,7 @@ def test_edit_of_a_compiled_gemm_changes_only_hints(shape):
         assert b.opcode == "FFMA" and ".reuse" in b.text and ".reuse" not in a.text
         assert a.high == b.high & ~sass_yield.REUSE_BITS & ~sass_yield.STAY_BIT
     # nothing else in the file moved: the bytes differ exactly at the edited high words
-    base = sass_yield.text_section_offset(cubin, name)
+    base = sass_yield.text_section(cubin, name)[0]
     diffs = {i for i in range(len(cubin)) if cubin[i] != edited[i]}
     allowed = {base + b.address + 8 + j for b, _ in changed for j in range(8)}
     assert diffs and diffs <= allowed
