@@ -79,7 +79,7 @@ class GemmConfig:
     kblocks_per_stage: int = 1  # 2 or 4: a stage holds that many K blocks, loaded by one 3-D TMA box per operand
     packed_tickets: bool = False  # packed B: ranks by ticket (one atomic per CTA) instead of the SM's rank + claims
     # % of each promotion's FFMA made yield points in the compiled cubin (l2side/sass_yield.py; opt-in, for the
-    # A/B). Not in the repr: the kernel source (whose first line prints the config) and its disk cache stay the same.
+    # A/B; slower on every row measured, perf-notes session 20). Not in the repr: the kernel source (whose first line prints the config) and its disk cache stay the same.
     ffma_yield: int = dataclasses.field(default=0, repr=False)
 
     @property
