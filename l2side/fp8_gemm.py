@@ -29,7 +29,7 @@ tile sums the fp32 partials in split order, so the result is deterministic) is a
 default: it measured slower than the above on every DeepSeek shape (docs/perf-notes.md). Tail split
 (`GemmConfig.tail_split`; with L2SIDE_GEMM_TAIL_SPLIT=1 chosen for M >= 512 by `tail_split_for`): only the
 tiles of the last, partial wave are split that way, so the last wave ends sooner; opt-in, it measured slower.
-Stages: as many as fit in shared memory next to the output tile, at most 12 K blocks in flight.
+Stages: as many as fit in shared memory next to the output tile, at most 12, and at most 16 K blocks in flight.
 `GemmConfig.kblocks_per_stage` (2 or 4; K a multiple of 128): a stage holds that many K blocks, each operand
 loaded by one 3-D TMA box (fewer TMA instructions; bitwise the same result): 2 for the memory-bound tiles above
 (with double accumulators: 0-5% faster with L2 flushed, 2-18% with fresh inputs; perf-notes sessions 5 and 6).
@@ -57,6 +57,9 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
 BLOCK_K = 128
 MAX_SMEM = 232448            # bytes of dynamic shared memory per block on sm_90
 MAX_STAGES = 12
+# K blocks in flight per CTA: 16 lets 2-K-block stages go 8 deep (thin small-M tiles 4-7% faster than 6 on the
+# H100, perf-notes session 20); one K block per stage stays at MAX_STAGES (deeper measured equal, session 4)
+MAX_KBLOCKS_IN_FLIGHT = 16
 SB_CHUNK = 128               # K blocks of B scales staged in shared memory at a time (SmemLayout::kSbChunk)
 GROUP_M = 8                  # M-blocks per raster group (scheduler.cuh); 0 = all
 KERNEL_NAME = "l2side_fp8_gemm"
@@ -107,8 +110,8 @@ def smem_layout_bytes(block_m: int, block_n: int, stages: int, tma_store: bool =
 
 
 def max_stages(block_m: int, block_n: int, tma_store: bool, kblocks_per_stage: int = 1) -> int:
-    """The most stages that fit (at most MAX_STAGES K blocks in flight)."""
-    stages = MAX_STAGES // kblocks_per_stage
+    """The most stages that fit (at most MAX_STAGES stages and MAX_KBLOCKS_IN_FLIGHT K blocks)."""
+    stages = min(MAX_STAGES, MAX_KBLOCKS_IN_FLIGHT // kblocks_per_stage)
     while stages > 1 and smem_layout_bytes(block_m, block_n, stages, tma_store, kblocks_per_stage) + 1024 > MAX_SMEM:
         stages -= 1
     return stages

@@ -325,7 +325,7 @@ def test_tail_split_is_chosen_where_the_last_wave_is_partial_and_long(monkeypatc
 def test_kblocks_per_stage_rules():
     """Several K blocks per stage: 1, 2 or 4, whole K blocks (K % 128 == 0), no cluster or tail split (split-K is
     allowed; packed B: only when a config asks for it);
-    the stages then count groups of K blocks (at most MAX_STAGES K blocks in flight)."""
+    the stages then count groups of K blocks (at most MAX_KBLOCKS_IN_FLIGHT K blocks, MAX_STAGES stages)."""
     cfg = fp8_gemm.GemmConfig(64, 16, 3, kblocks_per_stage=4)
     assert re.search(r"\b1, 4, false, Mma>", fp8_gemm.gemm_source(2112, 7168, cfg))
     assert re.search(r"\b2, 4, false, Mma>", fp8_gemm.gemm_source(2112, 7168, dataclasses.replace(cfg, split_k=2)))
@@ -333,8 +333,10 @@ def test_kblocks_per_stage_rules():
                    (dataclasses.replace(cfg, cluster_n=2), 7168), (dataclasses.replace(cfg, tail_split=2), 7168)):
         with pytest.raises(ValueError, match="kblocks_per_stage"):
             fp8_gemm.gemm_source(2112, k, bad)
-    assert fp8_gemm.max_stages(64, 16, True, 4) * 4 <= fp8_gemm.MAX_STAGES
-    assert fp8_gemm.max_stages(64, 16, True, 4) == fp8_gemm.MAX_STAGES // 4
+    assert fp8_gemm.max_stages(64, 16, True, 4) == fp8_gemm.MAX_KBLOCKS_IN_FLIGHT // 4
+    assert fp8_gemm.max_stages(64, 16, True, 2) == fp8_gemm.MAX_KBLOCKS_IN_FLIGHT // 2
+    assert fp8_gemm.max_stages(64, 16, True, 1) == fp8_gemm.MAX_STAGES  # deeper single-block stages: no gain
+    assert fp8_gemm.MAX_STAGES <= fp8_gemm.MAX_KBLOCKS_IN_FLIGHT
     assert (fp8_gemm.smem_layout_bytes(64, 16, 3, True, 4) - fp8_gemm.smem_layout_bytes(64, 16, 3, True, 1)
             == 3 * 3 * (64 * 128 + 16 * 128 + 64 * 4))
     packed = dataclasses.replace(cfg, packed_b=True, block_n=32)
