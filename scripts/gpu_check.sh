@@ -17,7 +17,8 @@
 # Environment: PYTEST_OPTS (default "-x -q -rA"), BENCH_ALLOCATOR_ARGS / BENCH_GEMM_ARGS / BENCH_ELEMENTWISE_ARGS (extra args),
 #   SKIP_INSTALL=1, SKIP_GEMM=1 (no bench_gemm.py), PACKED_SHAPES / PACKED_ENERGY_S / PACKED_SET (the packed ablation's
 #   shapes, NVML seconds and gemm_dev --packed-set changes), BENCHES (default "allocator,gemm,packed,elementwise";
-#   also "sanitize", "floor" (scripts/floor_check.py: other read-only readers of the small-M rows' bytes), "sweep": gemm_dev.py --sweep "$SWEEP_SPEC" --clean --fresh on $SWEEP_SHAPES, and "clusters":
+#   also "sanitize", "floor" (scripts/floor_check.py: other read-only readers of the small-M rows' bytes), "clock"
+#   (scripts/clock_bound.py: the M = 4096 rows' TFLOPS against the tensor peak at the SM clock NVML reports), "sweep": gemm_dev.py --sweep "$SWEEP_SPEC" --clean --fresh on $SWEEP_SHAPES, and "clusters":
 #   scripts/cluster_sides.py, the packed ablation on $CLUSTER_SHAPES with the --packed-extra columns $CLUSTER_EXTRA
 #   (default: double accumulators, with ranks by ticket, clusters of 2, both), then once per --packed-set of
 #   $CLUSTER_SETS (space-separated; default: clusters of 2 with double accumulators)), DEADLINE_S (every part is killed once this many seconds have passed since the start, so
@@ -167,6 +168,9 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   fi
   if [[ ",$BENCHES," == *,floor,* ]]; then  # how tight bench_gemm's read floor is: other readers of the same bytes
     run_part floor_check "$OUT/bench.log" "$PYTHON" scripts/floor_check.py --csv "$OUT/floor.csv"
+  fi
+  if [[ ",$BENCHES," == *,clock,* ]]; then  # are the compute-bound rows bounded by the power cap's clock?
+    run_part clock_bound "$OUT/bench.log" "$PYTHON" scripts/clock_bound.py
   fi
   if [[ ",$BENCHES," == *,sanitize,* ]]; then  # compute-sanitizer memcheck of the GEMM (issue 3)
     run_part gemm_sanitize "$OUT/bench.log" scripts/gemm_sanitize.sh
