@@ -3,7 +3,8 @@
 
     python3 scripts/clock_bound.py [--shapes compute-bound|M,N,K;...] [--seconds 1.0]
 
-For l2side.gemm (its own config), l2side.gemm on side-aware packed B (l2side.pack_b, 128-wide, near schedule) and cuBLAS's blockwise torch._scaled_mm on each shape, two ways of running:
+For l2side.gemm (its own config), l2side.gemm on side-aware packed B (l2side.pack_b, 128-wide, near schedule)
+and cuBLAS's blockwise torch._scaled_mm on each shape, two ways of running:
   flushed       the benchmark's way: a 512 MiB write flush before every call (the GPU cools during the flushes)
   back to back  calls queued without gaps (steady power, the clock the cap settles at)
 and for each: µs per call (CUDA events), TFLOPS, the median SM clock and board power NVML reports meanwhile
